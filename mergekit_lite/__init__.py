@@ -1,0 +1,30 @@
+"""mergekit_lite: merge language models and fold LoRA adapters, streamed tensor by tensor.
+
+``from mergekit_lite import load_spec, run_merge``. Heavy modules (torch, the Hub client) load on first
+use, so importing the package is instant.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_spec": "mergekit_lite.spec",
+    "Spec": "mergekit_lite.spec",
+    "run_merge": "mergekit_lite.api",
+    "plan": "mergekit_lite.api",
+    "MergeResult": "mergekit_lite.api",
+    "Strategy": "mergekit_lite.strategy",
+    "Param": "mergekit_lite.strategy",
+    "TensorContext": "mergekit_lite.strategy",
+    "MergeError": "mergekit_lite.errors",
+    "SpecError": "mergekit_lite.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mergekit_lite' has no attribute '{name}'")

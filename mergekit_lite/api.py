@@ -1,0 +1,110 @@
+"""The library entry points: ``load_spec`` and ``run_merge``, for notebooks and scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+import torch
+
+from .devices import resolve_device
+from .dtypes import parse_dtype
+from .errors import UsageError
+from .outdir import check_output, commit_partial, start_partial
+from .plan import MergePlan, plan_merge
+from .spec import Spec, load_spec
+from .strategy import Strategy
+from .units import parse_size
+
+log = logging.getLogger("mergekit_lite")
+SpecLike = Union[str, os.PathLike, dict, Spec]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge produced."""
+
+    path: str                 # the output folder (for a dry run: where it would be written)
+    tensors: int
+    bytes: int                # tensor bytes written (the index's total_size)
+    seconds: float
+    shards: int = 0
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+    summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
+
+    def __str__(self) -> str:
+        from .units import format_size
+
+        if self.dry_run:
+            return f"Would write {self.tensors} tensors ({format_size(self.bytes)}) to {self.path}."
+        return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s)) into {self.path} "
+                f"in {self.seconds:.1f} s.")
+
+
+def plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
+         strategies: Iterable[Strategy] = ()) -> MergePlan:
+    """Check a spec and plan the merge from the inputs' headers, without reading tensor data."""
+    return plan_merge(load_spec(spec), strategies=strategies, dtype=_dtype(dtype, "--dtype"),
+                      out_dtype=_dtype(out_dtype, "--out-dtype"), seed=seed)
+
+
+def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: Union[str, int] = "5GB",
+              dtype: Optional[str] = None, out_dtype: Optional[str] = None, device: str = "auto",
+              overwrite: bool = False, dry_run: bool = False, seed: int = 0,
+              strategies: Iterable[Strategy] = (), progress: bool = True) -> MergeResult:
+    """Merge the models a spec describes into the folder ``out``.
+
+    ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
+    that are not built in (they take precedence by name). Raises a MergeError subclass on bad input.
+    """
+    started = time.perf_counter()
+    out = os.fspath(out)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise UsageError(str(exc), where="--max-shard-size") from None
+    compute_device = resolve_device(device)
+    merge_plan = plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
+    try:
+        for message in merge_plan.warnings:
+            log.warning(message)
+        check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
+        if dry_run:
+            from .summary import describe_plan
+
+            return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
+                               dry_run=True, warnings=merge_plan.warnings,
+                               summary=describe_plan(merge_plan, out, shard_bytes))
+        return _execute(merge_plan, out, shard_bytes, compute_device, progress, started)
+    finally:
+        merge_plan.close()
+
+
+def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, progress: bool,
+             started: float) -> MergeResult:
+    from .engine import write_tensors
+    from .outfiles import write_companions
+    from .progress import byte_progress
+
+    partial = start_partial(out)
+    with byte_progress(merge_plan.total_bytes, enabled=progress) as advance:
+        shards = write_tensors(merge_plan, partial, max_shard_size=shard_bytes, device=device, progress=advance)
+    write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
+    commit_partial(partial, out)
+    seconds = time.perf_counter() - started
+    log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)
+    return MergeResult(os.path.abspath(out), len(merge_plan.jobs), shards.total_size, seconds, len(shards.files),
+                       warnings=merge_plan.warnings)
+
+
+def _dtype(name: Optional[str], where: str) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    try:
+        return parse_dtype(name)
+    except ValueError as exc:
+        raise UsageError(str(exc), where=where) from None

@@ -1,0 +1,48 @@
+"""The model card (README.md) of a merged model, with front matter the Hub understands.
+
+``base_model`` lists Hub ids only (a local path there would break the Hub's model tree), and
+``base_model_relation: merge`` puts the result under "Merges" of its parents.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import yaml
+
+from . import __version__
+from .references import ModelPath
+
+
+def card_text(name: str, method_title: str, paper: Optional[str], models: list[ModelPath],
+              base: Optional[ModelPath], spec_text: str, tags: tuple[str, ...] = ("merge", "mergekit", "mergekit-lite"),
+              notes: tuple[str, ...] = ()) -> str:
+    hub_ids = list(dict.fromkeys(m.repo_id for m in [*([base] if base else []), *models] if m.repo_id))
+    meta: dict = {}
+    if hub_ids:
+        meta["base_model"] = hub_ids
+        meta["base_model_relation"] = "merge"
+    meta["library_name"] = "transformers"
+    meta["tags"] = list(tags)
+    method = f"[{method_title}]({paper})" if paper else method_title
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---",
+        f"# {name}", "",
+        f"This is a merge of pre-trained language models created with mergekit_lite {__version__}.", "",
+        "## Merge details", "",
+        f"Method: {method}" + (f", with {_link(base)} as the base." if base else "."), "",
+        "Models merged:", "",
+        *[f"- {_link(m)}" for m in models], "",
+        *([*notes, ""] if notes else []),
+        "## Configuration", "",
+        "The following spec produced this model (`merge run` of mergekit_lite, and mergekit-compatible):", "",
+        "```yaml", spec_text.rstrip(), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _link(path: ModelPath) -> str:
+    if path.repo_id:
+        pinned = f" (revision `{path.revision}`)" if path.revision else ""
+        return f"[{path.repo_id}](https://huggingface.co/{path.repo_id}){pinned}"
+    return f"`{path.path}` (local)"

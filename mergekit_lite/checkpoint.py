@@ -1,0 +1,158 @@
+"""One input model on disk: its tensors (from safetensors headers), its config, and reading tensor bytes.
+
+Opening a checkpoint reads only headers and JSON; tensor data is read on demand, one tensor at a time,
+with positional reads into a fresh buffer. Nothing is memory-mapped, so resident memory holds only the
+tensors in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .errors import ModelError
+from .safetensors_format import TensorInfo, read_header, read_into
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Checkpoint:
+    label: str                      # the reference as the spec wrote it, for messages
+    folder: str                     # absolute local folder
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any]
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk into a new CPU tensor of its stored dtype and shape."""
+        info = self.tensors[name]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            try:
+                read_into(self._fd(info.path), info.start, memoryview(buffer.numpy()))
+            except (OSError, EOFError) as exc:
+                raise ModelError(f"cannot read tensor '{name}': {exc}", file=info.path,
+                                 hint="the file changed or was truncated after the merge started") from None
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:  # descriptors are a finite resource in long notebook sessions
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_checkpoint(folder: str, label: Optional[str] = None) -> Checkpoint:
+    """Read the tensor table and config of a model folder. No tensor data is read."""
+    label = label or folder
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        what = "is a file, not a model folder" if os.path.exists(folder) else "model folder not found"
+        raise ModelError(what, file=label, hint="give the folder that holds config.json and *.safetensors")
+    index_path = os.path.join(folder, INDEX_FILE)
+    if os.path.exists(index_path):
+        tensors = _read_sharded(folder, index_path)
+    elif os.path.exists(os.path.join(folder, SINGLE_FILE)):
+        tensors, _ = read_header(os.path.join(folder, SINGLE_FILE))
+    else:
+        raise _no_weights_error(folder, label)
+    return Checkpoint(label, folder, tensors, _read_config(folder))
+
+
+def _read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read the shard index: {exc}", file=index_path,
+                         hint="the index is corrupt; download it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError("the index has no weight_map of tensor name -> shard file", file=index_path)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    tensors: dict[str, TensorInfo] = {}
+    for shard, names in by_shard.items():
+        path = _shard_path(folder, shard, index_path)
+        found, _ = read_header(path)
+        for name in names:
+            if name not in found:
+                raise ModelError(f"the index lists tensor '{name}' in {shard}, but that shard does not have it",
+                                 file=index_path, hint="the index and shards are from different versions")
+            tensors[name] = found[name]
+        extra = sorted(set(found) - set(names))
+        if extra:
+            raise ModelError(f"shard {shard} holds tensor '{extra[0]}' that the index does not list",
+                             file=index_path, hint="the index and shards are from different versions")
+    return tensors
+
+
+def _shard_path(folder: str, shard: str, index_path: str) -> str:
+    """Resolve a shard name, refusing anything that leaves the model folder (path traversal)."""
+    if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+        raise ModelError(f"shard name '{shard}' points outside the model folder", file=index_path,
+                         hint="refusing it: shard names must be plain file names inside the folder")
+    path = os.path.join(folder, shard)
+    real_folder = os.path.realpath(folder)
+    if os.path.commonpath([os.path.realpath(path), real_folder]) != real_folder:
+        raise ModelError(f"shard '{shard}' is a link that leaves the model folder", file=index_path,
+                         hint="refusing it: copy the real file into the folder")
+    if not os.path.isfile(path):
+        raise ModelError(f"the index names shard '{shard}', which does not exist", file=index_path,
+                         hint="the download is incomplete; download the missing shard again")
+    return path
+
+
+def _no_weights_error(folder: str, label: str) -> ModelError:
+    names = sorted(os.listdir(folder))
+    if "adapter_config.json" in names:
+        return ModelError("this is a PEFT adapter folder, not a model", file=label,
+                          hint="fold it into its base: write the model as base+adapter (e.g. ./base+./adapter)")
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        return ModelError(f"only pickle checkpoints found ({', '.join(pickles[:3])}); they are refused because "
+                          "loading a pickle can run arbitrary code", file=label,
+                          hint="convert the model to safetensors (transformers: "
+                               "model.save_pretrained(dir, safe_serialization=True)) or use a safetensors revision")
+    others = [n for n in names if n.endswith(".safetensors")]
+    if others:
+        return ModelError(f"no {SINGLE_FILE} or {INDEX_FILE}; found {', '.join(others[:3])}", file=label,
+                          hint=f"rename a single file to {SINGLE_FILE}, or add an {INDEX_FILE} for shards")
+    return ModelError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder", file=label,
+                      hint="give the folder that holds the model's safetensors files")
+
+
+def _read_config(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read config.json: {exc}", file=path) from None
+    if not isinstance(config, dict):
+        raise ModelError("config.json is not a JSON object", file=path)
+    return config

@@ -1,0 +1,28 @@
+"""The ``merge`` command. Each subcommand lives in its own module; this one builds the group."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .methods import methods
+from .run import run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mergekit_lite")
+def cli() -> None:
+    """Merge language models and fold LoRA adapters, streamed tensor by tensor.
+
+    \b
+    merge run SPEC.yaml -o OUT      run a (mergekit-compatible) merge spec
+    merge methods [NAME]            list the merge methods and their parameters
+    """
+
+
+for command in (run, methods):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="merge")

@@ -1,0 +1,63 @@
+"""What every subcommand shares: logging flags, and turning errors into messages and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable
+
+import click
+
+from ..errors import MergeError
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    logger = logging.getLogger("mergekit_lite")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def common_options(fn: Callable) -> Callable:
+    """-v/--quiet/--debug, and the error policy: our errors print one message and exit with their code;
+    anything else is a bug and says so (with the traceback only under --debug)."""
+
+    @click.option("-v", "--verbose", count=True, help="More output (-vv for debug logging).")
+    @click.option("--quiet", is_flag=True, help="Only errors: no progress bar, no summary.")
+    @click.option("--debug", is_flag=True, help="Show the Python traceback of any error.")
+    @functools.wraps(fn)
+    def wrapper(*args, verbose: int, quiet: bool, debug: bool, **kwargs):
+        setup_logging(verbose, quiet)
+        try:
+            return fn(*args, quiet=quiet, **kwargs)
+        except MergeError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted: nothing complete was written (a partial folder may remain)", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug in our code, not in the user's input
+            if debug:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc}\n"
+                       "This is a bug in mergekit_lite; re-run with --debug for the traceback and report it.", err=True)
+            sys.exit(1)
+
+    return wrapper

@@ -1,0 +1,32 @@
+"""``merge run SPEC.yaml -o OUT``: check, plan and run a merge spec."""
+
+from __future__ import annotations
+
+import click
+
+from .common import common_options
+
+
+@click.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest output shard in bytes; accepts 500MB, 2GiB, ...")
+@click.option("--dtype", default=None, help="Precision to merge in (overrides the spec's dtype).")
+@click.option("--out-dtype", default=None, help="Precision to write (overrides the spec's out_dtype).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random methods (DARE, DELLA).")
+@common_options
+def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: str | None, device: str,
+        overwrite: bool, dry_run: bool, seed: int, quiet: bool) -> None:
+    """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT."""
+    from ..api import run_merge
+
+    result = run_merge(spec, out, max_shard_size=max_shard_size, dtype=dtype, out_dtype=out_dtype, device=device,
+                       overwrite=overwrite, dry_run=dry_run, seed=seed, progress=not quiet and not dry_run)
+    if dry_run:
+        click.echo(result.summary)
+    elif not quiet:
+        click.echo(str(result))

@@ -1,0 +1,51 @@
+"""Names of tensor dtypes: in specs (``bfloat16``), in safetensors headers (``BF16``), and in torch."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+# safetensors header code -> torch dtype. Codes torch cannot represent are absent on purpose: a model
+# using them gets a clear error instead of a silent reinterpretation of its bytes.
+SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):
+        SAFETENSORS_TO_TORCH[_code] = getattr(torch, _name)
+TORCH_TO_SAFETENSORS = {dtype: code for code, dtype in SAFETENSORS_TO_TORCH.items()}
+
+# Spec names, as mergekit accepts them (``torch.`` prefix allowed), plus the short forms people type.
+SPEC_NAMES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Spec dtype name -> torch dtype; raises ValueError listing the accepted names."""
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in SPEC_NAMES:
+        raise ValueError(f"unknown dtype '{name}'; use one of bfloat16, float16, float32, float64")
+    return SPEC_NAMES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the spelling config.json uses)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@lru_cache(maxsize=None)
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Merges are computed in float32 (float64 when the input is float64), as mergekit does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,157 @@
+"""The safetensors file format: parse and check a header, build one, read and write tensor bytes.
+
+We read headers ourselves instead of through ``safe_open`` for two reasons. Planning a merge needs only
+names, dtypes, shapes and offsets, and must check them strictly (a hostile or truncated file must give a
+clear error, never a crash or a silent misread). And reading a tensor with ``preadv`` into a buffer we own
+keeps resident memory bounded by the tensors in flight; an mmap kept open for the whole merge would make
+every input page resident (the naive loop in shared/research/bench.md peaked at 7-8 GiB that way).
+
+Layout: 8-byte little-endian header length N, N bytes of JSON, then the data block. JSON maps each tensor
+name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the data block, plus an optional
+``__metadata__`` map of strings. Offsets must tile the data block exactly, without gaps or overlaps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
+from .errors import ModelError
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: enough to plan with, and to read its bytes later."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: str          # absolute file path
+    start: int         # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header. Returns ({name: TensorInfo}, metadata)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ModelError(f"file is {size} bytes, too short to be safetensors", file=path,
+                                 hint="the file is truncated or empty; download or copy it again")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ModelError(f"header length {header_len} does not fit in a file of {size} bytes",
+                                 file=path, hint="the file is truncated or not safetensors; download it again")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise ModelError(f"cannot read: {exc.strerror}", file=path) from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"header is not valid JSON ({exc})", file=path,
+                         hint="the file is corrupt or not safetensors; download it again") from None
+    if not isinstance(header, dict):
+        raise ModelError("header is not a JSON object", file=path, hint="the file is not safetensors")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ModelError("__metadata__ is not a JSON object", file=path)
+    data_start = 8 + header_len
+    tensors = {name: _tensor_info(path, name, entry, data_start) for name, entry in header.items()}
+    _check_tiling(path, tensors.values(), data_start, size)
+    return tensors, metadata
+
+
+def _tensor_info(path: str, name: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ModelError("header entry must have exactly dtype, shape and data_offsets", where=f"tensor '{name}'",
+                         file=path)
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if code not in SAFETENSORS_TO_TORCH:
+        raise ModelError(f"dtype {code!r} is not supported", where=f"tensor '{name}'", file=path,
+                         hint="supported: " + ", ".join(SAFETENSORS_TO_TORCH))
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**53 for d in shape)):
+        raise ModelError(f"shape {shape!r} is not a list of non-negative integers", where=f"tensor '{name}'",
+                         file=path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ModelError(f"data_offsets {offsets!r} are not [begin, end]", where=f"tensor '{name}'", file=path)
+    dtype = SAFETENSORS_TO_TORCH[code]
+    nbytes = math.prod(shape) * itemsize(dtype)
+    if nbytes != offsets[1] - offsets[0]:
+        raise ModelError(f"shape {shape} of {code} needs {nbytes} bytes but data_offsets span "
+                         f"{offsets[1] - offsets[0]}", where=f"tensor '{name}'", file=path,
+                         hint="the file is corrupt; download it again")
+    return TensorInfo(name, dtype, tuple(shape), os.path.abspath(path), data_start + offsets[0], nbytes)
+
+
+def _check_tiling(path: str, tensors: Iterable[TensorInfo], data_start: int, size: int) -> None:
+    """Offsets must cover the data block exactly once, as the safetensors library requires."""
+    end = data_start
+    for info in sorted(tensors, key=lambda t: (t.start, t.nbytes)):
+        if info.start != end:
+            what = "overlaps the previous tensor" if info.start < end else "leaves a gap before it"
+            raise ModelError(f"data {what}", where=f"tensor '{info.name}'", file=path,
+                             hint="the file is corrupt; download it again")
+        end = info.start + info.nbytes
+    if end != size:
+        raise ModelError(f"data block ends at byte {end} but the file has {size} bytes", file=path,
+                         hint="the file is truncated or has trailing data; download it again")
+
+
+def read_into(fd: int, offset: int, buffer: memoryview) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset``; positional, so threads can share one descriptor."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"unexpected end of file at byte {offset + done}")
+        done += got
+
+
+def write_from(fd: int, offset: int, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A byte view of a contiguous CPU tensor (any dtype, bfloat16 included) without copying."""
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel() else memoryview(b"")
+
+
+def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """Serialize a header for tensors stored in the given order.
+
+    Returns (bytes to write at offset 0, {name: absolute data offset}). The JSON is padded with spaces to a
+    multiple of 8 bytes, as the safetensors library does, so tensor data stays aligned.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    relative: dict[str, int] = {}
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        relative[name] = offset
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {name: start + rel for name, rel in relative.items()}

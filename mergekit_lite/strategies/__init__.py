@@ -1,0 +1,1 @@
+"""Built-in merge strategies, one small module each. The registry lists them explicitly."""

@@ -1,0 +1,135 @@
+"""The strategy interface: a merge method is a small pure function plus declared parameters.
+
+A strategy gets the input tensors (float32, same shape, on the compute device), the base tensor when it
+uses one, its parameters resolved for this tensor (per-model parameters as tuples aligned with the
+inputs), and a small context. It returns one tensor and must not modify its inputs, read files, or touch
+global random state. The parameter declarations are the single source for spec validation, for
+``merge methods``, and for the README.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import torch
+
+from .errors import SpecError
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: the YAML key, its type, default, range and meaning."""
+
+    name: str
+    type: type                      # float, int or bool
+    description: str
+    default: Any = REQUIRED
+    per_model: bool = False         # set per input model (weight, density) rather than once per merge
+    for_base: bool = True           # per-model only: does the base model take it? (mergekit's NON_BASE scope)
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def range_text(self) -> str:
+        if self.type is bool:
+            return "true/false"
+        lo = "-inf" if self.min is None else f"{self.min:g}"
+        hi = "inf" if self.max is None else f"{self.max:g}"
+        return f"[{lo}, {hi}]"
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Check and convert one value (YAML often gives '1e-5' as a string). Raises SpecError."""
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE | _FALSE and not isinstance(value, float):
+                return text in _TRUE
+            raise SpecError(f"{self.name} must be true or false, got {value!r}", where=where)
+        if isinstance(value, bool):
+            raise SpecError(f"{self.name} must be a number, got {value!r}", where=where)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise SpecError(f"{self.name} must be a number, got {value!r}", where=where) from None
+        if not math.isfinite(number):
+            raise SpecError(f"{self.name} must be a finite number, got {value!r}", where=where)
+        if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
+            raise SpecError(f"{self.name} = {number:g} is outside {self.range_text()}", where=where,
+                            hint=self.description)
+        if self.type is int:
+            if number != int(number):
+                raise SpecError(f"{self.name} must be a whole number, got {value!r}", where=where)
+            return int(number)
+        return number
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a strategy may know besides the tensors: which tensor, where in depth, and its random stream."""
+
+    name: str
+    layer: Optional[int]
+    t: float
+    seed: int = 0
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded from the run seed and a stable hash of the tensor name.
+
+        The same tensor gets the same random numbers whatever the shard size, thread count or order of
+        work, so random methods (DARE, DELLA) give byte-identical output across runs.
+        """
+        digest = hashlib.sha256(f"{self.seed}:{self.name}".encode()).digest()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return gen
+
+
+# inputs, base, context, **params -> merged tensor
+MergeFunction = Callable[..., torch.Tensor]
+BasePolicy = Literal["required", "optional", "input"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A merge method: its function, parameters, and what inputs it accepts.
+
+    ``base``: "required" and "optional" pass the base model's tensor separately as ``base``; "input"
+    treats a ``base_model`` as one more input (linear, as in mergekit).
+    """
+
+    name: str
+    fn: MergeFunction
+    params: tuple[Param, ...]
+    summary: str
+    title: str
+    paper: Optional[str] = None
+    base: BasePolicy = "required"
+    min_inputs: int = 1                  # inputs other than a separately-passed base
+    max_inputs: Optional[int] = None
+    random: bool = False
+    # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon).
+    check: Optional[Callable[[dict[str, Any]], Optional[str]]] = field(default=None, compare=False)
+
+    def param(self, name: str) -> Optional[Param]:
+        return next((p for p in self.params if p.name == name), None)
+
+    def __call__(self, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext,
+                 **params: Any) -> torch.Tensor:
+        return self.fn(inputs, base, ctx, **params)
