@@ -70,8 +70,6 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     compute_device = resolve_device(device)
     merge_plan = plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
     try:
-        for message in merge_plan.warnings:
-            log.warning(message)
         check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
         if dry_run:
             from .summary import describe_plan

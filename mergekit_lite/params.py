@@ -9,7 +9,7 @@ nothing matches, the next level of precedence is asked: per-model, then slice, t
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional, Sequence
 
 from .errors import SpecError
 from .spec import Parameters, Setting
@@ -63,7 +63,7 @@ def check_setting(setting: Setting, param: Param) -> None:
         param.coerce(value, path)
 
 
-def resolve(param: Param, levels: Iterable[Parameters], tensor_name: str, t: float,
+def resolve(param: Param, levels: Sequence[Parameters], tensor_name: str, t: float,
             missing: str) -> Any:
     """Walk the precedence levels (highest first); fall back to the default; else a SpecError.
 
@@ -76,7 +76,8 @@ def resolve(param: Param, levels: Iterable[Parameters], tensor_name: str, t: flo
             if value is not None:
                 return value
     if param.required:
-        raise SpecError(f"required parameter '{param.name}' has no value for {missing}",
+        where = next((lvl[param.name].where for lvl in levels if param.name in lvl), None)
+        raise SpecError(f"required parameter '{param.name}' has no value for {missing}", where=where,
                         hint=f"set {param.name} for it, or add a fallback entry without filter "
                              f"(- value: ...) to the filter list ({param.description})")
     return param.default

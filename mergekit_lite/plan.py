@@ -8,6 +8,7 @@ parameter's value for every output tensor. The engine then only reads, computes 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -25,6 +26,7 @@ from .spec import Parameters, Spec
 from .strategy import Strategy
 
 OUTPUT_EMBEDDING = "lm_head.weight"
+log = logging.getLogger("mergekit_lite")
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +104,8 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
     strategies = list(strategies)
     strategy = get_strategy(spec.merge_method, strategies, file=spec.file)
     warnings = _check_parameter_names(spec, strategy, strategies)
+    for message in warnings:
+        log.warning(message)
     if spec.slices is not None:
         raise spec.error("slices (layer stacking) are not supported yet", where="slices",
                          hint="use models: to merge whole models")
@@ -112,6 +116,8 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
         load_dtype = dtype or spec.dtype
         jobs = _whole_model_jobs(spec, strategy, inputs, base, lead, load_dtype, out_dtype or spec.out_dtype)
         config, notes = _output_config(reference, jobs, out_dtype or spec.out_dtype or load_dtype)
+        for message in notes:
+            log.warning(message)
         warnings += notes
     except MergeError as exc:
         if isinstance(exc, SpecError) and exc.file is None:

@@ -65,9 +65,21 @@ def get_strategy(name: str, extra: Iterable[Strategy] = (), where: str = "merge_
     return table[name]
 
 
+# Parameters of mergekit 0.1.5's methods. mergekit configs often carry parameters of another method (a
+# `density` left in a linear merge); those get a warning, while a name nobody knows is an error.
+MERGEKIT_PARAMETERS = {
+    "weight": "linear, task arithmetic family", "normalize": "linear, task arithmetic family",
+    "density": "ties, dare, breadcrumbs, della", "gamma": "breadcrumbs", "epsilon": "della, ram",
+    "lambda": "task arithmetic family", "rescale": "dare, della", "int8_mask": "ties family, sce",
+    "t": "slerp, nearswap", "nuslerp_flatten": "nuslerp", "nuslerp_row_wise": "nuslerp",
+    "filter_wise": "model_stock", "scale": "passthrough", "select_topk": "sce", "normalize_weights": "multislerp",
+    "eps": "multislerp", "max_iter": "karcher", "tol": "karcher", "r": "ramplus_tl", "alpha": "ramplus_tl",
+}
+
+
 def known_parameters(extra: Iterable[Strategy] = ()) -> dict[str, list[str]]:
     """Parameter name -> the strategies that declare it (for 'ignored by this method' warnings)."""
-    names: dict[str, list[str]] = {}
+    names: dict[str, list[str]] = {name: [f"mergekit: {users}"] for name, users in MERGEKIT_PARAMETERS.items()}
     for strategy in all_strategies(extra).values():
         for param in strategy.params:
             names.setdefault(param.name, []).append(strategy.name)

@@ -144,3 +144,16 @@ def parameter_count(shape: LlamaShape) -> int:
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
+
+
+# The models the examples in merge_configs/ refer to (as demo/models/<name>, relative to the repo root).
+DEMO_SHAPE = LlamaShape(hidden=256, intermediate=704, layers=6, heads=8, kv_heads=4, vocab=1024)
+DEMO_MODELS = {"base": None, "ft-a": 1, "ft-b": 2, "ft-c": 3}
+
+
+def write_demo_models(root: str, shape: LlamaShape = DEMO_SHAPE, dtype: torch.dtype = torch.bfloat16,
+                      max_shard_size: int = 4_000_000) -> dict[str, str]:
+    """A base and three fine-tunes of it, each in several shards: the inputs of every example spec."""
+    return {name: write_model(os.path.join(root, name), shape, dtype=dtype, seed=0, delta_seed=delta,
+                              delta_scale=0.004, max_shard_size=max_shard_size)
+            for name, delta in DEMO_MODELS.items()}

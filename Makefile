@@ -1,0 +1,34 @@
+# Two commands from a fresh clone:  make demo   and   make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (a plain `torch` requirement would pull several GB of CUDA packages).
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python scripts/make_demo_models.py demo/models
+	$(BIN)/merge run merge_configs/demo.yaml -o demo/merged --overwrite
+	@echo "The merged model is in demo/merged/ (config.json, model*.safetensors, README.md model card)."
+
+test: $(VENV)/.installed-test
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf demo bench_work .pytest_cache

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny synthetic checkpoints (several shards each), readers, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from mergekit_lite.synthetic import LlamaShape, write_model
+
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead and noise on a shared 2-core box
+
+SHAPE = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
+TIED = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, tied=True)
+SHARD = 60_000  # bytes: every tiny model is split over several shards, so the streaming path is exercised
+FINETUNES = {"ft-a": 1, "ft-b": 2, "ft-c": 3}
+
+
+def build_set(root: Path, dtype: torch.dtype, shape: LlamaShape = SHAPE) -> Path:
+    write_model(str(root / "base"), shape, dtype=dtype, seed=0, max_shard_size=SHARD)
+    for name, delta_seed in FINETUNES.items():
+        write_model(str(root / name), shape, dtype=dtype, seed=0, delta_seed=delta_seed, max_shard_size=SHARD)
+    return root
+
+
+@pytest.fixture(scope="session")
+def models_f32(tmp_path_factory) -> Path:
+    return build_set(tmp_path_factory.mktemp("f32"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def models_bf16(tmp_path_factory) -> Path:
+    return build_set(tmp_path_factory.mktemp("bf16"), torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def models_tied(tmp_path_factory) -> Path:
+    """Tied-embedding models (no lm_head.weight on disk), plus one untied fine-tune."""
+    root = build_set(tmp_path_factory.mktemp("tied"), torch.float32, TIED)
+    write_model(str(root / "untied"), SHAPE, dtype=torch.float32, seed=0, delta_seed=9, max_shard_size=SHARD)
+    return root
+
+
+def read_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output folder, read with the safetensors library (an independent reader)."""
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                for key in f.keys():
+                    assert key not in tensors, f"{key} is in two shards"
+                    tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def write_spec(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def cli():
+    """Run `merge ...` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from mergekit_lite.cli import cli as group
+
+    def invoke(*args: str):
+        return CliRunner().invoke(group, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
