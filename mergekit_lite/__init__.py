@@ -1,6 +1,6 @@
 """mergekit_lite: merge language models and fold LoRA adapters, streamed tensor by tensor.
 
-``from mergekit_lite import load_spec, run_merge``. Heavy modules (torch, the Hub client) load on first
+``from mergekit_lite import load_spec, run_merge, push_to_hub``. Heavy modules (torch, the Hub client) load on first
 use, so importing the package is instant.
 """
 
@@ -17,6 +17,9 @@ _EXPORTS = {
     "TensorContext": "mergekit_lite.strategy",
     "MergeError": "mergekit_lite.errors",
     "SpecError": "mergekit_lite.errors",
+    "HubError": "mergekit_lite.errors",
+    "push_to_hub": "mergekit_lite.hub_push",
+    "PushResult": "mergekit_lite.hub_push",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 import torch
 
@@ -18,6 +18,9 @@ from .plan import MergePlan, plan_merge
 from .spec import Spec, load_spec
 from .strategy import Strategy
 from .units import parse_size
+
+if TYPE_CHECKING:
+    from .hub_push import PushResult
 
 log = logging.getLogger("mergekit_lite")
 SpecLike = Union[str, os.PathLike, dict, Spec]
@@ -35,6 +38,7 @@ class MergeResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
+    pushed: Optional["PushResult"] = None   # with push_to_hub: where the model went
 
     def __str__(self) -> str:
         from .units import format_size
@@ -42,7 +46,7 @@ class MergeResult:
         if self.dry_run:
             return f"Would write {self.tensors} tensors ({format_size(self.bytes)}) to {self.path}."
         return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s)) into {self.path} "
-                f"in {self.seconds:.1f} s.")
+                f"in {self.seconds:.1f} s." + (f"\n{self.pushed}" if self.pushed else ""))
 
 
 def plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
@@ -55,13 +59,20 @@ def plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: Union[str, int] = "5GB",
               dtype: Optional[str] = None, out_dtype: Optional[str] = None, device: str = "auto",
               overwrite: bool = False, dry_run: bool = False, seed: int = 0,
-              strategies: Iterable[Strategy] = (), progress: bool = True) -> MergeResult:
+              strategies: Iterable[Strategy] = (), progress: bool = True, push_to_hub: Optional[str] = None,
+              private: bool = False) -> MergeResult:
     """Merge the models a spec describes into the folder ``out``.
 
     ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
-    that are not built in (they take precedence by name). Raises a MergeError subclass on bad input.
+    that are not built in (they take precedence by name). ``push_to_hub="org/name"`` uploads the result
+    once it is complete (see hub_push.push_to_hub; ``private`` applies to a new repo). Raises a MergeError
+    subclass on bad input.
     """
     started = time.perf_counter()
+    if push_to_hub:  # a missing token or offline mode fails now, not after the merge
+        from .hub_push import check_push_target
+
+        check_push_target(push_to_hub)
     out = os.fspath(out)
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -76,10 +87,16 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
 
             return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
                                dry_run=True, warnings=merge_plan.warnings,
-                               summary=describe_plan(merge_plan, out, shard_bytes))
-        return _execute(merge_plan, out, shard_bytes, compute_device, progress, started)
+                               summary=describe_plan(merge_plan, out, shard_bytes) +
+                               (f"\nThen push to the Hub repo {push_to_hub}." if push_to_hub else ""))
+        result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started)
     finally:
         merge_plan.close()
+    if push_to_hub:  # last: after the merge (and any check of its output) succeeded
+        from .hub_push import push_to_hub as push
+
+        result = replace(result, pushed=push(result.path, push_to_hub, private=private, progress=progress))
+    return result
 
 
 def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, progress: bool,

@@ -16,7 +16,9 @@ from .references import ModelPath
 
 def card_text(name: str, method_title: str, paper: Optional[str], models: list[ModelPath],
               base: Optional[ModelPath], spec_text: str, tags: tuple[str, ...] = ("merge", "mergekit", "mergekit-lite"),
-              notes: tuple[str, ...] = ()) -> str:
+              notes: tuple[str, ...] = (), commits: Optional[dict[ModelPath, str]] = None) -> str:
+    """``commits`` pins each Hub input to the commit that was merged (its revision may be a moving branch)."""
+    commits = commits or {}
     hub_ids = list(dict.fromkeys(m.repo_id for m in [*([base] if base else []), *models] if m.repo_id))
     meta: dict = {}
     if hub_ids:
@@ -30,9 +32,9 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
         f"# {name}", "",
         f"This is a merge of pre-trained language models created with mergekit_lite {__version__}.", "",
         "## Merge details", "",
-        f"Method: {method}" + (f", with {_link(base)} as the base." if base else "."), "",
+        f"Method: {method}" + (f", with {_link(base, commits)} as the base." if base else "."), "",
         "Models merged:", "",
-        *[f"- {_link(m)}" for m in models], "",
+        *[f"- {_link(m, commits)}" for m in models], "",
         *([*notes, ""] if notes else []),
         "## Configuration", "",
         "The following spec produced this model (`merge run` of mergekit_lite, and mergekit-compatible):", "",
@@ -41,8 +43,10 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
     return "\n".join(lines)
 
 
-def _link(path: ModelPath) -> str:
+def _link(path: ModelPath, commits: dict[ModelPath, str]) -> str:
     if path.repo_id:
-        pinned = f" (revision `{path.revision}`)" if path.revision else ""
+        pins = [f"revision `{path.revision}`"] if path.revision and path.revision != commits.get(path) else []
+        pins += [f"commit `{commits[path]}`"] if path in commits else []
+        pinned = f" ({', '.join(pins)})" if pins else ""
         return f"[{path.repo_id}](https://huggingface.co/{path.repo_id}){pinned}"
     return f"`{path.path}` (local)"

@@ -29,6 +29,7 @@ class Checkpoint:
     folder: str                     # absolute local folder
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
+    commit: Optional[str] = None    # the Hub commit the files came from (None for a local folder)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

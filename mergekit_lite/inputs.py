@@ -1,7 +1,8 @@
 """Turning the spec's model references into opened checkpoints: local folders first, then downloads.
 
-Every reference is checked before anything is downloaded, so a typo in the third model is reported
-before the first model's gigabytes arrive.
+Every reference is checked before anything is downloaded (local folders exist; Hub repos and revisions
+exist, are readable and hold safetensors), so a typo in the third model is reported before the first
+model's gigabytes arrive.
 """
 
 from __future__ import annotations
@@ -25,13 +26,25 @@ def local_folder(path: ModelPath, where: str) -> Optional[str]:
     return None
 
 
-def fetch(path: ModelPath, where: str) -> str:
+def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> dict:
+    """Resolve every Hub reference (models and adapters) to a commit and a file list; downloads nothing."""
+    paths = [(path, where, kind) for ref, where in refs
+             for path, kind in ((ref.model, "model"), (ref.adapter, "adapter"))
+             if path is not None and local_folder(path, where) is None]
+    if not paths:
+        return {}
+    from .hub_pull import resolve_all
+
+    return resolve_all(paths)
+
+
+def fetch(path: ModelPath, where: str, hub: dict) -> str:
     folder = local_folder(path, where)
     if folder is not None:
         return folder
-    from .hub import download
+    from .hub_pull import download
 
-    return download(path, where)
+    return download(hub[path])
 
 
 def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
@@ -45,13 +58,20 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
         except MergeError as exc:
             exc.file = spec.file
             raise
+    try:
+        hub = resolve_hub_inputs(refs)  # every Hub reference checked before the first download
+    except MergeError as exc:
+        exc.file = exc.file or spec.file
+        raise
     opened: dict[ModelRef, Checkpoint] = {}
     for ref, where in refs:
         try:
             if ref.adapter is not None:
                 raise SpecError(f"'{ref}': LoRA adapter references (base+adapter) are not supported yet",
                                 hint="fold the adapter with peft's merge_and_unload() and reference the result")
-            checkpoint = open_checkpoint(fetch(ref.model, where), label=str(ref.model))
+            checkpoint = open_checkpoint(fetch(ref.model, where, hub), label=str(ref.model))
+            if ref.model in hub:
+                checkpoint.commit = hub[ref.model].commit
         except MergeError as exc:
             if exc.where is None:
                 exc.where = where

@@ -32,8 +32,9 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
     spec = plan.spec
     models = [m.ref.model for m in spec.models or ()] or [s.ref.model for p in spec.slices or () for s in p.sources]
     base = spec.base_model.model if spec.base_model else None
+    commits = {ref.model: c.commit for ref, c in plan.checkpoints.items() if c.commit}
     card = card_text(name, plan.strategy.title, plan.strategy.paper, [m for m in models if m != base], base,
-                     spec.text, notes=tuple(plan.card_notes))
+                     spec.text, notes=tuple(plan.card_notes), commits=commits)
     _write_text(os.path.join(folder, "README.md"), card)
 
 

@@ -6,6 +6,7 @@ import click
 
 from .. import __version__
 from .methods import methods
+from .push import push
 from .run import run
 
 
@@ -17,10 +18,11 @@ def cli() -> None:
     \b
     merge run SPEC.yaml -o OUT      run a (mergekit-compatible) merge spec
     merge methods [NAME]            list the merge methods and their parameters
+    merge push OUT --repo ORG/NAME  publish a merged model to the Hugging Face Hub
     """
 
 
-for command in (run, methods):
+for command in (run, methods, push):
     cli.add_command(command)
 
 
