@@ -30,6 +30,7 @@ MODEL_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "g
                   "chat_template.jinja", "chat_template.json")
 # What it reads from a PEFT LoRA adapter repo (adapter_model.bin is a pickle: refused).
 ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors")
+SUBFOLDERS = ["*/*"]  # huggingface_hub's patterns let '*' match '/': this one keeps to the repo's root
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class HubInput:
 
     path: ModelPath
     where: str                      # the YAML path of its first mention, for messages
-    commit: str
+    commit: str                     # the commit hash the revision pointed to
     files: tuple[str, ...]
     folder: Optional[str] = None    # set when the local cache already holds it complete (offline)
 
@@ -63,7 +64,9 @@ def resolve(path: ModelPath, where: str, patterns: tuple[str, ...] = MODEL_PATTE
         return _from_cache(path, where, patterns, cause=None)
     api = hf.HfApi()
     try:
-        info = api.model_info(path.path, revision=path.revision)
+        # resolve_revision also records revision -> commit in the cache, so the same spec works offline later.
+        commit = api.resolve_revision(path.path, revision=path.revision).resolved
+        info = api.model_info(path.path, revision=commit)
         if info.gated:  # the metadata of a gated repo is public; its files are not, unless access was granted
             api.auth_check(path.path)
     except hf.utils.httpx.TransportError as exc:
@@ -76,7 +79,7 @@ def resolve(path: ModelPath, where: str, patterns: tuple[str, ...] = MODEL_PATTE
         raise HubError(f"'{path}' has no safetensors weights at its root ({found})", where=where,
                        hint="pickle checkpoints (*.bin, *.pt) are refused because loading one can run code; "
                             "use a repo (or a revision) that has *.safetensors")
-    return HubInput(path, where, info.sha, tuple(files))
+    return HubInput(path, where, commit, tuple(files))
 
 
 def download(item: HubInput) -> str:
@@ -96,7 +99,7 @@ def _from_cache(path: ModelPath, where: str, patterns: tuple[str, ...], cause: O
     hf = client()
     try:
         folder = hf.snapshot_download(path.path, revision=path.revision, allow_patterns=list(patterns),
-                                      local_files_only=True)
+                                      ignore_patterns=SUBFOLDERS, local_files_only=True)
     except hf.errors.LocalEntryNotFoundError:
         if cause is None:
             raise HubError(f"'{path}' is not in the local Hub cache and HF_HUB_OFFLINE is set", where=where,

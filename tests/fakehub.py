@@ -105,6 +105,11 @@ class HubError(Exception):
 Route = tuple[str, re.Pattern, Callable[["FakeHub", Request], Reply]]
 
 
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder``, by posix relative path: what add_repo takes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 class FakeHub:
     def __init__(self, routes: list[Route], cas_dir: Path, token: str = "hf_fake_write_token", user: str = "user",
                  orgs: tuple[str, ...] = ("org",)):
@@ -133,14 +138,16 @@ class FakeHub:
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False, gated: bool = False) -> str:
         """Create a repo whose main branch holds ``files``; returns the commit sha."""
-        repo = self.repos[repo_id] = Repo(repo_id, private=private, gated=gated)
+        self.repos[repo_id] = Repo(repo_id, private=private, gated=gated)
+        return self.add_commit(repo_id, files, summary="initial commit")
+
+    def add_commit(self, repo_id: str, files: dict[str, bytes], ref: str = "main", summary: str = "update") -> str:
         blobs = {path: Blob(len(data), hashlib.sha256(data).hexdigest(), data, path.endswith(LFS_SUFFIXES))
                  for path, data in files.items()}
-        return self._commit(repo, "main", blobs, "initial commit")
+        return self._commit(self.repos[repo_id], ref, blobs, summary)
 
-    def add_folder(self, repo_id: str, folder: Path, **kwargs) -> str:
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-        return self.add_repo(repo_id, files, **kwargs)
+    def add_branch(self, repo_id: str, name: str, sha: str) -> None:
+        self.repos[repo_id].branches[name] = sha
 
     def register_xet(self, path: Path) -> None:
         """Let Xet-uploaded copies of this local file be downloaded (HEAD then carries X-Xet-Hash)."""
