@@ -18,6 +18,7 @@ import torch
 
 from .dtypes import compute_dtype
 from .errors import ModelError, StrategyError
+from .memory import reuse_freed_memory
 from .plan import MergePlan, TensorJob
 from .strategy import TensorContext
 from .writer import Entry, ShardWriter, plan_shards, shard_filenames
@@ -43,25 +44,26 @@ def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: 
     ordered = [jobs[e.name] for shard in shards for e in shard]
     owner = {e.name: i for i, shard in enumerate(shards) for e in shard}
     writers: dict[int, ShardWriter] = {}
-    reader = _Prefetcher(ordered)
-    try:
-        for job, raw in reader:
-            index = owner[job.name]
-            if index not in writers:
-                writers[index] = ShardWriter(os.path.join(folder, files[index]), shards[index])
-            writers[index].write(job.name, merge_tensor(plan, job, raw, device))
-            del raw
-            reader.done(job)
-            if progress is not None:
-                progress(job.nbytes)
-            if job.name == shards[index][-1].name:
-                writers.pop(index).close()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        reader.stop()
+    with reuse_freed_memory():
+        reader = _Prefetcher(ordered)
+        try:
+            for job, raw in reader:
+                index = owner[job.name]
+                if index not in writers:
+                    writers[index] = ShardWriter(os.path.join(folder, files[index]), shards[index])
+                writers[index].write(job.name, merge_tensor(plan, job, raw, device))
+                del raw
+                reader.done(job)
+                if progress is not None:
+                    progress(job.nbytes)
+                if job.name == shards[index][-1].name:
+                    writers.pop(index).close()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        finally:
+            reader.stop()
     return WrittenShards(files, {name: files[i] for name, i in owner.items()},
                          sum(j.nbytes for j in ordered), time.perf_counter() - started)
 
