@@ -124,6 +124,9 @@ class Strategy:
     min_inputs: int = 1                  # inputs other than a separately-passed base
     max_inputs: Optional[int] = None
     random: bool = False
+    # Each output element depends only on the same element of the inputs: the engine may then merge a large
+    # tensor in row blocks (bounded memory). False for anything using whole-tensor statistics (norms, top-k).
+    elementwise: bool = False
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon).
     check: Optional[Callable[[dict[str, Any]], Optional[str]]] = field(default=None, compare=False)
 

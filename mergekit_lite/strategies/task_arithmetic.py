@@ -42,6 +42,7 @@ STRATEGY = Strategy(
     fn=task_arithmetic,
     title="Task Arithmetic",
     summary="Adds each model's weighted difference from the base (its task vector) to the base.",
+    elementwise=True,
     paper="https://arxiv.org/abs/2212.04089",
     base="required",
     params=(
