@@ -82,7 +82,7 @@ def check_push_target(repo_id: str, token: Optional[str] = None, where: str = "-
 
 def _upload(plan: PushPlan, token: Optional[str]):
     hf = client()
-    secret = token or hf.get_token()
+    secret = _secret(hf, token)
     api = hf.HfApi(token=token, library_name="mergekit_lite", library_version=_version())
     with _translated("create the repository", plan, secret):
         api.create_repo(plan.repo_id, private=plan.private or None, exist_ok=True)  # None: the account's default
@@ -99,6 +99,15 @@ def _upload(plan: PushPlan, token: Optional[str]):
                                  allow_patterns=[glob.escape(f.path) for f in plan.files],
                                  commit_message=plan.commit_message, create_pr=plan.create_pr or None,
                                  revision=None if plan.create_pr else plan.revision)
+
+
+def _secret(hf, token: Optional[str]) -> Optional[str]:
+    """The token this push sends, known only to mask it in messages."""
+    try:
+        return token or hf.get_token()
+    except Exception as exc:  # e.g. a failed OIDC exchange in CI (HF_OIDC_RESOURCE)
+        raise HubError(f"could not get a Hugging Face token: {redact(str(exc))}",
+                       hint="check HF_OIDC_RESOURCE, or run `hf auth login` or set HF_TOKEN") from None
 
 
 def _ensure_branch(api, hf, plan: PushPlan) -> None:

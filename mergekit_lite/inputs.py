@@ -8,12 +8,15 @@ model's gigabytes arrive.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MergeError, SpecError
 from .references import ModelPath, ModelRef
 from .spec import Spec
+
+if TYPE_CHECKING:  # hub_pull is imported only when a spec names a Hub repo
+    from .hub_pull import HubInput
 
 
 def local_folder(path: ModelPath, where: str) -> Optional[str]:
@@ -26,7 +29,7 @@ def local_folder(path: ModelPath, where: str) -> Optional[str]:
     return None
 
 
-def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> dict:
+def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> dict[ModelPath, HubInput]:
     """Resolve every Hub reference (models and adapters) to a commit and a file list; downloads nothing."""
     paths = [(path, where, kind) for ref, where in refs
              for path, kind in ((ref.model, "model"), (ref.adapter, "adapter"))
@@ -38,7 +41,7 @@ def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> dict:
     return resolve_all(paths)
 
 
-def fetch(path: ModelPath, where: str, hub: dict) -> str:
+def fetch(path: ModelPath, where: str, hub: dict[ModelPath, HubInput]) -> str:
     folder = local_folder(path, where)
     if folder is not None:
         return folder

@@ -26,7 +26,8 @@ from .references import REPO_ID
 from .units import format_size
 
 CARD, RECIPE = "README.md", "mergekit_config.yml"
-# Suffixes of pickle checkpoints (loading one can run code): never uploaded next to safetensors.
+# Suffixes of pickle checkpoints (loading one can run code): never uploaded. checkpoint.PICKLE_SUFFIXES says the
+# same for reading; it is not imported because checkpoint.py loads torch, which a push never needs.
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -189,8 +190,10 @@ def default_message(folder: str) -> str:
         with open(os.path.join(folder, RECIPE), encoding="utf-8") as f:
             recipe = yaml.safe_load(f)
         method = recipe["merge_method"]
-        count = len(recipe.get("models") or [s for piece in recipe.get("slices") or () for s in piece["sources"]])
-        return f"Upload merged model ({method}, {count} models)"
+        entries = recipe.get("models") or [s for piece in recipe.get("slices") or () for s in piece["sources"]]
+        names = {str(entry["model"]) for entry in entries} | ({str(recipe["base_model"])} if recipe.get("base_model")
+                                                             else set())
+        return f"Upload merged model ({method}, {len(names)} models)"
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return "Upload merged model"
 

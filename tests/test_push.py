@@ -103,7 +103,7 @@ def test_create_pr_leaves_main_alone(merged, fake_hub, tmp_path, xet):
     env = hub_env(fake_hub, tmp_path / "home", xet=xet)
     result = merge("push", merged, "--repo", "org/merged", "--create-pr", env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"Pushed 10 files (")
+    assert result.stdout.startswith("Pushed 10 files (")
     assert f" to pull request {fake_hub.url}/org/merged/discussions/1\n" in result.stdout
     if xet:  # the pipeline opens the PR itself, then commits to its ref
         assert fake_hub.requests("POST", "^/api/models/org/merged/discussions$")[0].body["title"] == \
@@ -123,76 +123,50 @@ def test_push_to_a_new_branch_creates_it(merged, fake_hub, tmp_path):
     assert sorted(fake_hub.files("user/merged", "main")) == [".gitattributes"]
 
 
-def test_no_token_fails_before_any_request(merged, fake_hub, tmp_path):
-    result = merge("push", merged, "--repo", "user/merged", env=hub_env(fake_hub, tmp_path / "home", token=None))
-    assert (result.returncode, result.stderr) == (1, "error: no Hugging Face token found\n"
-                                                     "Hint: run `hf auth login` or set HF_TOKEN, with write access "
-                                                     "to user\n")
-    assert fake_hub.log == []
+AUTH_HINT = "Hint: run `hf auth login` or set HF_TOKEN, with write access to {namespace}\n"
+RESUME_HINT = "Hint: check the connection, then run the same push again: files the Hub already has are not sent twice\n"
+# (id, set-up of the fake Hub, --repo, extra arguments, environment changes, the end of stderr, any request made?)
+REFUSALS = [
+    ("no-token", None, "user/merged", (), {"token": None},
+     "error: no Hugging Face token found\n" + AUTH_HINT.format(namespace="user"), False),
+    ("offline", None, "user/merged", (), {"HF_HUB_OFFLINE": "1"},
+     "error: HF_HUB_OFFLINE is set, so nothing can be pushed\n"
+     "Hint: unset HF_HUB_OFFLINE (or set it to 0), then re-run\n", False),
+    ("invalid-token", None, "user/merged", (), {"token": "hf_not_a_valid_token_0123"},
+     "error: user/merged: the Hub refused to create the repository (401: Invalid credentials in Authorization "
+     "header)\n" + AUTH_HINT.format(namespace="user"), True),
+    ("403-namespace", None, "acme/merged", (), {},
+     "error: acme/merged: the Hub refused to create the repository (403: You don't have the rights to create a "
+     'model under the namespace "acme")\n' + AUTH_HINT.format(namespace="acme"), True),
+    ("403-echoing-the-token", lambda hub: hub.fail("POST", "/preupload/", 403, f"token {TOKEN} is read-only"),
+     "user/merged", ("-vv",), {},
+     "error: user/merged: the Hub refused to upload the files (403: token hf_*** is read-only)\n"
+     + AUTH_HINT.format(namespace="user"), True),
+    ("missing-repo", lambda hub: hub.fail("POST", "^/api/repos/create$", 404, "Namespace ghost not found",
+                                          code="RepoNotFound"), "ghost/merged", (), {},
+     "error: ghost/merged: repository not found, and it could not be created (Namespace ghost not found)\n"
+     "Hint: check the name: the namespace 'ghost' must exist, and your token needs write access to it\n", True),
+    ("public-repo-with-private", lambda hub: hub.add_repo("user/merged", {"README.md": b"# public\n"}),
+     "user/merged", ("--private",), {},
+     "error: user/merged: the repo already exists and is public; --private does not change an existing repo\n"
+     "Hint: make it private in its settings on {url}/user/merged, or push to another repo\n", True),
+    ("unreachable", None, "user/merged", (), {"HF_ENDPOINT": "http://127.0.0.1:9"},
+     "error: user/merged: the transfer failed while trying to create the repository: [Errno 111] Connection "
+     "refused\n" + RESUME_HINT, False),
+]
 
 
-def test_invalid_token(merged, fake_hub, tmp_path):
-    env = hub_env(fake_hub, tmp_path / "home", token="hf_not_a_valid_token_0123")
-    result = merge("push", merged, "--repo", "user/merged", env=env)
+@pytest.mark.parametrize("setup, repo, args, env, expected, requests", [case[1:] for case in REFUSALS],
+                         ids=[case[0] for case in REFUSALS])
+def test_refusals_say_what_to_do(merged, fake_hub, tmp_path, setup, repo, args, env, expected, requests):
+    if setup is not None:
+        setup(fake_hub)
+    result = merge("push", merged, "--repo", repo, *args, env=hub_env(fake_hub, tmp_path / "home", xet=False, **env))
     assert result.returncode == 1
-    assert result.stderr.endswith("error: user/merged: the Hub refused to create the repository (401: Invalid "
-                                  "credentials in Authorization header)\n"
-                                  "Hint: run `hf auth login` or set HF_TOKEN, with write access to user\n")
+    assert result.stderr.endswith(expected.format(url=fake_hub.url)), result.stderr
+    assert bool(fake_hub.log) == requests
+    assert not fake_hub.requests("POST", "/commit/")  # nothing was committed
     assert "hf_not_a_valid_token_0123" not in result.stdout + result.stderr
-    assert "user/merged" not in fake_hub.repos
-
-
-def test_403_shows_the_server_message(merged, fake_hub, tmp_path):
-    env = hub_env(fake_hub, tmp_path / "home", xet=False)
-    result = merge("push", merged, "--repo", "acme/merged", env=env)
-    assert result.returncode == 1
-    assert result.stderr.endswith('error: acme/merged: the Hub refused to create the repository (403: You don\'t have '
-                                  'the rights to create a model under the namespace "acme")\n'
-                                  "Hint: run `hf auth login` or set HF_TOKEN, with write access to acme\n")
-
-
-def test_a_server_that_echoes_the_token_does_not_leak_it(merged, fake_hub, tmp_path):
-    fake_hub.fail("POST", "/preupload/", 403, f"token {TOKEN} is read-only")
-    result = merge("push", merged, "--repo", "user/merged", "-vv", env=hub_env(fake_hub, tmp_path / "home", xet=False))
-    assert result.returncode == 1
-    assert result.stderr.endswith("error: user/merged: the Hub refused to upload the files (403: token hf_*** is "
-                                  "read-only)\nHint: run `hf auth login` or set HF_TOKEN, with write access to user\n")
-
-
-def test_missing_repo(merged, fake_hub, tmp_path):
-    fake_hub.fail("POST", "^/api/repos/create$", 404, "Namespace ghost not found", code="RepoNotFound")
-    result = merge("push", merged, "--repo", "ghost/merged", env=hub_env(fake_hub, tmp_path / "home"))
-    assert result.returncode == 1
-    assert result.stderr.endswith("error: ghost/merged: repository not found, and it could not be created "
-                                  "(Namespace ghost not found)\nHint: check the name: the namespace 'ghost' must "
-                                  "exist, and your token needs write access to it\n")
-
-
-def test_existing_public_repo_is_not_pushed_to_with_private(merged, fake_hub, tmp_path):
-    fake_hub.add_repo("user/merged", {"README.md": b"# public\n"})
-    result = merge("push", merged, "--repo", "user/merged", "--private", env=hub_env(fake_hub, tmp_path / "home"))
-    assert result.returncode == 1
-    assert result.stderr.endswith("error: user/merged: the repo already exists and is public; --private does not "
-                                  f"change an existing repo\nHint: make it private in its settings on {fake_hub.url}/"
-                                  "user/merged, or push to another repo\n")
-    assert not fake_hub.requests("POST", "/preupload/")
-
-
-def test_offline_mode_refuses_to_push(merged, fake_hub, tmp_path):
-    result = merge("push", merged, "--repo", "user/merged",
-                   env=hub_env(fake_hub, tmp_path / "home", HF_HUB_OFFLINE="1"))
-    assert (result.returncode, result.stderr) == (1, "error: HF_HUB_OFFLINE is set, so nothing can be pushed\n"
-                                                     "Hint: unset HF_HUB_OFFLINE (or set it to 0), then re-run\n")
-    assert fake_hub.log == []
-
-
-def test_hub_unreachable(merged, fake_hub, tmp_path):
-    env = hub_env(fake_hub, tmp_path / "home", HF_ENDPOINT="http://127.0.0.1:9")
-    result = merge("push", merged, "--repo", "user/merged", env=env)
-    assert result.returncode == 1
-    assert result.stderr.endswith("error: user/merged: the transfer failed while trying to create the repository: "
-                                  "[Errno 111] Connection refused\nHint: check the connection, then run the same "
-                                  "push again: files the Hub already has are not sent twice\n")
 
 
 def test_interrupted_upload_resumes_without_sending_the_weights_again(merged, fake_hub, tmp_path):
@@ -220,7 +194,7 @@ def test_run_pushes_after_the_merge(models_f32, fake_hub, tmp_path):
     result = merge("run", spec, "-o", tmp_path / "out", "--push-to-hub", "user/run-merged", "--private",
                    env=hub_env(fake_hub, tmp_path / "home", xet=False))
     assert result.returncode == 0, result.stderr
-    assert f"\nPushed 7 files (" in result.stdout and f"to {fake_hub.url}/user/run-merged\n" in result.stdout
+    assert "\nPushed 7 files (" in result.stdout and f"to {fake_hub.url}/user/run-merged\n" in result.stdout
     assert fake_hub.repos["user/run-merged"].private
     stored = fake_hub.files("user/run-merged")
     assert stored["model.safetensors"].data == (tmp_path / "out" / "model.safetensors").read_bytes()

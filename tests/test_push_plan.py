@@ -184,11 +184,12 @@ def test_missing_and_unfinished_folders(cli, tmp_path):
                                                     "completed\n")
 
 
-def test_library_dry_run(tmp_path):
-    result = push_to_hub(model_folder(tmp_path / "out"), "user/merged", dry_run=True)
-    assert result.dry_run and result.files == 5 and result.bytes == 3252
+def test_library_dry_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    result = push_to_hub(model_folder(tmp_path / "out"), "user/merged", dry_run=True, token=SECRET)
+    assert result.dry_run and result.files == 5 and result.bytes == 3252 and result.commit_url is None
     assert str(result) == result.summary and result.summary.startswith("DRY RUN: nothing was sent")
-    assert result.commit_url is None
+    assert "token     : found (the token argument)\n" in result.summary and SECRET not in result.summary
 
 
 def test_selection_is_the_files_a_merge_reads_plus_card_and_recipe(tmp_path):
