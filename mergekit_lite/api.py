@@ -69,6 +69,9 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     subclass on bad input.
     """
     started = time.perf_counter()
+    if private and not push_to_hub:
+        raise UsageError("--private only applies with --push-to-hub", where="--private",
+                         hint="add --push-to-hub ORG/NAME, or drop --private")
     if push_to_hub:  # a missing token or offline mode fails now, not after the merge
         from .hub_push import check_push_target
 

@@ -89,7 +89,8 @@ def _upload(plan: PushPlan, token: Optional[str]):
         info = api.repo_info(plan.repo_id)
     if plan.private and not info.private:
         raise HubError("the repo already exists and is public; --private does not change an existing repo",
-                       where=plan.repo_id, hint=f"make it private in its settings on {plan.url}, or push to another repo")
+                       where=plan.repo_id,
+                       hint=f"make it private in its settings on {plan.url}, or push to another repo")
     if plan.revision != "main" and not plan.create_pr:
         with _translated(f"create the branch '{plan.revision}'", plan, secret):
             _ensure_branch(api, hf, plan)

@@ -144,7 +144,7 @@ class FakeHub:
     def add_commit(self, repo_id: str, files: dict[str, bytes], ref: str = "main", summary: str = "update") -> str:
         blobs = {path: Blob(len(data), hashlib.sha256(data).hexdigest(), data, path.endswith(LFS_SUFFIXES))
                  for path, data in files.items()}
-        return self._commit(self.repos[repo_id], ref, blobs, summary)
+        return self.record_commit(self.repos[repo_id], ref, blobs, summary)
 
     def add_branch(self, repo_id: str, name: str, sha: str) -> None:
         self.repos[repo_id].branches[name] = sha
@@ -169,7 +169,7 @@ class FakeHub:
         return repo.commits[repo.branches[ref]]
 
     # ------------------------------------------------------------------ state changes
-    def _commit(self, repo: Repo, ref: str, changes: dict[str, Optional[Blob]], summary: str) -> str:
+    def record_commit(self, repo: Repo, ref: str, changes: dict[str, Optional[Blob]], summary: str) -> str:
         tree = dict(repo.commits.get(repo.branches.get(ref, ""), {}))
         for path, blob in changes.items():
             if blob is None:
@@ -183,7 +183,7 @@ class FakeHub:
         repo.branches[ref] = sha
         return sha
 
-    def _user(self, authorization: Optional[str]) -> Optional[str]:
+    def user_of(self, authorization: Optional[str]) -> Optional[str]:
         if authorization and authorization.startswith("Bearer "):
             return self.tokens.get(authorization[len("Bearer "):])
         return None
@@ -259,7 +259,7 @@ def _route(hub: FakeHub, method: str, path: str, query: dict[str, str], raw: byt
         match = pattern.fullmatch(path)
         if match and method in route_method.split("|"):
             request = Request(method, {k: unquote(v) for k, v in match.groupdict().items() if v is not None},
-                              query, raw, hub._user(headers.get("Authorization")))
+                              query, raw, hub.user_of(headers.get("Authorization")))
             with hub.lock:
                 return handler(hub, request)
     raise HubError(404, f"no route for {method} {path}")

@@ -101,8 +101,8 @@ def create_repo(hub: FakeHub, request: Request) -> Reply:
     if repo_id in hub.repos:
         return Reply(409, {"error": "You already created this model repo", "url": url})
     repo = hub.repos[repo_id] = Repo(repo_id, private=body.get("visibility") == "private")
-    hub._commit(repo, "main", {".gitattributes": _blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n")},
-                "initial commit")
+    attributes = _blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    hub.record_commit(repo, "main", {".gitattributes": attributes}, "initial commit")
     return Reply(200, {"url": url, "name": repo_id})
 
 
@@ -229,7 +229,7 @@ def commit(hub: FakeHub, request: Request) -> Reply:
             changes[value["path"]] = Blob(value["size"], value["oid"], data, lfs=True)
         elif key == "deletedFile":
             changes[value["path"]] = None
-    sha = hub._commit(repo, ref, changes, summary)
+    sha = hub.record_commit(repo, ref, changes, summary)
     return Reply(200, {"commitOid": sha, "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{sha}",
                        "pullRequestUrl": pr_url, "success": True})
 

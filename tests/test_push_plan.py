@@ -67,7 +67,7 @@ def test_dry_run_prints_the_plan(cli, tmp_path):
                                                 "runs/extra.safetensors": b"x", "old.partial/y": b""})
     result = dry_run(cli, folder, "--private")
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"""\
+    assert result.stdout == """\
 DRY RUN: nothing was sent, and no request was made
 target    : http://127.0.0.1:9/user/merged (model, private=yes, revision=main, create_pr=no)
 repo      : created if missing; an existing repo keeps its visibility
@@ -122,7 +122,8 @@ def test_card_warnings(cli, tmp_path):
 
 
 @pytest.mark.parametrize("card, message", [
-    ("---\nbase_model: [org/a\n---\n", "metadata is not valid YAML at line 2: expected ',' or ']', but got '<stream end>'"),
+    ("---\nbase_model: [org/a\n---\n",
+     "metadata is not valid YAML at line 2: expected ',' or ']', but got '<stream end>'"),
     ("---\n- a\n- b\n---\n", "metadata must be a mapping of keys to values, not a list"),
     ("---\nbase_model: [org/a, ./models/ft-b]\n---\n",
      "base_model: './models/ft-b' is not a Hub repo id (org/name); the Hub rejects a local path there. "
@@ -214,3 +215,23 @@ def test_our_own_card_passes_the_check():
     assert check.metadata["base_model"] == ["org/a", "org/b"] and check.metadata["base_model_relation"] == "merge"
     assert [w.split(":")[0] for w in check.warnings] == ["README.md has no license"]
     assert f"[org/a](https://huggingface.co/org/a) (revision `v1`, commit `{'a' * 40}`)" in text
+
+
+def test_run_checks_the_push_options_before_merging(cli, models_f32, tmp_path, monkeypatch):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"merge_method: linear\nmodels:\n  - model: {models_f32}/ft-a\n")
+    result = cli("run", spec, "-o", tmp_path / "out", "--private")
+    assert (result.exit_code, result.stderr) == (2, "error: --private: --private only applies with --push-to-hub\n"
+                                                    "Hint: add --push-to-hub ORG/NAME, or drop --private\n")
+    result = cli("run", spec, "-o", tmp_path / "out", "--push-to-hub", "nope")
+    assert (result.exit_code, result.stderr) == (2, "error: --push-to-hub: 'nope' is not a Hub repo id\nHint: write "
+                                                    "namespace/name (your user name or an organization, then the "
+                                                    "model's name)\n")
+    monkeypatch.delenv("HF_TOKEN")
+    result = cli("run", spec, "-o", tmp_path / "out", "--push-to-hub", "user/x", "--dry-run")
+    assert (result.exit_code, result.stderr) == (1, "error: no Hugging Face token found\nHint: run `hf auth login` "
+                                                    "or set HF_TOKEN, with write access to user\n")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    result = cli("run", spec, "-o", tmp_path / "out", "--push-to-hub", "user/x", "--dry-run")
+    assert result.exit_code == 0 and result.stdout.endswith("\nThen push to the Hub repo user/x.\n")
