@@ -219,7 +219,7 @@ def test_our_own_card_passes_the_check():
 
 def test_run_checks_the_push_options_before_merging(cli, models_f32, tmp_path, monkeypatch):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"merge_method: linear\nmodels:\n  - model: {models_f32}/ft-a\n")
+    spec.write_text(f"merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n  - model: {models_f32}/ft-a\n")
     result = cli("run", spec, "-o", tmp_path / "out", "--private")
     assert (result.exit_code, result.stderr) == (2, "error: --private: --private only applies with --push-to-hub\n"
                                                     "Hint: add --push-to-hub ORG/NAME, or drop --private\n")
