@@ -200,16 +200,6 @@ def test_run_pushes_after_the_merge(models_f32, fake_hub, tmp_path):
     assert stored["model.safetensors"].data == (tmp_path / "out" / "model.safetensors").read_bytes()
 
 
-def test_run_without_a_token_fails_before_merging(models_f32, fake_hub, tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(f"merge_method: linear\nmodels:\n  - model: {models_f32}/ft-a\n")
-    result = merge("run", spec, "-o", tmp_path / "out", "--push-to-hub", "user/x",
-                   env=hub_env(fake_hub, tmp_path / "home", token=None))
-    assert (result.returncode, result.stderr) == (1, "error: no Hugging Face token found\nHint: run `hf auth login` "
-                                                     "or set HF_TOKEN, with write access to user\n")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-
-
 def test_dry_run_makes_no_request(merged, fake_hub, tmp_path):
     result = merge("push", merged, "--repo", "user/merged", "--dry-run", env=hub_env(fake_hub, tmp_path / "home"))
     assert result.returncode == 0, result.stderr
