@@ -85,14 +85,15 @@ def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], devic
         del tensor
     base = tensors.pop() if job.base is not None else None
     ctx = TensorContext(job.name, job.layer, job.t, plan.seed)
+    strategy = job.strategy or plan.strategy
     try:
-        result = plan.strategy(tensors, base, ctx, **job.params)
+        result = strategy(tensors, base, ctx, **job.params)
     except (RuntimeError, ValueError) as exc:
-        raise StrategyError(f"{plan.strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
+        raise StrategyError(f"{strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
                             hint="this is likely a bug in the strategy; re-run with --debug and report it") from exc
     del tensors, base
     if tuple(result.shape) != job.shape:
-        raise StrategyError(f"{plan.strategy.name} returned shape {list(result.shape)}, planned {list(job.shape)}",
+        raise StrategyError(f"{strategy.name} returned shape {list(result.shape)}, planned {list(job.shape)}",
                             where=f"tensor '{job.name}'")
     return result.to(job.merge_dtype).to(job.dtype).cpu()
 
