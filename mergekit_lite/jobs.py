@@ -77,7 +77,8 @@ def check_input_count(strategy: Strategy, count: int, has_base: bool, where: str
     wanted = (f"exactly {strategy.min_inputs}" if strategy.min_inputs == strategy.max_inputs
               else f"at least {strategy.min_inputs}" if strategy.max_inputs is None
               else f"{strategy.min_inputs} to {strategy.max_inputs}")
-    what = "models besides the base" if has_base else "models"
+    plural = "" if strategy.min_inputs == strategy.max_inputs == 1 else "s"
+    what = f"model{plural} besides the base" if has_base else f"model{plural}"
     raise SpecError(f"{strategy.name} takes {wanted} {what}, got {count}", where=where, file=file,
                     hint=f"see `merge methods {strategy.name}`")
 

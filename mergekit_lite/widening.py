@@ -92,17 +92,15 @@ class ConcatLayout:
         models = inputs + [m for m in fb_inputs + ([fb_base] if fb_base else []) if m not in inputs]
         names = output_names(reference, models)
         num_layers = count_layers(names)
-        jobs = []
         widened: dict[str, Widening] = {}
-        for name in names:
+        for name in sorted(names, key=lambda n: (layer_index(n) or 0, n)):   # errors name the first layer's
             shape = reference.tensors[name].shape if name in reference.tensors else None   # None: a tied lm_head
             widening = _widening(name, shape, families[0], attention)
-            if widening is None:
-                jobs.append(whole_model_job(spec, fallback, fb_inputs, fb_base, fb_lead, name, num_layers, dtypes,
-                                            own=True))
-            else:
+            if widening is not None:
                 widened[name] = widening
-                jobs.append(_widened_job(spec, strategy, inputs, name, num_layers, widening, dtypes))
+        jobs = [_widened_job(spec, strategy, inputs, name, num_layers, widened[name], dtypes) if name in widened
+                else whole_model_job(spec, fallback, fb_inputs, fb_base, fb_lead, name, num_layers, dtypes, own=True)
+                for name in names]
         _check_every_layer_widened(widened, names, num_layers, families[0])
         config = _widened_config(reference, families[0], [j for j in jobs if j.name in widened], widened, heads)
         return Planned(jobs, config, reference)
