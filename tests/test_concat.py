@@ -122,3 +122,11 @@ def test_concat_plan_reads_no_tensor(hf_models, monkeypatch):
     assert jobs["model.layers.3.self_attn.o_proj.weight"].shape == (64, 128)
     assert merge_plan.config["intermediate_size"] == 256
     merge_plan.close()
+
+
+def test_merge_methods_explains_concat(cli):
+    listing = cli("methods")
+    assert listing.exit_code == 0 and "concat " in listing.stdout and "passthrough " in listing.stdout
+    detail = cli("methods", "concat")
+    assert detail.exit_code == 0
+    assert "fallback (str, per merge, default linear" in detail.stdout and "it saves nothing" in detail.stdout

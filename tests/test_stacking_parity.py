@@ -37,6 +37,10 @@ slices:
   - sources:
       - model: {root}/ft-a
         layer_range: [0, 3]
+    parameters:
+      scale:
+        - filter: mlp
+          value: 2.0
   - sources:
       - model: {root}/ft-b
         layer_range: [1, 4]
@@ -49,6 +53,10 @@ slices:
   - sources:
       - model: {root}/ft-a
         layer_range: [3, 4]
+parameters:
+  scale:
+    - filter: layernorm
+      value: 0.5
 {extra}
 """
 
@@ -57,6 +65,17 @@ slices:
 def test_frankenmerge_with_scale(models_bf16, tmp_path, extra):
     got = assert_same_as_mergekit(FRANKENMERGE.format(root=models_bf16, extra=extra), tmp_path)
     assert len({k for k in got if k.endswith("q_proj.weight")}) == 7
+    # Precedence: a source's scale, then its slice's, then the top level's; unset: copied.
+    a, b = read_folder(models_bf16 / "ft-a"), read_folder(models_bf16 / "ft-b")
+    if not extra:
+        assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"] * 2)
+        assert not got["model.layers.3.self_attn.o_proj.weight"].any()
+        assert torch.equal(got["model.layers.4.mlp.down_proj.weight"], b["model.layers.2.mlp.down_proj.weight"] * 0.5)
+        assert torch.equal(got["model.layers.4.input_layernorm.weight"],
+                           b["model.layers.2.input_layernorm.weight"] * 0.5)
+        assert torch.equal(got["model.layers.0.input_layernorm.weight"],
+                           a["model.layers.0.input_layernorm.weight"] * 0.5)
+        assert torch.equal(got["model.layers.6.self_attn.q_proj.weight"], a["model.layers.3.self_attn.q_proj.weight"])
 
 
 GRADIENT_LINEAR = """

@@ -67,12 +67,13 @@ How it works: gate_proj/up_proj (c_fc, fc1) are stacked along their output dimen
 (c_proj, fc2) along its input dimension, scaled by each model's weight, so every merged MLP computes
 sum_i weight_i * MLP_i(x) exactly (up to float rounding); intermediate_size is the sum of the models'.
 With attention: true (the default), q/k/v are stacked by heads and o_proj joined the same way, so
-attention is the weighted sum too; head counts are added up. That needs equal head sizes, equal
-query-per-key/value-head ratios and a head size stored in config.json (not GPT-2's n_embd / n_head);
-otherwise the error names the key that blocks it (set attention: false to widen only the MLPs).
+attention is the weighted sum too; head counts are added up. That needs separate q/k/v projections,
+equal head sizes, equal query-per-key/value-head ratios, and a head size the architecture reads from
+config.json (head_dim; GPT-2 derives it as n_embd / n_head, so more heads would be narrower heads);
+otherwise the error names the key or tensor that blocks it (attention: false widens only the MLPs).
 Everything else (norms, embeddings, lm_head) is merged by `fallback`, exactly as
 `merge_method: <fallback>` would merge it with the same spec; a base_model is only used by the fallback.
-Cost: the result has as many parameters as the models together, so it needs the same memory and
-compute as serving them side by side; it saves nothing. Choose it when one checkpoint must behave like an
+Cost: the widened layers hold all of the models' layer parameters, so the result needs about the
+memory and compute of serving the models side by side; it saves nothing. Choose it when one checkpoint must behave like an
 ensemble of layers (one file, one forward pass, a starting point for further training or pruning).""",
 )
