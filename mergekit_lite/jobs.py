@@ -157,6 +157,12 @@ def numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class Dtypes:
+    load: Optional[torch.dtype]      # inputs are rounded to this when read (spec `dtype` / --dtype)
+    out: Optional[torch.dtype]       # written dtype (spec `out_dtype` / --out-dtype)
+
+
 @dataclass
 class Planned:
     """What a layout produces: the output tensors, the output config (before dtype and tying are set), and
@@ -170,9 +176,9 @@ class Planned:
 class Layout(Protocol):
     """Plans which output tensors exist and where each one's inputs come from.
 
-    The default (plan.py) maps every tensor of the reference model to itself; layer stacking (stacking.py)
-    renumbers layers; a strategy that changes shapes (concat) carries its own layout on ``Strategy.layout``.
-    Layouts read headers and configs only.
+    The default (whole_models.py) maps every tensor of the reference model to itself; layer stacking
+    (stacking.py) renumbers layers; a strategy that changes shapes (concat) carries its own layout on
+    ``Strategy.layout`` (widening.py). Layouts read headers and configs only.
     """
 
     def companions(self, spec: Spec, extra: Sequence[Strategy]) -> list[Strategy]:
@@ -181,9 +187,3 @@ class Layout(Protocol):
     def plan(self, spec: Spec, strategy: Strategy, checkpoints: dict[ModelRef, Checkpoint], dtypes: Dtypes,
              extra: Sequence[Strategy]) -> Planned:
         """Every output tensor as a job, and the output config."""
-
-
-@dataclass(frozen=True)
-class Dtypes:
-    load: Optional[torch.dtype]      # inputs are rounded to this when read (spec `dtype` / --dtype)
-    out: Optional[torch.dtype]       # written dtype (spec `out_dtype` / --out-dtype)

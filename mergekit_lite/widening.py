@@ -23,6 +23,7 @@ from .jobs import Dtypes, Input, Planned, Source, TensorJob, make_job, resolve_p
 from .layout import (LAYER_PATTERN, count_layers, get_config_value, layer_count_key, layer_index, layer_position,
                      set_config_value)
 from .references import ModelRef
+from .registry import get_strategy
 from .spec import Spec
 from .strategy import Strategy
 from .whole_models import output_names, source_name, whole_model_inputs, whole_model_job
@@ -122,8 +123,6 @@ def _widened_job(spec: Spec, strategy: Strategy, inputs: list[Input], name: str,
 
 
 def _fallback(spec: Spec, extra: Sequence[Strategy]) -> Strategy:
-    from .registry import get_strategy
-
     setting = spec.parameters.get("fallback")
     if setting is None:
         return get_strategy("linear", extra)

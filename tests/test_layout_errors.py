@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from mergekit_lite.checkpoint import Checkpoint
 
-CONCAT_OFF = "Hint: set attention: false in parameters to widen only the MLPs (attention is then merged by the fallback)"
+CONCAT_OFF = ("Hint: set attention: false in parameters to widen only the MLPs "
+              "(attention is then merged by the fallback)")
 
 
 @pytest.fixture

@@ -100,7 +100,8 @@ def test_zeroed_repeats_keep_the_function(hf_models, tmp_path):
     spec = passthrough_spec(source, [(0, 4)]) + passthrough_spec(source, [(2, 4)], zero).split("slices:\n")[1]
     run_merge(spec, tmp_path / "out", progress=False)
     got = read_folder(tmp_path / "out")
-    assert not got["model.layers.4.mlp.down_proj.weight"].any() and not got["model.layers.5.self_attn.o_proj.weight"].any()
+    assert not got["model.layers.4.mlp.down_proj.weight"].any()
+    assert not got["model.layers.5.self_attn.o_proj.weight"].any()
     assert got["model.layers.4.mlp.up_proj.weight"].abs().sum() > 0
     ids = hf.tokens(1)
     assert torch.equal(logits(tmp_path / "out", ids), logits(source, ids))
@@ -162,8 +163,8 @@ parameters:
         want = (wa * a[renumber(name, la)] + wb * b[renumber(name, lb)]) / (wa + wb)
         assert torch.allclose(got[name], want, rtol=0, atol=1e-7), name
     # Outside the layers: t = 0 and the first (embeddings) or last (norm, head) slice's parameters.
-    assert torch.allclose(got["model.embed_tokens.weight"],
-                          (1.0 * a["model.embed_tokens.weight"] + 0.5 * b["model.embed_tokens.weight"]) / 1.5, atol=1e-7)
+    embed = "model.embed_tokens.weight"
+    assert torch.allclose(got[embed], (1.0 * a[embed] + 0.5 * b[embed]) / 1.5, atol=1e-7)
     assert torch.allclose(got["lm_head.weight"], (a["lm_head.weight"] + b["lm_head.weight"]) / 2, atol=1e-7)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 5

@@ -74,6 +74,7 @@ otherwise the error names the key or tensor that blocks it (attention: false wid
 Everything else (norms, embeddings, lm_head) is merged by `fallback`, exactly as
 `merge_method: <fallback>` would merge it with the same spec; a base_model is only used by the fallback.
 Cost: the widened layers hold all of the models' layer parameters, so the result needs about the
-memory and compute of serving the models side by side; it saves nothing. Choose it when one checkpoint must behave like an
-ensemble of layers (one file, one forward pass, a starting point for further training or pruning).""",
+memory and compute of serving the models side by side; it saves nothing. Choose it when one checkpoint
+must behave like an ensemble inside each layer (one file, one forward pass, a starting point for further
+training or pruning).""",
 )
