@@ -155,8 +155,9 @@ def _output_config(config: dict[str, Any], reference: Checkpoint, jobs: list[Ten
     writes_head = any(job.name == OUTPUT_EMBEDDING for job in jobs)
     if writes_head and OUTPUT_EMBEDDING not in reference.tensors and config.get("tie_word_embeddings", True):
         config["tie_word_embeddings"] = False
-        notes.append(f"{reference.label} ties lm_head to its embeddings but another input has its own lm_head; "
-                     "the merged lm_head is written and config.json says tie_word_embeddings: false.")
+        notes.append(f"{reference.label} ties lm_head to its embeddings, but the output gets its own lm_head (an "
+                     "input has one, or it comes from other models than the embeddings); it is written and "
+                     "config.json says tie_word_embeddings: false.")
     if not writes_head and OUTPUT_EMBEDDING in reference.tensors and not config.get("tie_word_embeddings", True):
         config["tie_word_embeddings"] = True
         notes.append(f"{reference.label} has its own lm_head but the inputs the output head comes from tie it to "

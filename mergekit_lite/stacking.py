@@ -24,7 +24,8 @@ from .checkpoint import Checkpoint
 from .errors import ModelError, SpecError
 from .jobs import Dtypes, Input, Planned, Source, TensorJob, check_input_count, make_job, resolve_params
 from .layout import (LAYER_COUNT_KEYS, PER_LAYER_KEYS, get_config_value, layer_count_key, layer_index,
-                     layer_position, layer_stack, outside_position, rename_layer, set_config_value, sibling_key)
+                     layer_position, layer_stack, outside_position, rename_layer, set_config_value, sibling_key,
+                     tied_source)
 from .references import ModelRef
 from .spec import Parameters, Slice, Spec
 from .strategy import Strategy
@@ -126,7 +127,7 @@ class Stacking:
             for k in range(planned.length):
                 jobs += _layer_jobs(spec, strategy, planned, stacks, k, out_layer, dtypes)
                 out_layer += 1
-        jobs += _outside_jobs(spec, strategy, slices[-1], stacks, "after", dtypes)
+        jobs += _outside_jobs(spec, strategy, slices[-1], stacks, "after", dtypes, first=slices[0])
         reference = checkpoints[spec.base_model or spec.slices[0].sources[0].ref]
         return Planned(jobs, _stacked_config(reference, slices, stacks, out_layer), reference)
 
@@ -211,16 +212,15 @@ def _layer_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks: d
 
 
 def _outside_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks: dict[ModelRef, Stack],
-                  position: str, dtypes: Dtypes) -> list[TensorJob]:
+                  position: str, dtypes: Dtypes, first: Optional[PlannedSlice] = None) -> list[TensorJob]:
     """Tensors before the layers (from the first slice) or after them (from the last), at t = 0."""
     def outside(model: SliceInput) -> list[str]:
         stack = stacks[model.ref]
         return stack.before if position == "before" else stack.after
 
     names = list(outside(planned.lead))
-    if position == "after" and OUTPUT_EMBEDDING not in names and any(
-            OUTPUT_EMBEDDING in m.checkpoint.tensors for m in planned.models):
-        names.append(OUTPUT_EMBEDDING)   # as in models mode: the output has lm_head if any input has one
+    if position == "after" and OUTPUT_EMBEDDING not in names and _needs_head(planned, first):
+        names.append(OUTPUT_EMBEDDING)
     for model in planned.models:
         extra = sorted(set(outside(model)) - set(names))
         if extra:
@@ -236,6 +236,16 @@ def _outside_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks:
                              sources[id(planned.base)] if planned.base is not None else None,
                              sources[id(planned.lead)], params, None, 0.0, dtypes.load, dtypes.out))
     return jobs
+
+
+def _needs_head(last: PlannedSlice, first: Optional[PlannedSlice]) -> bool:
+    """Whether the output writes ``lm_head``: when an input of the last slice has one (as in models mode), and
+    when the last slice's models tie their head to their embeddings but the output's embeddings come from other
+    models (the first slice's): tying would then give the output the first slice's head. (mergekit ties.)"""
+    if any(OUTPUT_EMBEDDING in m.checkpoint.tensors for m in last.models):
+        return True
+    other_embeddings = first is not None and {m.ref for m in last.models} != {m.ref for m in first.models}
+    return other_embeddings and all(tied_source(OUTPUT_EMBEDDING, m.checkpoint.tensors) for m in last.models)
 
 
 def _stacked_config(reference: Checkpoint, slices: list[PlannedSlice], stacks: dict[ModelRef, Stack],

@@ -190,3 +190,20 @@ def test_repeated_layers_are_separate_tensors(models_f32, tmp_path):
     for j in range(3):
         assert torch.equal(got[f"model.layers.{j}.self_attn.q_proj.weight"],
                            got["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_tied_head_comes_from_the_last_slice(hf_models, tmp_path):
+    """GPT-2 ties lm_head to wte. Stacked from two models, the embeddings are the first slice's and the head the
+    last slice's, so the head is written out and untied; transformers must load it so."""
+    a, b = hf_models["gpt2-a"], hf_models["gpt2-b"]
+    spec = f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 2]}}]
+  - sources: [{{model: {b}, layer_range: [2, 4]}}]
+"""
+    run_merge(spec, tmp_path / "out", progress=False)
+    model = hf.load(tmp_path / "out")
+    assert torch.equal(model.transformer.wte.weight, read_folder(a)["transformer.wte.weight"])
+    assert torch.equal(model.lm_head.weight, read_folder(b)["transformer.wte.weight"])
+    assert torch.equal(model.transformer.ln_f.weight, read_folder(b)["transformer.ln_f.weight"])
