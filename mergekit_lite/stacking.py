@@ -256,7 +256,7 @@ def _stacked_config(reference: Checkpoint, slices: list[PlannedSlice], stacks: d
         return config
     key = layer_count_key(config)
     if key is None:
-        raise ModelError("config.json has no layer count we know, so the stacked model's cannot be set",
+        raise ModelError("config.json has no layer count we know, so the stacked model's count cannot be written",
                          file=reference.label, hint="expected one of: " + ", ".join(LAYER_COUNT_KEYS))
     set_config_value(config, key, total)
     for list_key in (sibling_key(key, name) for name in PER_LAYER_KEYS):

@@ -163,3 +163,14 @@ def test_concat_with_slices(cli, models_f32, tmp_path, no_reads):
     check(cli, tmp_path, one_slice((f"{models_f32}/base", 0, 2), method="concat"), 2,
           "slices: concat merges whole models; it cannot be used with slices\n"
           "Hint: list the models under models:, or stack the concatenated model in a second merge")
+
+
+def test_layers_of_different_kinds_in_one_slice(cli, hf_models, tmp_path, no_reads):
+    """Qwen2's layers 0-1 use full attention and 2-3 a sliding window: merging one kind with the other has no
+    layer_types entry that describes the result."""
+    a, b = hf_models["qwen2-a"], hf_models["qwen2-b"]
+    text = one_slice((a, 0, 2), (b, 2, 4), method="linear", extra="parameters: {weight: 1}\n")
+    check(cli, tmp_path, text, 1, file=b, expected=
+          "slices[0].sources[1]: config.json's layer_types for layers 2..3 is ['sliding_attention', "
+          "'sliding_attention'], but the slice's other source has ['full_attention', 'full_attention']\n"
+          "Hint: merge layers of the same kind (e.g. full with full attention)")

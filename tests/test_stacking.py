@@ -207,3 +207,33 @@ slices:
     assert torch.equal(model.transformer.wte.weight, read_folder(a)["transformer.wte.weight"])
     assert torch.equal(model.lm_head.weight, read_folder(b)["transformer.wte.weight"])
     assert torch.equal(model.transformer.ln_f.weight, read_folder(b)["transformer.ln_f.weight"])
+
+
+def test_nested_layer_count(models_f32, tmp_path):
+    """A config whose layer count lives under text_config (vision-language wrappers): that key and the per-layer
+    list next to it are the ones updated."""
+    import shutil
+
+    model = tmp_path / "nested"
+    shutil.copytree(models_f32 / "base", model)
+    config = json.loads((model / "config.json").read_text())
+    layers = config.pop("num_hidden_layers")
+    config["text_config"] = {"num_hidden_layers": layers, "layer_types": ["a", "b", "c", "d"]}
+    (model / "config.json").write_text(json.dumps(config))
+    run_merge(passthrough_spec(model, [(0, 2), (1, 4)]), tmp_path / "out", progress=False)
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["text_config"] == {"num_hidden_layers": 5, "layer_types": ["a", "b", "b", "c", "d"]}
+    assert "num_hidden_layers" not in out
+
+
+@pytest.mark.parametrize("name,position", [
+    ("model.embed_tokens.weight", "before"), ("transformer.wte.weight", "before"), ("transformer.wpe.weight", "before"),
+    ("transformer.word_embeddings_layernorm.weight", "before"), ("gpt_neox.embed_in.weight", "before"),
+    ("model.norm.weight", "after"), ("transformer.ln_f.bias", "after"), ("gpt_neox.final_layer_norm.weight", "after"),
+    ("embed_out.weight", "after"), ("lm_head.weight", "after"), ("score.weight", "after"),
+    ("model.rotary.inv_freq", None),
+])
+def test_tensors_outside_the_layers(name, position):
+    from mergekit_lite.layout import outside_position
+
+    assert outside_position(name) == position
