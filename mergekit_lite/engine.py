@@ -65,7 +65,7 @@ def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: 
     files = shard_filenames(len(shards))
     ordered = [jobs[e.name] for shard in shards for e in shard]
     owner = {e.name: i for i, shard in enumerate(shards) for e in shard}
-    pieces = [p for job in ordered for p in split(job, plan.strategy.elementwise)]
+    pieces = [p for job in ordered for p in split(job, (job.strategy or plan.strategy).elementwise)]
     writers: dict[int, ShardWriter] = {}
     with reuse_freed_memory():
         reader = _Prefetcher(pieces, device)
@@ -134,15 +134,16 @@ def merge_prepared(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor],
         return first
     base = tensors.pop() if job.base is not None else None
     ctx = TensorContext(job.name, job.layer, job.t, plan.seed)
+    strategy = job.strategy or plan.strategy
     try:
-        result = plan.strategy(tensors, base, ctx, **job.params)
+        result = strategy(tensors, base, ctx, **job.params)
     except (RuntimeError, ValueError) as exc:
-        raise StrategyError(f"{plan.strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
+        raise StrategyError(f"{strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
                             hint="this is likely a bug in the strategy; re-run with --debug and report it") from exc
     del tensors, base
     shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
     if tuple(result.shape) != shape:
-        raise StrategyError(f"{plan.strategy.name} returned shape {list(result.shape)}, planned {list(shape)}",
+        raise StrategyError(f"{strategy.name} returned shape {list(result.shape)}, planned {list(shape)}",
                             where=f"tensor '{job.name}'")
     return result.to(job.merge_dtype).to(job.dtype).cpu()
 
