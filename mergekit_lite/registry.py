@@ -17,6 +17,8 @@ ENTRY_POINT_GROUP = "mergekit_lite.strategies"
 BUILTIN_MODULES = (
     "linear",
     "task_arithmetic",
+    "passthrough",
+    "concat",
 )
 
 

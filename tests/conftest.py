@@ -80,6 +80,15 @@ def cli():
     return invoke
 
 
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny transformers checkpoints of several layouts (tests/hf_models.py); transformers is imported here only."""
+    pytest.importorskip("transformers")
+    import hf_models as hf
+
+    return hf.build(tmp_path_factory.mktemp("hf"))
+
+
 @pytest.fixture
 def fake_hub(tmp_path):
     """A Hub-compatible server on 127.0.0.1 (tests/fakehub.py), with its Xet store under tmp_path."""
