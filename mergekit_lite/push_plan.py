@@ -5,8 +5,9 @@ This is ``merge push --dry-run``, and the first step of every real push, so a pu
 makes no network call and never reads the token's value.
 
 Only the model's files are sent: the files a merge reads from a repo (weights, index, config, tokenizer;
-see hub_pull.MODEL_PATTERNS), plus the card and the recipe. Pickles, hidden files, leftovers of an
-interrupted merge and anything else in the folder stay local, and the plan says why.
+see hub_pull.MODEL_PATTERNS), plus the card and the recipe (the spec and the run's settings). Pickles,
+hidden files, leftovers of an interrupted merge and anything else in the folder stay local, and the plan
+says why.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from .references import REPO_ID
 from .units import format_size
 
 CARD, RECIPE = "README.md", "mergekit_config.yml"
+# The run's settings that the spec does not hold (--dtype, --seed, ...), written by `merge run` since validation
+# landed (run_settings.RUN_SETTINGS_FILE, not imported: it loads torch). Part of the recipe, so it is sent too.
+RUN_SETTINGS = "merge_run.json"
 # Suffixes of pickle checkpoints (loading one can run code): never uploaded. checkpoint.PICKLE_SUFFIXES says the
 # same for reading; it is not imported because checkpoint.py loads torch, which a push never needs.
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -153,7 +157,7 @@ def _exclusion(path: str) -> str:
         return "pickle (loading one can run code)"
     if len(parts) > 1:
         return "in a subfolder (a merge writes none)"
-    if path in (CARD, RECIPE) or needed_files([path]):
+    if path in (CARD, RECIPE, RUN_SETTINGS) or needed_files([path]):
         return ""
     return "not a model file"
 

@@ -197,11 +197,12 @@ def test_selection_is_the_files_a_merge_reads_plus_card_and_recipe(tmp_path):
     names = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json",
              "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "README.md",
-             "mergekit_config.yml", "training_args.bin", "optimizer.pt", "rng_state.pth", "notes.md", ".gitattributes"]
+             "mergekit_config.yml", "merge_run.json",
+             "training_args.bin", "optimizer.pt", "rng_state.pth", "notes.md", ".gitattributes"]
     for name in names:
         (tmp_path / name).write_text("x")
     sent, left = select_files(str(tmp_path))
-    assert sorted(f.path for f in sent) == sorted(names[:14])
+    assert sorted(f.path for f in sent) == sorted(names[:15])
     assert {f.path: f.reason for f in left} == {
         ".gitattributes": "hidden", "notes.md": "not a model file", "optimizer.pt": "pickle (loading one can run code)",
         "rng_state.pth": "pickle (loading one can run code)", "training_args.bin": "pickle (loading one can run code)"}

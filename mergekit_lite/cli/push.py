@@ -21,8 +21,8 @@ def push(out: str, repo_id: str, private: bool, revision: str | None, create_pr:
     """Upload the merged model in OUT to the Hugging Face Hub.
 
     Only the model's files are sent: *.safetensors and their index, config.json, generation_config.json,
-    tokenizer files, README.md (the model card) and mergekit_config.yml. The token comes from HF_TOKEN or
-    `hf auth login`, and is never printed.
+    tokenizer files, README.md (the model card), mergekit_config.yml and merge_run.json. The token comes
+    from HF_TOKEN or `hf auth login`, and is never printed.
     """
     from ..hub_push import push_to_hub
     from ..push_plan import plan_push
