@@ -53,7 +53,7 @@ def push_to_hub(out: str | os.PathLike, repo_id: str, *, private: bool = False, 
                 token: Optional[str] = None, progress: bool = True) -> PushResult:
     """Upload the merged model in ``out`` to the Hub repo ``repo_id`` (created if missing).
 
-    Only the model's files are sent (weights, index, config, tokenizer, README.md, mergekit_config.yml).
+    Only the model's files are sent (weights, index, config, tokenizer, README.md and the recipe).
     ``dry_run`` checks everything locally and makes no request. ``token`` defaults to HF_TOKEN or the
     token of `hf auth login`. Raises a HubError (or UsageError) that says what to do.
     """
