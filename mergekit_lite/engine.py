@@ -66,6 +66,14 @@ def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: 
                          sum(j.nbytes for j in ordered), time.perf_counter() - started)
 
 
+def read_sources(job: TensorJob) -> list[torch.Tensor]:
+    """The raw input tensors of one job, in ``job.sources`` order, as stored (CPU, stored dtype).
+
+    The merge loop and validation's recomputation both read through here, so a change to what a source
+    returns (a LoRA fold) is recomputed exactly as it was merged."""
+    return [source.checkpoint.read(source.name) for source in job.sources]
+
+
 def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One output tensor from its raw inputs (in ``job.sources`` order), on ``device``, back on the CPU."""
     if job.copy:
@@ -127,7 +135,7 @@ class _Prefetcher:
                     return
                 self._used += cost
             try:
-                item = (job, [source.checkpoint.read(source.name) for source in job.sources])
+                item = (job, read_sources(job))
             except BaseException as exc:  # handed to the main thread, which raises it
                 self._queue.put(exc)
                 return
