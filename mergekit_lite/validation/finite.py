@@ -1,7 +1,7 @@
 """Check 2, finite: no NaN or Inf in any tensor, streamed in bounded chunks and reduced on the device.
 
 One NaN in one weight turns every logit it touches into NaN, and a merge can make one (a division by a
-zero sum of weights, an overflow when casting to float16). Every float tensor a loader sees is read in
+zero sum of weights, an overflow when casting to float16). Every float tensor in every shard is read in
 chunks of at most 64 MiB; each chunk is counted on the device and dropped, so memory stays at one chunk.
 """
 
@@ -20,7 +20,7 @@ def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = 
     started = time.perf_counter()
     failures: list[Finding] = []
     tensors = values = nan = inf = 0
-    ordered = sorted(folder.tensors.values(), key=lambda info: (info.path, info.start))   # sequential reads
+    ordered = sorted(folder.stored(), key=lambda info: (info.path, info.start))   # sequential reads
     with TensorReader() as reader:
         for info in ordered:
             if not info.dtype.is_floating_point:

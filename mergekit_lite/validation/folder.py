@@ -27,6 +27,10 @@ class OutputFolder:
     findings: list[Finding] = field(default_factory=list)
     indexed: bool = False                           # the folder has a shard index
 
+    def stored(self) -> list[TensorInfo]:
+        """Every tensor in every readable shard, listed in the index or not (some loaders read whole files)."""
+        return [info for held in self.shards.values() for info in held.values()]
+
     @property
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
@@ -90,7 +94,7 @@ def _from_index(index_path: str, present: list[str], shards: dict[str, dict[str,
         for name in held:
             if weight_map.get(name) != shard:
                 what = (f"is also stored here, but the index puts it in {weight_map[name]}" if name in weight_map
-                        else "is stored here but missing from the index, so loaders do not see it")
+                        else "is stored here but missing from the index")
                 findings.append(Finding(what, tensor=name, file=shard))
     actual = sum(info.nbytes for info in tensors.values())
     if total_size is not None and total_size != actual:

@@ -48,13 +48,16 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
     reason = _cannot_run(folder, device)
     if reason:
         return CheckResult("forward", SKIPPED, reason, time.perf_counter() - started, empty_numbers())
-    from .inference import batch_loss, load_model, logits_of, make_batch
+    from .inference import IncompleteModel, batch_loss, load_model, logits_of, make_batch
 
     batch = make_batch(folder.path, _vocab_size(folder))
     numbers = empty_numbers(prompts=int(batch.input_ids.shape[0]), tokens=batch.tokens, token_source=batch.source)
     try:
         merged = logits_of(load_model(folder.path, device), batch, device)
-    except Exception as exc:   # any failure to load or run is the finding
+    except IncompleteModel as exc:
+        failure = Finding(str(exc), tensor=exc.tensor)
+        return outcome("forward", [failure], "", numbers, time.perf_counter() - started)
+    except Exception as exc:   # any other failure to load or run is the finding
         failure = Finding(f"transformers cannot run the merged model: {type(exc).__name__}: {exc}")
         return outcome("forward", [failure], "", numbers, time.perf_counter() - started)
     failures: list[Finding] = []

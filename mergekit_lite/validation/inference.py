@@ -71,11 +71,19 @@ def _tokenized(folder: str, vocab_size: int) -> Optional[Batch]:
     return Batch(ids.long(), mask.long(), "tokenizer")
 
 
+class IncompleteModel(RuntimeError):
+    """transformers could not fill a tensor of the model from the files."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
+
+
 def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = ()):
     """A causal LM from ``folder`` in float32 on ``device``, with LoRA ``adapters`` (folder, weight) applied at
     inference time by peft: not merged into the weights, so it is the reference a fold must reproduce.
 
-    Raises RuntimeError naming tensors transformers could not fill (it would otherwise initialise them
+    Raises IncompleteModel naming a tensor transformers could not fill (it would otherwise initialise it
     randomly with only a warning)."""
     import transformers
     from transformers import AutoModelForCausalLM
@@ -83,11 +91,15 @@ def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, 
     dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
     with _quiet():
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True,   # reported below
                                                            **{dtype_key: torch.float32})
-    problems = sorted(info.get("missing_keys", ())) + [str(k) for k in sorted(info.get("mismatched_keys", ()))]
+    problems = [(name, "is missing") for name in sorted(info.get("missing_keys", ()))]
+    problems += [(name, f"has shape {list(stored)} in the files, the model built from config.json needs "
+                        f"{list(wanted)}") for name, stored, wanted in sorted(info.get("mismatched_keys", ()))]
     if problems:
-        raise RuntimeError(f"transformers could not fill {len(problems)} tensor(s) from the files, e.g. "
-                           f"'{problems[0]}'; they would be random")
+        name, what = problems[0]
+        more = f" ({len(problems) - 1} more tensors too)" if len(problems) > 1 else ""
+        raise IncompleteModel(f"{what}{more}: transformers would initialise it randomly", name)
     if adapters:
         model = apply_adapters(model, adapters)
     return model.to(device).eval()

@@ -127,7 +127,8 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     scale = torch.maximum(x.abs(), y.abs()).nan_to_num(nan=1.0, posinf=1.0).clamp(min=finfo.tiny)
     _, exponent = torch.frexp(scale)                       # scale = m * 2**exponent, m in [0.5, 1)
     ulp = torch.ldexp(torch.full_like(scale, finfo.eps), exponent - 1)
-    distance = ((x - y).abs() / ulp).nan_to_num(nan=float("inf"))
+    distance = (x - y).abs() / ulp
+    distance = torch.where(distance.isnan(), torch.full_like(distance, float("inf")), distance)
     same = (x == y) | (x.isnan() & y.isnan())
     return torch.where(same, torch.zeros_like(distance), distance)
 

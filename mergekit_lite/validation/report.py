@@ -58,13 +58,12 @@ class CheckResult:
                 "failures_total": len(self.failures)}
 
 
-def outcome(name: str, failures: list[Finding], summary: str, numbers: dict[str, Any], seconds: float,
-            failed_summary: Optional[str] = None) -> CheckResult:
-    """A check's result: failed when anything was found, with the first finding in the summary."""
+def outcome(name: str, failures: list[Finding], summary: str, numbers: dict[str, Any],
+            seconds: float) -> CheckResult:
+    """A check's result: failed when anything was found (the findings are listed under it)."""
     if failures:
-        first = failed_summary or str(failures[0])
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        return CheckResult(name, FAILED, first + more, seconds, numbers, failures)
+        count = f"{len(failures)} problem" + ("s" if len(failures) > 1 else "")
+        return CheckResult(name, FAILED, count, seconds, numbers, failures)
     return CheckResult(name, PASSED, summary, seconds, numbers)
 
 
