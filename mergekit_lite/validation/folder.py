@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..checkpoint import INDEX_FILE, SINGLE_FILE
+from ..checkpoint import INDEX_FILE, SINGLE_FILE, read_config
 from ..errors import ModelError
 from ..safetensors_format import TensorInfo, read_header
 from .report import Finding
@@ -142,19 +142,11 @@ def _single_file(present: list[str], shards: dict[str, dict[str, TensorInfo]],
 
 
 def _read_config(folder: str, findings: list[Finding]) -> dict[str, Any]:
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        findings.append(Finding(f"cannot read: {exc}", file="config.json"))
+        return read_config(folder)
+    except ModelError as exc:
+        findings.append(Finding(exc.what, file="config.json"))
         return {}
-    if not isinstance(config, dict):
-        findings.append(Finding("is not a JSON object", file="config.json"))
-        return {}
-    return config
 
 
 def _what(exc: ModelError) -> str:

@@ -65,8 +65,22 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
     numbers.update(logits_finite=nonfinite == 0, merged_loss=number(batch_loss(merged, batch)))
     if nonfinite:
         failures.append(Finding(f"{nonfinite} of {merged.numel()} logits are NaN or Inf"))
+    numbers["inputs"], reference = _run_inputs(input_models(spec, plan), batch, device)
+    if reference is not None and _identity_on_identical_inputs(spec, plan):
+        failures += _compare(merged, reference, _output_dtype(folder), numbers)
+    summary = _summary(numbers)
+    return outcome("forward", failures, summary, numbers, time.perf_counter() - started)
+
+
+def _run_inputs(models: list[InputModel], batch, device: torch.device
+                ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]]]:
+    """Each input's loss on the batch ({model, loss, note}), and (label, logits) of the first input when all
+    inputs ran and computed bit-identical logits (a merge of identical inputs, or a single input)."""
+    from .inference import batch_loss, load_model, logits_of
+
+    entries: list[dict[str, Any]] = []
     reference, identical = None, True
-    for model in input_models(spec, plan):
+    for model in models:
         entry: dict[str, Any] = {"model": model.label, "loss": None, "note": model.problem}
         if model.folder is not None:
             try:
@@ -76,14 +90,11 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
                     reference = (model.label, logits)
                 elif not torch.equal(reference[1], logits):
                     identical = False
-            except Exception as exc:
+            except Exception as exc:   # an input transformers cannot run: its loss is missing, with the reason
                 entry["note"] = f"{type(exc).__name__}: {exc}"
         identical = identical and entry["loss"] is not None
-        numbers["inputs"].append(entry)
-    if reference is not None and identical and _identity_on_identical_inputs(spec, plan):
-        failures += _compare(merged, reference, _output_dtype(folder), numbers)
-    summary = _summary(numbers)
-    return outcome("forward", failures, summary, numbers, time.perf_counter() - started)
+        entries.append(entry)
+    return entries, reference if identical else None
 
 
 def input_models(spec: Optional[Spec], plan: Optional[MergePlan]) -> list[InputModel]:
@@ -136,7 +147,10 @@ def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan
             continue
         ctx = TensorContext(job.name, job.layer, job.t, plan.seed)
         inputs = [probe.clone() for _ in job.inputs]
-        result = plan.strategy(inputs, probe.clone() if job.base is not None else None, ctx, **job.params)
+        try:
+            result = plan.strategy(inputs, probe.clone() if job.base is not None else None, ctx, **job.params)
+        except (RuntimeError, ValueError):   # a strategy that needs real shapes: no claim either way
+            return False
         if tuple(result.shape) != tuple(probe.shape) or not torch.allclose(result, probe, rtol=1e-5, atol=1e-6):
             return False
     return True
@@ -159,7 +173,7 @@ def _cannot_run(folder: OutputFolder, device: torch.device) -> Optional[str]:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        return "transformers is not installed (pip install 'mergekit-lite[validate]')"
+        return "transformers is not installed: pip install 'mergekit-lite[validate]'"
     if not folder.config:
         return "no config.json: transformers cannot build the model"
     if folder.config.get("auto_map"):

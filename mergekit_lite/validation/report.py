@@ -77,6 +77,8 @@ def _brief(check: CheckResult) -> str:
         losses = [entry["loss"] for entry in numbers["inputs"] if entry["loss"] is not None]
         inputs = f"; inputs {min(losses):.3f}-{max(losses):.3f}" if losses else ""
         detail = f" (loss {numbers['merged_loss']:.3f}{inputs})"
+    elif check.status == SKIPPED:
+        detail = f" ({check.summary})"
     return check.name + ("" if check.status == PASSED else f" {check.status.upper()}") + detail
 
 
