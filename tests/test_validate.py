@@ -390,3 +390,12 @@ def test_not_a_folder_is_an_error(tmp_path):
 
     with pytest.raises(ModelError, match="output folder not found"):
         validate(tmp_path / "nope")
+
+
+def test_stray_shards_are_reported(models_f32, tmp_path):
+    out = tmp_path / "out"
+    run_merge(LINEAR.format(root=models_f32), out, progress=False, validate=False)   # one model.safetensors
+    shutil.copy(out / "model.safetensors", out / "model-00001-of-00002.safetensors")
+    failures = [str(f) for f in validate(out, device="cpu", forward=False).check("structure").failures]
+    assert failures == ["model-00001-of-00002.safetensors: is not read by loaders: without an index only "
+                        "model.safetensors is"]

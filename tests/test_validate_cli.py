@@ -235,3 +235,22 @@ def test_readme_snippets_run(cli, tmp_path, monkeypatch, capsys):
     (python,) = readme_blocks("python")
     exec(compile(python, "README.md", "exec"), {})
     assert "Validation of " in capsys.readouterr().out
+
+
+def test_forward_is_skipped_without_transformers_or_memory(models_f32, tmp_path, monkeypatch):
+    import sys
+
+    from mergekit_lite import validate
+    from mergekit_lite.validation import inference
+
+    out = merged(models_f32, tmp_path / "out")
+    monkeypatch.setattr(inference, "available_memory", lambda device: 100_000)
+    forward = validate(out, device="cpu").check("forward")
+    assert (forward.status, forward.summary) == ("skipped", "the model needs about 904.00 kB in float32 on cpu, "
+                                                            "100.00 kB is free")   # 1.25 x 4 bytes x 180,800 values
+    monkeypatch.setitem(sys.modules, "transformers", None)     # as if not installed
+    report = validate(out, device="cpu")
+    assert report.passed and report.check("forward").summary == (
+        "transformers is not installed: pip install 'mergekit-lite[validate]'")
+    assert report.verdict().endswith(", forward SKIPPED (transformers is not installed: pip install "
+                                     "'mergekit-lite[validate]')")
