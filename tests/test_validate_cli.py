@@ -178,7 +178,6 @@ def test_run_fails_when_the_written_output_is_wrong(cli, models_f32, tmp_path, m
     def corrupting(self, name, tensor, rows=None):
         original(self, name, tensor * 1.001 if name == "lm_head.weight" else tensor, rows)
 
-
     monkeypatch.setattr(writer.ShardWriter, "write", corrupting)
     spec = write_spec(tmp_path / "spec.yaml", LINEAR.format(root=models_f32))
     out = tmp_path / "out"
