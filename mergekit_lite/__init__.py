@@ -1,7 +1,7 @@
 """mergekit_lite: merge language models and fold LoRA adapters, streamed tensor by tensor.
 
-``from mergekit_lite import load_spec, run_merge, push_to_hub``. Heavy modules (torch, the Hub client) load on first
-use, so importing the package is instant.
+``from mergekit_lite import load_spec, run_merge, validate, push_to_hub``. Heavy modules (torch, the Hub
+client) load on first use, so importing the package is instant.
 """
 
 __version__ = "0.1.0"
@@ -12,6 +12,8 @@ _EXPORTS = {
     "run_merge": "mergekit_lite.api",
     "make_plan": "mergekit_lite.api",
     "MergeResult": "mergekit_lite.api",
+    "validate": "mergekit_lite.validation",
+    "ValidationReport": "mergekit_lite.validation",
     "Strategy": "mergekit_lite.strategy",
     "Param": "mergekit_lite.strategy",
     "TensorContext": "mergekit_lite.strategy",

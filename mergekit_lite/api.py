@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 import torch
@@ -15,12 +16,14 @@ from .dtypes import parse_dtype
 from .errors import UsageError
 from .outdir import check_output, commit_partial, start_partial
 from .plan import MergePlan, plan_merge
+from .run_settings import RunSettings, settings_for, write_run_settings
 from .spec import Spec, load_spec
 from .strategy import Strategy
 from .units import parse_size
 
 if TYPE_CHECKING:
     from .hub_push import PushResult
+    from .validation import ValidationReport
 
 log = logging.getLogger("mergekit_lite")
 SpecLike = Union[str, os.PathLike, dict, Spec]
@@ -38,6 +41,7 @@ class MergeResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
+    validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run)
     pushed: Optional["PushResult"] = None   # with push_to_hub: where the model went
 
     def __str__(self) -> str:
@@ -46,7 +50,7 @@ class MergeResult:
         if self.dry_run:
             return f"Would write {self.tensors} tensors ({format_size(self.bytes)}) to {self.path}."
         return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s)) into {self.path} "
-                f"in {self.seconds:.1f} s." + (f"\n{self.pushed}" if self.pushed else ""))
+                f"in {self.seconds:.1f} s.")
 
 
 def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
@@ -59,14 +63,16 @@ def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optiona
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: Union[str, int] = "5GB",
               dtype: Optional[str] = None, out_dtype: Optional[str] = None, device: str = "auto",
               overwrite: bool = False, dry_run: bool = False, seed: int = 0,
-              strategies: Iterable[Strategy] = (), progress: bool = True, push_to_hub: Optional[str] = None,
-              private: bool = False) -> MergeResult:
+              strategies: Iterable[Strategy] = (), progress: bool = True, validate: bool = True,
+              push_to_hub: Optional[str] = None, private: bool = False) -> MergeResult:
     """Merge the models a spec describes into the folder ``out``.
 
     ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
-    that are not built in (they take precedence by name). ``push_to_hub="org/name"`` uploads the result
-    once it is complete (see hub_push.push_to_hub; ``private`` applies to a new repo). Raises a MergeError
-    subclass on bad input.
+    that are not built in (they take precedence by name). Raises a MergeError subclass on bad input.
+    With ``validate`` (the default) the written output is checked (``mergekit_lite.validate``) and the
+    report is ``result.validation``; a failed validation does not raise and leaves the output in place.
+    ``push_to_hub="org/name"`` then uploads the result (see hub_push.push_to_hub; ``private`` applies to a
+    new repo), unless its validation failed; ``result.pushed`` says where it went.
     """
     started = time.perf_counter()
     if private and not push_to_hub:
@@ -82,7 +88,9 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     except ValueError as exc:
         raise UsageError(str(exc), where="--max-shard-size") from None
     compute_device = resolve_device(device)
+    strategies = list(strategies)
     merge_plan = make_plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
+    settings = settings_for(_dtype(dtype, "--dtype"), _dtype(out_dtype, "--out-dtype"), seed, compute_device)
     try:
         check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
         if dry_run:
@@ -92,18 +100,28 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
                                dry_run=True, warnings=merge_plan.warnings,
                                summary=describe_plan(merge_plan, out, shard_bytes) +
                                (f"\nThen push to the Hub repo {push_to_hub}." if push_to_hub else ""))
-        result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started)
+        result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started, settings)
     finally:
         merge_plan.close()
-    if push_to_hub:  # last: after the merge (and any check of its output) succeeded
+    if validate:
+        from .validation import validate as validate_output
+
+        report = validate_output(out, merge_plan.spec, device=compute_device, strategies=strategies)
+        result = dataclasses.replace(result, validation=report)
+    if push_to_hub:  # last: after the output was written and passed its validation
+        if result.validation is not None and not result.validation.passed:
+            log.warning("not pushed to %s: the validation failed (after a look at the report, "
+                        "`merge push %s --repo %s` pushes it anyway)", push_to_hub, out, push_to_hub)
+            return result
         from .hub_push import push_to_hub as push
 
-        result = replace(result, pushed=push(result.path, push_to_hub, private=private, progress=progress))
+        result = dataclasses.replace(result, pushed=push(result.path, push_to_hub, private=private,
+                                                         progress=progress))
     return result
 
 
 def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, progress: bool,
-             started: float) -> MergeResult:
+             started: float, settings: RunSettings) -> MergeResult:
     from .engine import write_tensors
     from .outfiles import write_companions
     from .progress import byte_progress
@@ -112,6 +130,7 @@ def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.de
     with byte_progress(merge_plan.total_bytes, enabled=progress) as advance:
         shards = write_tensors(merge_plan, partial, max_shard_size=shard_bytes, device=device, progress=advance)
     write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
+    write_run_settings(partial, settings)
     commit_partial(partial, out)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)

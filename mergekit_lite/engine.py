@@ -103,6 +103,14 @@ def split(job: TensorJob, elementwise: bool) -> list[_Piece]:
     return [_Piece(job, (start, min(start + step, job.shape[0]))) for start in range(0, job.shape[0], step)]
 
 
+def read_sources(job: TensorJob, rows: Rows = None) -> list[torch.Tensor]:
+    """The raw input tensors of one job (or one block of its rows), in ``job.sources`` order, as stored.
+
+    The merge loop and validation's recomputation both read through here, so a change to what a source
+    returns (a LoRA fold) is recomputed exactly as it was merged."""
+    return [source.checkpoint.read(source.name, rows) for source in job.sources]
+
+
 def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One whole output tensor from its raw inputs (in ``job.sources`` order), on ``device``, back on the CPU."""
     return merge_prepared(plan, job, prepare_inputs(job, raw, device))
@@ -183,7 +191,7 @@ class _Prefetcher:
                 self._used += cost
             try:
                 job = piece.job
-                raw = [source.checkpoint.read(source.name, piece.rows) for source in job.sources]
+                raw = read_sources(job, piece.rows)
                 item = (piece, prepare_inputs(job, raw, self._device) if self._convert else raw)
             except BaseException as exc:  # handed to the main thread, which raises it
                 self._queue.put(exc)

@@ -16,7 +16,7 @@ import pytest
 from hubcli import TOKEN, hub_env, merge, python
 from mergekit_lite import run_merge
 
-SENT = ["README.md", "config.json", "generation_config.json", "mergekit_config.yml",
+SENT = ["README.md", "config.json", "generation_config.json", "merge_run.json", "mergekit_config.yml",
         "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
         "model.safetensors.index.json",
         "tokenizer.json", "tokenizer_config.json"]
@@ -63,7 +63,7 @@ def test_push_sends_the_model_files_and_they_come_back(merged, fake_hub, tmp_pat
     result = merge("push", merged, "--repo", "user/merged", "--private", "--commit-message", "Merge v1", env=env)
     assert result.returncode == 0, result.stderr
     total = sum((merged / f).stat().st_size for f in SENT)
-    assert result.stdout.startswith(f"Pushed 10 files ({_size(total)}) to {fake_hub.url}/user/merged\ncommit: ")
+    assert result.stdout.startswith(f"Pushed 11 files ({_size(total)}) to {fake_hub.url}/user/merged\ncommit: ")
 
     create = api_calls(fake_hub)[0]
     assert (create.method, create.path) == ("POST", "/api/repos/create")
@@ -103,7 +103,7 @@ def test_create_pr_leaves_main_alone(merged, fake_hub, tmp_path, xet):
     env = hub_env(fake_hub, tmp_path / "home", xet=xet)
     result = merge("push", merged, "--repo", "org/merged", "--create-pr", env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Pushed 10 files (")
+    assert result.stdout.startswith("Pushed 11 files (")
     assert f" to pull request {fake_hub.url}/org/merged/discussions/1\n" in result.stdout
     if xet:  # the pipeline opens the PR itself, then commits to its ref
         assert fake_hub.requests("POST", "^/api/models/org/merged/discussions$")[0].body["title"] == \
@@ -194,7 +194,8 @@ def test_run_pushes_after_the_merge(models_f32, fake_hub, tmp_path):
     result = merge("run", spec, "-o", tmp_path / "out", "--push-to-hub", "user/run-merged", "--private",
                    env=hub_env(fake_hub, tmp_path / "home", xet=False))
     assert result.returncode == 0, result.stderr
-    assert "\nPushed 7 files (" in result.stdout and f"to {fake_hub.url}/user/run-merged\n" in result.stdout
+    assert "\nPushed 8 files (" in result.stdout and f"to {fake_hub.url}/user/run-merged\n" in result.stdout
+    assert result.stdout.index("Validation passed on cpu") < result.stdout.index("Pushed"), result.stdout
     assert fake_hub.repos["user/run-merged"].private
     stored = fake_hub.files("user/run-merged")
     assert stored["model.safetensors"].data == (tmp_path / "out" / "model.safetensors").read_bytes()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
 import pytest
 
-from mergekit_lite import push_to_hub
+from mergekit_lite import push_to_hub, run_merge
 from mergekit_lite.card import card_text
 from mergekit_lite.card_check import check_card
 from mergekit_lite.push_plan import select_files
@@ -236,3 +237,18 @@ def test_run_checks_the_push_options_before_merging(cli, models_f32, tmp_path, m
     monkeypatch.setenv("HF_TOKEN", SECRET)
     result = cli("run", spec, "-o", tmp_path / "out", "--push-to-hub", "user/x", "--dry-run")
     assert result.exit_code == 0 and result.stdout.endswith("\nThen push to the Hub repo user/x.\n")
+
+
+def test_a_merge_that_fails_validation_is_not_pushed(models_f32, tmp_path, monkeypatch, caplog):
+    import mergekit_lite.validation as validation
+
+    class Failed:
+        passed = False
+
+    monkeypatch.setattr(validation, "validate", lambda *args, **kwargs: Failed())
+    monkeypatch.setattr(logging.getLogger("mergekit_lite"), "propagate", True)  # a CLI test may have turned it off
+    spec = {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": str(models_f32 / "ft-a")}]}
+    result = run_merge(spec, tmp_path / "out", progress=False, push_to_hub="user/x")  # the socket guard: no request
+    assert result.pushed is None and not result.validation.passed
+    assert f"not pushed to user/x: the validation failed (after a look at the report, `merge push {tmp_path}/out " \
+           "--repo user/x` pushes it anyway)" in caplog.text

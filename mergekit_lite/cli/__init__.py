@@ -8,6 +8,7 @@ from .. import __version__
 from .methods import methods
 from .push import push
 from .run import run
+from .validate import validate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -18,11 +19,12 @@ def cli() -> None:
     \b
     merge run SPEC.yaml -o OUT      run a (mergekit-compatible) merge spec
     merge methods [NAME]            list the merge methods and their parameters
+    merge validate OUT              check a merged model against its spec
     merge push OUT --repo ORG/NAME  publish a merged model to the Hugging Face Hub
     """
 
 
-for command in (run, methods, push):
+for command in (run, methods, validate, push):
     cli.add_command(command)
 
 
