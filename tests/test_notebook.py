@@ -37,7 +37,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     merged = re.search(r"max \|merged - \(0\.7 a \+ 0\.3 b\)\| = (\S+)", "".join(outputs))
     assert merged is not None and float(merged.group(1)) < 1e-6
     assert any(out.output_type == "display_data" and "image/png" in out.data for cell in code for out in cell.outputs)
-    assert "README.md" in outputs[4] and "library_name: transformers" in outputs[4]
+    assert outputs[3].startswith("Validation of ") and ": PASSED (" in outputs[3]
+    assert "recompute  passed" in outputs[3] and "bit-exact" in outputs[3]
+    assert "README.md" in outputs[5] and "library_name: transformers" in outputs[5]
     dry_run = outputs[-1]
     assert dry_run.startswith("DRY RUN: nothing was sent, and no request was made\n")
     assert "/your-name/quickstart-merge (model, private=yes" in dry_run and "token     : MISSING" in dry_run
