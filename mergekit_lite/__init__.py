@@ -12,6 +12,7 @@ _EXPORTS = {
     "run_merge": "mergekit_lite.api",
     "plan": "mergekit_lite.api",
     "MergeResult": "mergekit_lite.api",
+    "fold_lora": "mergekit_lite.lora.api",
     "Strategy": "mergekit_lite.strategy",
     "Param": "mergekit_lite.strategy",
     "TensorContext": "mergekit_lite.strategy",
