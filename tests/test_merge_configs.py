@@ -11,17 +11,23 @@ import torch
 
 from conftest import read_folder
 from mergekit_lite import load_spec, run_merge
+from mergekit_lite.lora.synthetic import write_demo_adapters
+from mergekit_lite.registry import all_strategies
 from mergekit_lite.synthetic import LlamaShape, write_demo_models
 
 CONFIGS = sorted((Path(__file__).parent.parent / "merge_configs").glob("*.y*ml"))
 SMALL = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
+# Methods an example uses that are being built on another branch: the example runs once they are registered.
+PENDING = {"ties"}
 
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    """A folder laid out like the repository root after `make demo` built the models (demo/models/...)."""
+    """A folder laid out like the repository root after `make demo` built the models (demo/models/...) and
+    the LoRA adapters of the base (demo/adapters/...)."""
     root = tmp_path_factory.mktemp("demo")
     write_demo_models(str(root / "demo" / "models"), SMALL, max_shard_size=60_000)
+    write_demo_adapters(str(root / "demo" / "adapters"), SMALL)
     return root
 
 
@@ -34,6 +40,8 @@ def test_example_runs(config, demo_root, monkeypatch):
     monkeypatch.chdir(demo_root)
     out = demo_root / "out" / config.stem
     spec = load_spec(config)
+    if spec.merge_method in PENDING and spec.merge_method not in all_strategies():
+        pytest.skip(f"{spec.merge_method} is not registered on this branch yet")
     result = run_merge(config, out, progress=False, overwrite=True)
     got = read_folder(out)
     assert result.tensors == len(got) > 0

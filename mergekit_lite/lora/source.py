@@ -146,9 +146,10 @@ def open_source(label: str, base: Checkpoint, base_path: ModelPath, adapters: li
     for message in builder.warnings:
         log.warning(message)
     config = builder.output_config()
-    folded = ", ".join(f"`{a.label}`" + (f" (weight {w:g})" if w != 1 else "") for a, w, _ in adapters)
-    notes = [f"LoRA adapters folded into `{base.label}` as each tensor was read, with the arithmetic of peft's "
-             f"merge_and_unload(): {folded}.", *builder.notes]
+    folded = " + ".join([f"`{base.label}`"] + [f"`{a.label}`" + (f" (weight {w:g})" if w != 1 else "")
+                                                for a, w, _ in adapters])
+    notes = [f"{folded}: the LoRA adapters were folded into the base as each tensor was read, with the arithmetic "
+             "of peft's merge_and_unload().", *builder.notes]
     return LoraSource(label, base, [a for a, _, _ in adapters], builder.tensor_table(), config, builder.recipes,
                       builder.warnings, notes)
 
