@@ -71,7 +71,8 @@ class Replacement:
 
     adapter: Adapter
     key: str
-    amount: float              # the adapter's weight: how far to move from the base tensor to this one
+    amount: float              # how far to move from the base tensor to this one: the adapter's weight for a
+                               # trained tensor; 1 for a saved copy of the base (peft loads it whole)
     is_copy: bool              # a saved copy of a LoRA layer's base weight, not a trained tensor
 
 
@@ -216,11 +217,11 @@ class _Builder:
                 shared_copies[name] = key   # peft loads both copies into the one shared tensor; lm_head's last
                 continue
             for out in self._targets(name):
-                self._set_replacement(out, Replacement(adapter, key, weight, is_copy))
+                self._set_replacement(out, Replacement(adapter, key, 1.0 if is_copy else weight, is_copy))
         if shared_copies:
             key = shared_copies.get(OUTPUT_EMBEDDING, shared_copies.get(self.tied))
             for out in self._targets(self.tied, copy_of_shared=True):
-                self._set_replacement(out, Replacement(adapter, key, weight, True))
+                self._set_replacement(out, Replacement(adapter, key, 1.0, True))
 
     def _set_replacement(self, name: str, new: Replacement) -> None:
         """Record a replacement. Saved base-layer copies give way to trained tensors, and a later copy takes
