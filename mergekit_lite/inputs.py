@@ -18,12 +18,12 @@ from .spec import Spec
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
 
 
-def local_folder(path: ModelPath, where: str) -> Optional[str]:
+def local_folder(path: ModelPath, where: str, what: str = "model folder") -> Optional[str]:
     """The folder of a local reference; a SpecError if it names a missing local path; None for Hub ids."""
     if path.revision is None and os.path.exists(path.path):
         return path.path
     if path.repo_id is None:
-        raise SpecError(f"model folder '{path.path}' not found", where=where,
+        raise SpecError(f"{what} '{path.path}' not found", where=where,
                         hint="check the path (relative paths are relative to the current directory)")
     return None
 
@@ -66,7 +66,7 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
         try:
             local_folder(ref.model, where)
             for adapter in ref.adapters:
-                local_folder(adapter.path, where)
+                local_folder(adapter.path, where, "adapter folder")
         except MergeError as exc:
             exc.file = spec.file
             raise

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import SpecError
+from .errors import SpecError, did_you_mean
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -86,8 +86,9 @@ def parse_reference(value: Any, where: str) -> ModelRef:
     if isinstance(value, dict):
         unknown = set(value) - set(REFERENCE_KEYS)
         if unknown:
-            raise SpecError(f"unknown key '{sorted(unknown)[0]}' in a model reference", where=where,
-                            hint="a model reference dict has: " + ", ".join(REFERENCE_KEYS))
+            key = sorted(unknown)[0]
+            raise SpecError(f"unknown key '{key}' in a model reference." + did_you_mean(key, REFERENCE_KEYS),
+                            where=where, hint="a model reference dict has: " + ", ".join(REFERENCE_KEYS))
         if "model" not in value:
             raise SpecError("model reference dict has no 'model'", where=where)
         model = _parse_path_value(value["model"], f"{where}.model")
@@ -122,8 +123,8 @@ def _adapter(value: Any, where: str) -> AdapterRef:
         return AdapterRef(_parse_path_value(value, where))
     unknown = sorted(set(value) - set(ADAPTER_KEYS))
     if unknown:
-        raise SpecError(f"unknown key '{unknown[0]}' in an adapter", where=where,
-                        hint="an adapter has: " + ", ".join(ADAPTER_KEYS))
+        raise SpecError(f"unknown key '{unknown[0]}' in an adapter." + did_you_mean(unknown[0], ADAPTER_KEYS),
+                        where=where, hint="an adapter has: " + ", ".join(ADAPTER_KEYS))
     if isinstance(value.get("path"), str) and "revision" not in value:
         path = _parse_path(value["path"], where)     # "org/name@rev" as in the string form
     else:

@@ -63,12 +63,15 @@ def make_adapter(model, folder: Path, seed: int = 1, perturb: Optional[Callable]
 
 
 def peft_merge(base_dir: Path, adapters: Sequence[Path], dtype: torch.dtype, out: Path,
-               weights: Optional[Sequence[float]] = None, model_class=None) -> tuple[dict, dict]:
+               weights: Optional[Sequence[float]] = None, model_class=None,
+               prepare: Optional[Callable] = None) -> tuple[dict, dict]:
     """peft's result with all ``adapters`` active (each scaled by its weight), as saved files and config."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = (model_class or AutoModelForCausalLM).from_pretrained(base_dir, dtype=dtype)
+    if prepare is not None:
+        prepare(model)
     names = [f"a{i}" for i in range(len(adapters))]
     peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
     for name, folder in zip(names[1:], adapters[1:]):

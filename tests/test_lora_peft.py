@@ -219,3 +219,76 @@ def test_demo_adapter_written_without_peft_is_what_peft_reads(tmp_path):
                                  model_class=LlamaForCausalLM)
         fold_lora(base_dir, adapter, tmp_path / f"ours-{name}", progress=False)
         assert_same_tensors(read_folder(tmp_path / f"ours-{name}"), expected, read_folder(base_dir))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_resized_vocabulary(dtype, bases, tmp_path):
+    """An adapter trained after resize_token_embeddings stores the resized embeddings; they replace the base's
+    (before the embedding LoRA is added) and config.json gets the new vocab_size."""
+    models, folders = bases
+    resized = copy.deepcopy(models["llama"])
+    resized.resize_token_embeddings(136, mean_resizing=False)
+    adapter = make_adapter(resized, tmp_path / "adapter", seed=51, r=4, lora_alpha=8,
+                           target_modules=["embed_tokens", "lm_head", "q_proj"])
+    base_dir = folders[("llama", dtype)]
+    expected, expected_config = peft_merge(base_dir, [adapter], DTYPES[dtype], tmp_path / "peft",
+                                           prepare=lambda m: m.resize_token_embeddings(136, mean_resizing=False))
+    fold_lora(base_dir, adapter, tmp_path / "ours", progress=False)
+    got = read_folder(tmp_path / "ours")
+    assert got["model.embed_tokens.weight"].shape == (136, 64)
+    assert_same_tensors(got, expected, read_folder(base_dir))
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 136
+    assert expected_config["vocab_size"] == 136
+    assert "The adapter resized the vocabulary to 136 tokens." in (tmp_path / "ours" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mica_rounds_the_delta_first(dtype, bases, tmp_path):
+    """MiCA adapters merge like embeddings: the delta is rounded to the weight's dtype, then added."""
+    models, folders = bases
+
+    def train_a(peft_model):   # MiCA trains only A, which starts at zero
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.copy_(torch.randn_like(param))
+
+    adapter = make_adapter(models["llama"], tmp_path / "adapter", seed=61, perturb=train_a, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "up_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "mica"}))
+    base_dir = folders[("llama", dtype)]
+    expected, _ = peft_merge(base_dir, [adapter], DTYPES[dtype], tmp_path / "peft")
+    fold_lora(base_dir, adapter, tmp_path / "ours", progress=False)
+    assert_same_tensors(read_folder(tmp_path / "ours"), expected, read_folder(base_dir))
+
+
+class ConvNet(torch.nn.Module):
+    """Conv2d 1x1 and 3x3 and a Linear: the conv fold (not in LLMs, but peft supports it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 1)
+        self.conv3 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_layers(dtype, dora, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_lite.lora.api import fold_lora as fold
+
+    torch.manual_seed(0)
+    net = ConvNet()
+    (tmp_path / "base").mkdir()
+    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in net.state_dict().items()},
+              str(tmp_path / "base" / "model.safetensors"))
+    adapter = make_adapter(net, tmp_path / "adapter", seed=71, r=2, lora_alpha=4, use_dora=dora,
+                           target_modules=["conv1", "conv3", "head"])
+    model = ConvNet().to(DTYPES[dtype])
+    model.load_state_dict(load_file(str(tmp_path / "base" / "model.safetensors")))
+    expected = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    got = fold(tmp_path / "base", adapter)
+    assert_same_tensors(got, expected, load_file(str(tmp_path / "base" / "model.safetensors")))

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..errors import UsageError
+from ..errors import MergeError, UsageError
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,14 +59,19 @@ def fold_lora(base: PathLike, adapters: Union[PathLike, Sequence[PathLike]], out
     out_dtype = options.pop("out_dtype", None)
     spec = fold_spec(base, adapters, weights, tied_embeddings=tied_embeddings, check_base=check_base,
                      out_dtype=out_dtype)
-    if out is not None:
-        from ..api import run_merge
+    try:
+        if out is not None:
+            from ..api import run_merge
 
-        return run_merge(spec, out, **options)
-    if options:
-        raise UsageError(f"options {', '.join(sorted(options))} need an output folder", where="fold_lora",
-                         hint="pass out=... to write a model folder")
-    return folded_state_dict(spec)
+            return run_merge(spec, out, **options)
+        if options:
+            raise UsageError(f"options {', '.join(sorted(options))} need an output folder", where="fold_lora",
+                             hint="pass out=... to write a model folder")
+        return folded_state_dict(spec)
+    except MergeError as exc:
+        if exc.where and exc.where.startswith("models[0]"):
+            exc.where = None   # a YAML path of the spec we built means nothing to the caller; file names the input
+        raise
 
 
 def folded_state_dict(spec: dict) -> dict[str, torch.Tensor]:
