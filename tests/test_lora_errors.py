@@ -58,23 +58,25 @@ def test_target_module_missing_in_base(cli, base, tmp_path):
           f"error: {bad}: target module 'c_attn' is not in the base model\n{SAME_BASE}", tmp_path / "out")
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda"])
-def test_base_mutating_init_refused_with_how_to_convert(cli, base, tmp_path, init):
+CONVERT = ("the adapter was trained on a base changed by its initialisation, so folding it into the original base "
+           "would give another model\nHint: convert it to a plain LoRA first: load it with peft "
+           "(PeftModel.from_pretrained(base, adapter)) and save it with save_pretrained(dir, "
+           "path_initial_model_for_weight_conversion=<the adapter as saved before training>); the converted adapter "
+           "(rank doubled) folds into the original base")
+RESIDUAL = ("\nHint: fold it into the residual base saved when the adapter was initialised, after setting "
+            "\"init_lora_weights\": true in adapter_config.json")
+MUTATING = {
+    "pissa": CONVERT, "pissa_niter_4": CONVERT, "olora": CONVERT, "corda": CONVERT,
+    "loftq": "LoftQ trains against a quantised residual of the base, which the adapter does not record" + RESIDUAL,
+    "lora_ga": "LoRA-GA subtracts its initial adapter from the base, and even peft does not redo that on load" + RESIDUAL,
+}
+
+
+@pytest.mark.parametrize("init", MUTATING)
+def test_base_mutating_init_refused_with_what_to_do(cli, base, tmp_path, init):
     bad = adapter(tmp_path / init, init_lora_weights=init)
     check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: init_lora_weights is '{init}': the adapter was trained on a base changed by its "
-          "initialisation, so folding it into the original base would give another model\n"
-          "Hint: convert it to a plain LoRA first: load it with peft (PeftModel.from_pretrained(base, adapter)) and "
-          "save it with save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter as saved before "
-          "training>); the converted adapter (rank doubled) folds into the original base", tmp_path / "out")
-
-
-def test_loftq_refused(cli, base, tmp_path):
-    bad = adapter(tmp_path / "loftq", init_lora_weights="loftq")
-    check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: init_lora_weights is 'loftq': LoftQ trains against a quantised residual of the base, which "
-          "the adapter does not record\nHint: fold it into the residual base saved when the adapter was initialised, "
-          "after setting \"init_lora_weights\": true in adapter_config.json", tmp_path / "out")
+          f"error: {bad}: init_lora_weights is '{init}': {MUTATING[init]}", tmp_path / "out")
 
 
 def test_other_peft_types_and_variants_refused(cli, base, tmp_path):

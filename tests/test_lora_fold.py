@@ -206,3 +206,37 @@ def test_fold_memory_stays_near_the_largest_tensor(tmp_path):
 def load_file_keys(folder: str) -> set:
     index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())
     return set(index["weight_map"])
+
+
+def test_readme_fold_snippets(tmp_path, monkeypatch):
+    """The README's fold commands and notebook snippet run as written, against the demo models."""
+    import re
+    import shlex
+
+    from click.testing import CliRunner
+
+    from mergekit_lite.cli import cli
+    from mergekit_lite.lora.synthetic import write_demo_adapters
+    from mergekit_lite.registry import all_strategies
+    from mergekit_lite.spec import load_spec
+    from mergekit_lite.synthetic import write_demo_models
+
+    small = LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=128)
+    write_demo_models(str(tmp_path / "demo" / "models"), small, max_shard_size=40_000)
+    write_demo_adapters(str(tmp_path / "demo" / "adapters"), small)
+    monkeypatch.chdir(tmp_path)
+    section = (REPO / "README.md").read_text().split("## Folding LoRA adapters")[1].split("\n## ")[0]
+    bash, yaml_text, python = (re.findall(rf"```{kind}\n(.*?)```", section, re.S)[0] for kind in ("bash", "yaml", "python"))
+    commands = [c for c in bash.replace("\\\n", " ").splitlines() if "org/" not in c]
+    assert len(commands) == 2
+    for command in commands:
+        words = shlex.split(command.split("#")[0])
+        assert words[:2] == ["merge", "fold"]
+        result = CliRunner().invoke(cli, words[1:] + ["--quiet"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    spec = load_spec(yaml_text)
+    assert spec.models[1].ref.adapters[0].weight == 0.8
+    if spec.merge_method in all_strategies():
+        run_merge(spec, tmp_path / "ties", progress=False)
+    exec(compile(python, "README.md", "exec"), {})
+    assert (tmp_path / "demo" / "folded" / "model.safetensors").exists()
