@@ -37,8 +37,9 @@ PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained
 """
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """Run a command in a child process: (wall seconds, peak RSS in GiB of that child alone, from wait4)."""
+def timed(command: list[str]) -> tuple[float, float, float]:
+    """Run a command in a child process: wall seconds, CPU seconds and peak RSS in GiB of that child alone
+    (from wait4). CPU seconds matter on a shared machine, where wall time depends on the neighbours."""
     env = {**os.environ, "PYTHONPATH": REPO, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
     with tempfile.TemporaryFile() as log:
         started = time.perf_counter()
@@ -49,7 +50,7 @@ def timed(command: list[str]) -> tuple[float, float]:
         if child.returncode:
             log.seek(0)
             raise SystemExit(f"{command[:4]} failed:\n{log.read().decode(errors='replace')[-2000:]}")
-    return wall, usage.ru_maxrss / 2**20
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20
 
 
 def same_tensors(a: str, b: str) -> bool:
@@ -99,19 +100,20 @@ def main() -> None:
                                            "--quiet", "--overwrite"],
         "peft merge_and_unload": lambda out: [sys.executable, "-c", PEFT, base, adapter, out],
     }
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tools}
     for run in range(args.runs):
         for name, command in tools.items():
             out = os.path.join(args.work, "out-" + name.split()[0])
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak = timed(command(out))
-            results[name].append((wall, peak))
-            print(f"  run {run + 1}: {name}: {wall:.1f} s, peak RSS {peak:.2f} GiB")
+            wall, cpu, peak = timed(command(out))
+            results[name].append((wall, cpu, peak))
+            print(f"  run {run + 1}: {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {peak:.2f} GiB")
     exact = same_tensors(os.path.join(args.work, "out-mergekit_lite"), os.path.join(args.work, "out-peft"))
-    print(f"\n| tool ({args.size}, {parameter_count(shape) / 1e9:.2f}B bf16) | wall s (median) | peak RSS GiB (max) |")
-    print("| --- | --- | --- |")
+    print(f"\n| tool ({args.size}, {parameter_count(shape) / 1e9:.2f}B bf16) | wall s | CPU s | peak RSS GiB |")
+    print("| --- | --- | --- | --- |")
     for name, runs in results.items():
-        print(f"| {name} | {statistics.median(w for w, _ in runs):.1f} | {max(p for _, p in runs):.2f} |")
+        wall, cpu, peak = (statistics.median(r[i] for r in runs) for i in range(3))
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {max(r[2] for r in runs):.2f} |")
     print(f"\nsame tensors bit for bit: {exact}")
 
 

@@ -28,22 +28,24 @@ def delta_weight(kind: str, down: torch.Tensor, up: torch.Tensor, scaling: float
     (d, r), so (B @ A).T * s is (V, d). conv: A (r, in, *k), B (out, r, 1, ...); a 1x1 kernel is a matmul,
     others convolve A with B.
     """
+    # Scaling in place: the same values and memory layout as peft's out-of-place ``* scaling``, one
+    # temporary of the weight's size fewer (these are as large as the weight, in float32).
     down, up = down.float(), up.float()
     if kind == "linear":
-        return (up @ down) * scaling
+        return (up @ down).mul_(scaling)
     if kind in ("conv1d", "embedding"):
-        return (up @ down).T * scaling
+        return (up @ down).T.mul_(scaling)
     if kind == "conv":
         if tuple(down.shape[2:4]) == (1, 1) and down.dim() == 4:
-            return (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
+            return (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3).mul_(scaling)
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[down.dim()]
-        return conv(down.transpose(0, 1), up).transpose(0, 1) * scaling   # (out, in, *k)
+        return conv(down.transpose(0, 1), up).transpose(0, 1).mul_(scaling)   # (out, in, *k)
     raise ValueError(f"unknown module kind {kind!r}")
 
 
 def fold(kind: str, weight: torch.Tensor, delta: torch.Tensor, *, magnitude: Optional[torch.Tensor] = None,
          unmerged: Optional[torch.Tensor] = None, round_delta_first: bool = False) -> torch.Tensor:
-    """``weight`` with ``delta`` folded in, in ``weight``'s dtype.
+    """``weight`` with ``delta`` folded in, in ``weight``'s dtype. ``delta`` may be overwritten.
 
     Plain LoRA on linear and conv layers adds the float32 delta and rounds once (peft's in-place
     ``W.data += delta``). Embeddings (and MiCA adapters) round the delta to the weight's dtype first, then
@@ -57,7 +59,9 @@ def fold(kind: str, weight: torch.Tensor, delta: torch.Tensor, *, magnitude: Opt
     if magnitude is None:
         if round_delta_first or kind == "embedding":
             return weight + delta.to(dtype)
-        return (weight + delta).to(dtype)   # float32 sum (type promotion), one rounding
+        if torch.promote_types(dtype, delta.dtype) == delta.dtype:
+            return delta.add_(weight).to(dtype)   # W + delta in float32 (addition commutes exactly), one rounding
+        return (weight + delta).to(dtype)         # a float64 weight: the sum is float64
     base = weight if unmerged is None else unmerged
     magnitude = magnitude.float()
     if kind == "conv":

@@ -166,7 +166,7 @@ class _Builder:
         self.shapes: dict[str, tuple[int, ...]] = {}           # output tensors whose shape a replacement changed
         # A trained lm_head (modules_to_save) on a tied base is its own tensor even in peft (>= 0.19 unties it).
         self.lm_head_replaced = bool(self.tied) and any(
-            t in (OUTPUT_EMBEDDING, "lm_head.weight") and t not in a.base_layer_copies
+            t == OUTPUT_EMBEDDING and t not in a.base_layer_copies
             for a in adapters for t in a.replacements)
         self.warnings: list[str] = []
         self.notes: list[str] = []
@@ -181,7 +181,7 @@ class _Builder:
         """The base tensor ``name`` refers to (tolerating a missing/extra ``transformer.``-style prefix)."""
         if name in self.base.tensors or (name == OUTPUT_EMBEDDING and self.tied):
             return name
-        head, _, rest = name.partition(".")
+        _, _, rest = name.partition(".")
         if rest in self.base.tensors:
             return rest
         raise ModelError(f"{what} '{name}', which the base model does not have", file=label,
