@@ -40,7 +40,8 @@ def test_adapter_for_another_model_size(cli, base, tmp_path):
     check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
           f"error: {bad}: module 'model.layers.0.self_attn.q_proj': the adapter's factors [8, 32] x [32, 8] make a "
           "[32, 32] update, but the base's 'model.layers.0.self_attn.q_proj.weight' is [64, 64]\n"
-          "Hint: the adapter was made for another model (or model size); use the base it was trained on", tmp_path / "out")
+          "Hint: the adapter was made for another model (or model size); use the base it was trained on",
+          tmp_path / "out")
 
 
 def test_adapted_module_missing_in_base(cli, base, tmp_path):
@@ -68,7 +69,8 @@ RESIDUAL = ("\nHint: fold it into the residual base saved when the adapter was i
 MUTATING = {
     "pissa": CONVERT, "pissa_niter_4": CONVERT, "olora": CONVERT, "corda": CONVERT,
     "loftq": "LoftQ trains against a quantised residual of the base, which the adapter does not record" + RESIDUAL,
-    "lora_ga": "LoRA-GA subtracts its initial adapter from the base, and even peft does not redo that on load" + RESIDUAL,
+    "lora_ga": "LoRA-GA subtracts its initial adapter from the base, and even peft does not redo that on load"
+               + RESIDUAL,
 }
 
 
@@ -132,7 +134,8 @@ def test_pickle_adapter_refused(cli, base, tmp_path):
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
     check(cli("fold", base, folder, "-o", tmp_path / "out"), 1,
           f"error: {folder}: only a pickle adapter (adapter_model.bin) found; it is refused because loading a pickle "
-          "can run arbitrary code\nHint: convert it: load it with peft and save_pretrained(dir, safe_serialization=True)",
+          "can run arbitrary code\n"
+          "Hint: convert it: load it with peft and save_pretrained(dir, safe_serialization=True)",
           tmp_path / "out")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHAPE, read_folder, write_spec
+from conftest import SHAPE, read_folder
 from mergekit_lite import fold_lora, run_merge
 from mergekit_lite.lora.config import pattern_key
 from mergekit_lite.lora.synthetic import DEMO_ADAPTERS, AdapterShape, write_adapter
@@ -70,7 +70,8 @@ def test_weighted_fold_closed_form(models_f32, adapters, tmp_path):
         if PREFIX + module + ".lora_A.weight" not in factors:
             assert torch.equal(tensor, base[name]), name
             continue
-        up, down = factors[PREFIX + module + ".lora_B.weight"].double(), factors[PREFIX + module + ".lora_A.weight"].double()
+        up = factors[PREFIX + module + ".lora_B.weight"].double()
+        down = factors[PREFIX + module + ".lora_A.weight"].double()
         expected = base[name].double() + 0.4 * scaling * (up @ down)
         torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=2e-7 * expected.abs().max().item())
         changed += 1
@@ -97,8 +98,10 @@ def test_folded_sources_feed_any_strategy(models_bf16, adapters, tmp_path):
     base = models_bf16 / "base"
     for name in ("chat", "code"):
         fold_lora(base, adapters[name], tmp_path / f"folded-{name}", progress=False)
-    spec = ("merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n"
-            "  - model: {b}\n    parameters: {{weight: 0.9}}\n  - model: {c}\n    parameters: {{weight: 0.3}}\n"
+    spec = ("merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+            "  - model: {a}\n    parameters: {{weight: 0.6}}\n"
+            "  - model: {b}\n    parameters: {{weight: 0.9}}\n"
+            "  - model: {c}\n    parameters: {{weight: 0.3}}\n"
             "parameters: {{lambda: 0.8}}\n")
     run_merge(spec.format(base=base, a=f"{base}+{adapters['chat']}", b=f"{base}+{adapters['code']}",
                           c=models_bf16 / "ft-a"), tmp_path / "live", progress=False)
@@ -191,7 +194,8 @@ def test_fold_memory_stays_near_the_largest_tensor(tmp_path):
     ref = f"{base}+{adapter}"
 
     def peak(*args: str) -> int:
-        done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, ref, *args], capture_output=True, text=True, env=env)
+        done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, ref, *args], capture_output=True, text=True,
+                              env=env)
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
@@ -226,7 +230,8 @@ def test_readme_fold_snippets(tmp_path, monkeypatch):
     write_demo_adapters(str(tmp_path / "demo" / "adapters"), small)
     monkeypatch.chdir(tmp_path)
     section = (REPO / "README.md").read_text().split("## Folding LoRA adapters")[1].split("\n## ")[0]
-    bash, yaml_text, python = (re.findall(rf"```{kind}\n(.*?)```", section, re.S)[0] for kind in ("bash", "yaml", "python"))
+    bash, yaml_text, python = (re.findall(rf"```{kind}\n(.*?)```", section, re.S)[0]
+                               for kind in ("bash", "yaml", "python"))
     commands = [c for c in bash.replace("\\\n", " ").splitlines() if "org/" not in c]
     assert len(commands) == 2
     for command in commands:
@@ -240,3 +245,25 @@ def test_readme_fold_snippets(tmp_path, monkeypatch):
         run_merge(spec, tmp_path / "ties", progress=False)
     exec(compile(python, "README.md", "exec"), {})
     assert (tmp_path / "demo" / "folded" / "model.safetensors").exists()
+
+
+def test_base_identity_rules(tmp_path):
+    """identity.check_base: Hub ids must match; local paths pass by folder or last name, else a warning."""
+    from mergekit_lite.errors import ModelError
+    from mergekit_lite.lora.identity import check_base
+
+    cache = tmp_path / "hub" / "models--meta-llama--Llama-3-8B" / "snapshots" / "abc"
+    cache.mkdir(parents=True)
+    local = tmp_path / "Llama-3-8B"
+    local.mkdir()
+    assert check_base(None, None, ModelPath("org/x"), str(local), "a") is None
+    assert check_base("meta-llama/Llama-3-8B", None, ModelPath(str(cache)), str(cache), "a") is None
+    assert check_base("meta-llama/llama-3-8b", None, ModelPath("meta-llama/Llama-3-8B"), str(cache), "a") is None
+    with pytest.raises(ModelError, match="made for 'meta-llama/Llama-3-8B-Instruct', but the base is"):
+        check_base("meta-llama/Llama-3-8B-Instruct", None, ModelPath(str(cache)), str(cache), "a")
+    assert check_base("meta-llama/Llama-3-8B", None, ModelPath(str(local)), str(local), "a") is None  # same name
+    assert check_base(str(local), None, ModelPath(str(local)), str(local), "a") is None             # same folder
+    assert check_base("/train/box/base", None, ModelPath(str(local)), str(local), "a").startswith(
+        "a: the adapter names '/train/box/base' as its base")
+    assert check_base("org/Llama-3-8B", "v1", ModelPath("org/Llama-3-8B", "v2"), str(cache), "a") == (
+        "a: the adapter was trained on revision 'v1' of its base, the base given is revision 'v2'")

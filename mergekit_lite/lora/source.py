@@ -260,7 +260,8 @@ class _Builder:
                 scaling *= weight          # as peft's scale_layer: scaling *= weight
             kind = self._kind(adapter, module, name)
             if module.magnitude and not settings.use_dora:
-                raise ModelError(f"module '{module.name}' has a DoRA magnitude but use_dora is false", file=adapter.label,
+                raise ModelError(f"module '{module.name}' has a DoRA magnitude but use_dora is false",
+                                 file=adapter.label,
                                  hint="fix adapter_config.json (\"use_dora\": true) or remove the magnitudes")
             if settings.use_dora and not module.magnitude:
                 raise ModelError(f"use_dora is true but module '{module.name}' has no lora_magnitude_vector",
