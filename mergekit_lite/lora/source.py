@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import re
 from dataclasses import dataclass, field, replace as replace_field
 from typing import Any, Optional
 
 import torch
 
 from ..checkpoint import Checkpoint
+from ..dtypes import itemsize
 from ..errors import ModelError
 from ..layout import TIED_OUTPUT_EMBEDDINGS, tied_source
 from ..references import ModelPath
@@ -205,7 +208,8 @@ class _Builder:
     def _info(self, name: str) -> TensorInfo:
         source = self.tied if name == OUTPUT_EMBEDDING and self.tied else name
         info = self.base.tensors[source]
-        return replace_field(info, name=name, shape=self.shapes.get(name, info.shape))
+        shape = self.shapes.get(name, info.shape)
+        return replace_field(info, name=name, shape=shape, nbytes=itemsize(info.dtype) * math.prod(shape))
 
     # --- full-tensor replacements ---------------------------------------------------------------------
     def add_replacements(self, adapter: Adapter, weight: float) -> None:
@@ -363,8 +367,6 @@ class _Builder:
 
 def _check_targets(adapter: Adapter, modules: set[str]) -> None:
     """Every name in ``target_modules`` must match some module of the base (peft would fail to inject it)."""
-    import re
-
     targets = adapter.settings.target_modules
     if targets is None or targets == "all-linear":
         return
