@@ -30,6 +30,11 @@ def check(result, code: int, expected: str, out):
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
+def refused(cli, base, bad, tmp_path, message: str, *args: str):
+    """``merge fold base bad`` exits 1 with ``error: <bad>: <message>`` and writes nothing."""
+    check(cli("fold", base, bad, "-o", tmp_path / "out", *args), 1, f"error: {bad}: {message}", tmp_path / "out")
+
+
 @pytest.fixture
 def base(models_f32):
     return models_f32 / "base"
@@ -37,26 +42,25 @@ def base(models_f32):
 
 def test_adapter_for_another_model_size(cli, base, tmp_path):
     bad = adapter(tmp_path / "narrow", WRONG_SIZE)
-    check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: module 'model.layers.0.self_attn.q_proj': the adapter's factors [8, 32] x [32, 8] make a "
-          "[32, 32] update, but the base's 'model.layers.0.self_attn.q_proj.weight' is [64, 64]\n"
-          "Hint: the adapter was made for another model (or model size); use the base it was trained on",
-          tmp_path / "out")
+    refused(cli, base, bad, tmp_path,
+            "module 'model.layers.0.self_attn.q_proj': the adapter's factors [8, 32] x [32, 8] make a "
+            "[32, 32] update, but the base's 'model.layers.0.self_attn.q_proj.weight' is [64, 64]\n"
+            "Hint: the adapter was made for another model (or model size); use the base it was trained on")
 
 
 def test_adapted_module_missing_in_base(cli, base, tmp_path):
     bad = adapter(tmp_path / "deep", DEEPER)
-    check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: adapts module 'model.layers.4.self_attn.q_proj', tensor "
-          "'model.layers.4.self_attn.q_proj.weight', which the base model does not have\n"
-          "Hint: the adapter was made for another architecture, or this base names its tensors differently; use the "
-          "base the adapter was trained on", tmp_path / "out")
+    refused(cli, base, bad, tmp_path,
+            "adapts module 'model.layers.4.self_attn.q_proj', tensor "
+            "'model.layers.4.self_attn.q_proj.weight', which the base model does not have\n"
+            "Hint: the adapter was made for another architecture, or this base names its tensors differently; use the "
+            "base the adapter was trained on")
 
 
 def test_target_module_missing_in_base(cli, base, tmp_path):
     bad = adapter(tmp_path / "gpt2ish", target_modules=["q_proj", "c_attn"])
-    check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: target module 'c_attn' is not in the base model\n{SAME_BASE}", tmp_path / "out")
+    refused(cli, base, bad, tmp_path,
+            f"target module 'c_attn' is not in the base model\n{SAME_BASE}")
 
 
 CONVERT = ("the adapter was trained on a base changed by its initialisation, so folding it into the original base "
@@ -77,33 +81,33 @@ MUTATING = {
 @pytest.mark.parametrize("init", MUTATING)
 def test_base_mutating_init_refused_with_what_to_do(cli, base, tmp_path, init):
     bad = adapter(tmp_path / init, init_lora_weights=init)
-    check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: init_lora_weights is '{init}': {MUTATING[init]}", tmp_path / "out")
+    refused(cli, base, bad, tmp_path,
+            f"init_lora_weights is '{init}': {MUTATING[init]}")
 
 
 def test_other_peft_types_and_variants_refused(cli, base, tmp_path):
     loha = adapter(tmp_path / "loha", peft_type="LOHA")
-    check(cli("fold", base, loha, "-o", tmp_path / "out"), 1,
-          f"error: {loha}: peft_type is LOHA; only LoRA adapters (peft_type LORA) can be folded\n"
-          "Hint: LOHA adapters use other math; merge them with peft's merge_and_unload()", tmp_path / "out")
+    refused(cli, base, loha, tmp_path,
+            "peft_type is LOHA; only LoRA adapters (peft_type LORA) can be folded\n"
+            "Hint: LOHA adapters use other math; merge them with peft's merge_and_unload()")
     tokens = adapter(tmp_path / "tokens", trainable_token_indices=[1, 2])
-    check(cli("fold", base, tokens, "-o", tmp_path / "out"), 1,
-          f"error: {tokens}: the adapter uses trainable tokens (trainable_token_indices), which cannot be folded here\n"
-          "Hint: fold it with peft's merge_and_unload(), where peft supports merging it", tmp_path / "out")
+    refused(cli, base, tokens, tmp_path,
+            "the adapter uses trainable tokens (trainable_token_indices), which cannot be folded here\n"
+            "Hint: fold it with peft's merge_and_unload(), where peft supports merging it")
 
 
 def test_rank_disagrees_with_config(cli, base, tmp_path):
     bad = adapter(tmp_path / "rank", r=4)
-    check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: module 'model.layers.0.self_attn.q_proj' has rank 8 (lora_A) / 8 (lora_B) but the config "
-          "says r=4\nHint: adapter_config.json and the tensors disagree (check r and rank_pattern)", tmp_path / "out")
+    refused(cli, base, bad, tmp_path,
+            "module 'model.layers.0.self_attn.q_proj' has rank 8 (lora_A) / 8 (lora_B) but the config "
+            "says r=4\nHint: adapter_config.json and the tensors disagree (check r and rank_pattern)")
 
 
 def test_dora_config_without_magnitudes(cli, base, tmp_path):
     bad = adapter(tmp_path / "dora", use_dora=True)
-    check(cli("fold", base, bad, "-o", tmp_path / "out"), 1,
-          f"error: {bad}: use_dora is true but module 'model.layers.0.self_attn.q_proj' has no lora_magnitude_vector\n"
-          "Hint: the adapter file is incomplete; save it again with peft", tmp_path / "out")
+    refused(cli, base, bad, tmp_path,
+            "use_dora is true but module 'model.layers.0.self_attn.q_proj' has no lora_magnitude_vector\n"
+            "Hint: the adapter file is incomplete; save it again with peft")
 
 
 def test_base_named_differently_on_the_hub(cli, base, tmp_path):
@@ -132,11 +136,10 @@ def test_base_that_cannot_be_compared_is_a_warning(cli, base, tmp_path):
 def test_pickle_adapter_refused(cli, base, tmp_path):
     folder = adapter(tmp_path / "pickled")
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    check(cli("fold", base, folder, "-o", tmp_path / "out"), 1,
-          f"error: {folder}: only a pickle adapter (adapter_model.bin) found; it is refused because loading a pickle "
-          "can run arbitrary code\n"
-          "Hint: convert it: load it with peft and save_pretrained(dir, safe_serialization=True)",
-          tmp_path / "out")
+    refused(cli, base, folder, tmp_path,
+            "only a pickle adapter (adapter_model.bin) found; it is refused because loading a pickle "
+            "can run arbitrary code\n"
+            "Hint: convert it: load it with peft and save_pretrained(dir, safe_serialization=True)")
 
 
 def test_base_and_adapter_swapped(cli, base, tmp_path):
