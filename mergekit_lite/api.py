@@ -92,7 +92,7 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     merge_plan = make_plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
     settings = settings_for(_dtype(dtype, "--dtype"), _dtype(out_dtype, "--out-dtype"), seed, compute_device)
     try:
-        check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
+        check_output(out, [f for c in merge_plan.checkpoints.values() for f in c.folders], overwrite)
         if dry_run:
             from .summary import describe_plan
 

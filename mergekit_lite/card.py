@@ -6,20 +6,23 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 
 from . import __version__
-from .references import ModelPath
+from .references import ModelPath, ModelRef
+
+Model = Union[ModelPath, ModelRef]
 
 
-def card_text(name: str, method_title: str, paper: Optional[str], models: list[ModelPath],
-              base: Optional[ModelPath], spec_text: str, tags: tuple[str, ...] = ("merge", "mergekit", "mergekit-lite"),
+def card_text(name: str, method_title: str, paper: Optional[str], models: list[Model],
+              base: Optional[Model], spec_text: str, tags: tuple[str, ...] = ("merge", "mergekit", "mergekit-lite"),
               notes: tuple[str, ...] = (), commits: Optional[dict[ModelPath, str]] = None) -> str:
     """``commits`` pins each Hub input to the commit that was merged (its revision may be a moving branch)."""
     commits = commits or {}
-    hub_ids = list(dict.fromkeys(m.repo_id for m in [*([base] if base else []), *models] if m.repo_id))
+    paths = [p for m in [*([base] if base else []), *models] for p in _paths(m)]
+    hub_ids = list(dict.fromkeys(p.repo_id for p in paths if p.repo_id))
     meta: dict = {}
     if hub_ids:
         meta["base_model"] = hub_ids
@@ -43,7 +46,16 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
     return "\n".join(lines)
 
 
-def _link(path: ModelPath, commits: dict[ModelPath, str]) -> str:
+def _paths(model: Model) -> list[ModelPath]:
+    """The model and, for ``base+adapter``, its adapters: all of them are parents of the output."""
+    return [model.model, *(a.path for a in model.adapters)] if isinstance(model, ModelRef) else [model]
+
+
+def _link(path: Model, commits: dict[ModelPath, str]) -> str:
+    if isinstance(path, ModelRef):
+        adapters = "".join(f" + LoRA adapter {_link(a.path, commits)}" +
+                           (f" (weight {a.weight:g})" if a.weight != 1 else "") for a in path.adapters)
+        return _link(path.model, commits) + adapters
     if path.repo_id:
         pins = [f"revision `{path.revision}`"] if path.revision and path.revision != commits.get(path) else []
         pins += [f"commit `{commits[path]}`"] if path in commits else []

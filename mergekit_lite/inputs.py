@@ -18,22 +18,24 @@ from .spec import Spec
 if TYPE_CHECKING:  # hub_pull is imported only when a spec names a Hub repo
     from .hub_pull import HubInput
 
+Resolved = dict[ModelPath, "HubInput"]
 
-def local_folder(path: ModelPath, where: str) -> Optional[str]:
+
+def local_folder(path: ModelPath, where: str, what: str = "model folder") -> Optional[str]:
     """The folder of a local reference; a SpecError if it names a missing local path; None for Hub ids."""
     if path.revision is None and os.path.exists(path.path):
         return path.path
     if path.repo_id is None:
-        raise SpecError(f"model folder '{path.path}' not found", where=where,
+        raise SpecError(f"{what} '{path.path}' not found", where=where,
                         hint="check the path (relative paths are relative to the current directory)")
     return None
 
 
-def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> dict[ModelPath, HubInput]:
+def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> Resolved:
     """Resolve every Hub reference (models and adapters) to a commit and a file list; downloads nothing."""
     paths = [(path, where, kind) for ref, where in refs
-             for path, kind in ((ref.model, "model"), (ref.adapter, "adapter"))
-             if path is not None and local_folder(path, where) is None]
+             for path, kind in ((ref.model, "model"), *((a.path, "adapter") for a in ref.adapters))
+             if local_folder(path, where) is None]
     if not paths:
         return {}
     from .hub_pull import resolve_all
@@ -41,13 +43,41 @@ def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> dict[ModelPath, HubI
     return resolve_all(paths)
 
 
-def fetch(path: ModelPath, where: str, hub: dict[ModelPath, HubInput]) -> str:
+def fetch(path: ModelPath, where: str, hub: Optional[Resolved] = None,
+          patterns: Optional[tuple[str, ...]] = None) -> str:
+    """The local folder of ``path``: as it is, or downloaded (resolved in ``hub``, else resolved now)."""
     folder = local_folder(path, where)
     if folder is not None:
         return folder
-    from .hub_pull import download
+    from .hub_pull import MODEL_PATTERNS, download, resolve
 
-    return download(hub[path])
+    item = hub[path] if hub and path in hub else resolve(path, where, tuple(patterns or MODEL_PATTERNS))
+    return download(item)
+
+
+def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None) -> Checkpoint:
+    """Open one reference: a checkpoint, or for ``base+adapter`` the base with its adapters folded in on read
+    (mergekit_lite.lora.source.LoraSource, which has the Checkpoint interface)."""
+    base = open_checkpoint(fetch(ref.model, where, hub), label=str(ref.model))
+    if hub and ref.model in hub:
+        base.commit = hub[ref.model].commit
+    if not ref.adapters:
+        return base
+    from .hub_pull import ADAPTER_PATTERNS
+    from .lora.adapter import open_adapter
+    from .lora.source import open_source
+
+    adapters = []
+    try:
+        for adapter in ref.adapters:
+            opened = open_adapter(fetch(adapter.path, where, hub, ADAPTER_PATTERNS), str(adapter.path))
+            adapters.append((opened, adapter.weight, adapter.check_base))
+        return open_source(str(ref), base, ref.model, adapters, ref.tied_embeddings)
+    except BaseException:
+        base.close()
+        for opened, _, _ in adapters:
+            opened.close()
+        raise
 
 
 def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
@@ -56,8 +86,8 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
     for ref, where in refs:  # fail on missing local folders before any download starts
         try:
             local_folder(ref.model, where)
-            if ref.adapter is not None:
-                local_folder(ref.adapter, where)
+            for adapter in ref.adapters:
+                local_folder(adapter.path, where, "adapter folder")
         except MergeError as exc:
             exc.file = spec.file
             raise
@@ -66,20 +96,17 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
     except MergeError as exc:
         exc.file = exc.file or spec.file
         raise
-    opened: dict[ModelRef, Checkpoint] = {}
+    checkpoints: dict[ModelRef, Checkpoint] = {}
     for ref, where in refs:
         try:
-            if ref.adapter is not None:
-                raise SpecError(f"'{ref}': LoRA adapter references (base+adapter) are not supported yet",
-                                hint="fold the adapter with peft's merge_and_unload() and reference the result")
-            checkpoint = open_checkpoint(fetch(ref.model, where, hub), label=str(ref.model))
-            if ref.model in hub:
-                checkpoint.commit = hub[ref.model].commit
+            checkpoint = open_reference(ref, where, hub)
         except MergeError as exc:
             if exc.where is None:
                 exc.where = where
             if exc.file is None:
                 exc.file = spec.file
+            for opened in checkpoints.values():
+                opened.close()
             raise
-        opened[ref] = checkpoint
-    return opened
+        checkpoints[ref] = checkpoint
+    return checkpoints
