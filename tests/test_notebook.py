@@ -39,7 +39,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert any(out.output_type == "display_data" and "image/png" in out.data for cell in code for out in cell.outputs)
     assert outputs[3].startswith("Validation of ") and ": PASSED (" in outputs[3]
     assert "recompute  passed" in outputs[3] and "bit-exact" in outputs[3]
-    assert "README.md" in outputs[5] and "library_name: transformers" in outputs[5]
+    folded = re.search(r"max \|folded - \(W \+ 2 B A\)\| = (\S+)", outputs[5])
+    assert folded is not None and float(folded.group(1)) < 1e-6 and "k_proj.weight equal to the base: True" in outputs[5]
+    assert "README.md" in outputs[6] and "library_name: transformers" in outputs[6]
     dry_run = outputs[-1]
     assert dry_run.startswith("DRY RUN: nothing was sent, and no request was made\n")
     assert "/your-name/quickstart-merge (model, private=yes" in dry_run and "token     : MISSING" in dry_run
