@@ -132,3 +132,40 @@ def test_offline_with_a_cold_cache_names_the_reference(cli, hub_in_process, tmp_
                                                     "cache and HF_HUB_OFFLINE is set\nHint: unset HF_HUB_OFFLINE, or "
                                                     "download the model once while online\n")
     assert hub_in_process.log == []
+
+
+def test_fold_of_a_hub_adapter_into_a_hub_base(hub_models, models_f32, tmp_path):
+    """`base+adapter` from the Hub: the adapter repo gives only its config and safetensors."""
+    from conftest import SHAPE
+    from mergekit_lite import fold_lora
+    from mergekit_lite.lora.synthetic import write_adapter
+
+    hub = hub_models
+    adapter = write_adapter(str(tmp_path / "adapter"), SHAPE, seed=3, base_model="org/base")
+    hub.add_repo("org/adapter", {**folder_files(tmp_path / "adapter"), "adapter_model.bin": b"pickle",
+                                 "README.md": b"# an adapter\n"})
+    result = merge("fold", "org/base", "org/adapter", "-o", tmp_path / "out",
+                   env=hub_env(hub, tmp_path / "home", xet=False))
+    assert result.returncode == 0, result.stderr
+    expected = fold_lora(models_f32 / "base", adapter, check_base=False)
+    got = read_folder(tmp_path / "out")
+    assert got.keys() == expected.keys() and all(got[k].equal(expected[k]) for k in got)
+    fetched = sorted(r.path.rsplit("/", 1)[1] for r in hub.requests("GET", r"^/org/adapter/resolve/"))
+    assert fetched == ["adapter_config.json", "adapter_model.safetensors"]
+    commit = hub.repos["org/base"].branches["main"]
+    assert f"[org/base](https://huggingface.co/org/base) (commit `{commit}`) + LoRA adapter " \
+           "[org/adapter](https://huggingface.co/org/adapter)" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_gated_adapter_fails_before_any_download(cli, hub_in_process, tmp_path):
+    hub = hub_in_process
+    hub.add_repo("org/gated-adapter", {"adapter_config.json": b"{}", "adapter_model.safetensors": b"\0" * 8},
+                 gated=True)
+    spec = write_spec(tmp_path / "spec.yaml",
+                      SPEC.format(base="org/base", a="org/ft-a", b="org/ft-b+org/gated-adapter"))
+    result = cli("run", spec, "-o", tmp_path / "out")
+    assert (result.exit_code, result.stderr) == (1, f"error: {spec}: models[1].model: 'org/gated-adapter' is gated: "
+                                                    "your account has not been granted access\nHint: accept its terms "
+                                                    "on the Hub page of org/gated-adapter, then `hf auth login` or set "
+                                                    "HF_TOKEN\n")
+    assert not hub.requests(pattern="/resolve/")
