@@ -23,7 +23,7 @@ from .params import check_setting, resolve
 from .references import ModelRef
 from .registry import get_strategy, known_parameters
 from .spec import Parameters, Spec
-from .strategy import Strategy
+from .strategy import ParamProblem, Strategy
 
 OUTPUT_EMBEDDING = "lm_head.weight"
 log = logging.getLogger("mergekit_lite")
@@ -248,6 +248,13 @@ def _resolve_params(strategy: Strategy, merge_level: Parameters, inputs: list[_I
             params[param.name] = resolve(param, (merge_level,), name, t, f"tensor '{name}'")
     if strategy.check is not None:
         problem = strategy.check(params)
+        if isinstance(problem, ParamProblem):
+            model = inputs[problem.model] if problem.model is not None else None
+            levels = ((model.parameters,) if model is not None else ()) + (merge_level,)
+            where = next((level[p].where for p in problem.blame for level in levels if p in level), "parameters")
+            of = f" of {model.where} ({model.checkpoint.label})" if model is not None else ""
+            raise SpecError(f"{problem.message} for tensor '{name}'{of}", where=where,
+                            hint=f"see `merge methods {strategy.name}`")
         if problem:
             raise SpecError(f"{problem} (tensor '{name}')", where="parameters",
                             hint=f"see `merge methods {strategy.name}`")

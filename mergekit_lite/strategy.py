@@ -101,6 +101,19 @@ class TensorContext:
         return gen
 
 
+@dataclass(frozen=True)
+class ParamProblem:
+    """What a strategy's ``check`` found wrong with the parameters resolved for one tensor.
+
+    ``blame`` lists parameter names in order of preference: the error points at the YAML path of the
+    first one the spec sets (for ``model``, the input's index, when the parameters are per model).
+    """
+
+    message: str
+    blame: tuple[str, ...] = ()
+    model: Optional[int] = None
+
+
 # inputs, base, context, **params -> merged tensor
 MergeFunction = Callable[..., torch.Tensor]
 BasePolicy = Literal["required", "optional", "input"]
@@ -124,8 +137,9 @@ class Strategy:
     min_inputs: int = 1                  # inputs other than a separately-passed base
     max_inputs: Optional[int] = None
     random: bool = False
-    # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon).
-    check: Optional[Callable[[dict[str, Any]], Optional[str]]] = field(default=None, compare=False)
+    # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
+    # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
+    check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)
 
     def param(self, name: str) -> Optional[Param]:
         return next((p for p in self.params if p.name == name), None)
