@@ -60,7 +60,7 @@ STRATEGY = Strategy(
     title="NuSLERP",
     summary="Spherical interpolation between two models at t = w2 / (w1 + w2); with a base, of their task "
             "vectors. Whole tensors, or per row / per column.",
-    paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp (no paper)",
+    paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp",   # no paper
     base="optional",
     min_inputs=2,
     max_inputs=2,

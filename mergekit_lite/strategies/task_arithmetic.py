@@ -74,15 +74,17 @@ def _sign_vote(deltas: list[Optional[torch.Tensor]], weights: list[torch.Tensor]
     """
     for delta in deltas:
         mixed.add_(delta)                                   # (*shape,) total mass per entry
-    elected = torch.where(mixed >= 0, 1.0, -1.0).to(mixed.dtype)   # (*shape,) +1 / -1
+    # +1 / -1 per entry. copysign makes -0 vote -1 where mergekit's `>= 0` says +1, but a -0 total means
+    # every delta there is +-0, and zeros never take part, so the result is the same.
+    elected = torch.ones_like(mixed).copysign_(mixed)    # (*shape,)
     mixed.zero_()
     divisor = torch.zeros_like(mixed) if normalize else None
     for i, w in enumerate(weights):
         delta, deltas[i] = deltas[i], None                  # drop our reference as soon as it is used
-        agrees = torch.mul(delta, elected).gt_(0)          # sign(delta) == elected; zeros never agree
-        mixed.add_(delta.mul_(agrees))
+        agrees = torch.mul(delta, elected).gt_(0)          # 1.0 where sign(delta) == elected, else 0.0
+        mixed.addcmul_(delta, agrees)                      # delta * 1 or * 0 is exact: same sum as mergekit's
         if divisor is not None:
-            divisor.add_(agrees * w)
+            divisor.add_(agrees, alpha=float(w))
         del delta, agrees
     if divisor is not None:
         divisor[divisor == 0] = 1
