@@ -184,7 +184,8 @@ def _whole_model_inputs(spec: Spec, strategy: Strategy, checkpoints: dict[ModelR
             (e for e in entries if e.ref == base_ref), _Input(base_ref, checkpoints[base_ref], {}, "base_model"))
         inputs = [e for e in entries if e.ref != base_ref]
     count = len(inputs)
-    what = "models besides the base" if base is not None else "models"
+    what = ("model" if strategy.min_inputs == strategy.max_inputs == 1 else "models") + \
+        (" besides the base" if base is not None else "")
     if count < strategy.min_inputs or (strategy.max_inputs is not None and count > strategy.max_inputs):
         wanted = (f"exactly {strategy.min_inputs}" if strategy.min_inputs == strategy.max_inputs
                   else f"at least {strategy.min_inputs}" if strategy.max_inputs is None
