@@ -26,7 +26,7 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 def test_there_are_examples():
-    assert len(CONFIGS) >= 4
+    assert len(CONFIGS) >= 14
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -41,9 +41,17 @@ def test_example_runs(config, demo_root, monkeypatch):
     assert got.keys() == base.keys()
     for name, tensor in got.items():
         assert tensor.shape == base[name].shape and bool(torch.isfinite(tensor.float()).all()), name
-    # Something was merged: the result is not a verbatim copy of any single input.
-    inputs = {os.path.basename(str(m.ref.model)) for m in spec.models or ()}
+    # Something was merged: the result is not a verbatim copy of any single input (the base included).
+    refs = [m.ref for m in spec.models or ()] + ([spec.base_model] if spec.base_model is not None else [])
+    inputs = {os.path.basename(str(ref.model)) for ref in refs}
     for name in inputs:
         model = read_folder(demo_root / "demo" / "models" / name)
         assert not all(torch.equal(got[k], model[k]) for k in got), f"{config.name} copied {name}"
     assert math.isclose(result.bytes, sum(t.numel() * t.element_size() for t in got.values()))
+
+
+def test_every_built_in_method_has_an_example():
+    from mergekit_lite.registry import builtins
+
+    used = {load_spec(config).merge_method for config in CONFIGS}
+    assert {s.name for s in builtins()} <= used
