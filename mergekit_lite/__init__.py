@@ -10,7 +10,7 @@ _EXPORTS = {
     "load_spec": "mergekit_lite.spec",
     "Spec": "mergekit_lite.spec",
     "run_merge": "mergekit_lite.api",
-    "plan": "mergekit_lite.api",
+    "make_plan": "mergekit_lite.api",
     "MergeResult": "mergekit_lite.api",
     "Strategy": "mergekit_lite.strategy",
     "Param": "mergekit_lite.strategy",

@@ -45,7 +45,7 @@ class MergeResult:
                 f"in {self.seconds:.1f} s.")
 
 
-def plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
+def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
          strategies: Iterable[Strategy] = ()) -> MergePlan:
     """Check a spec and plan the merge from the inputs' headers, without reading tensor data."""
     return plan_merge(load_spec(spec), strategies=strategies, dtype=_dtype(dtype, "--dtype"),
@@ -68,7 +68,7 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     except ValueError as exc:
         raise UsageError(str(exc), where="--max-shard-size") from None
     compute_device = resolve_device(device)
-    merge_plan = plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
+    merge_plan = make_plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
     try:
         check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
         if dry_run:

@@ -32,17 +32,22 @@ class Checkpoint:
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk into a new CPU tensor of its stored dtype and shape."""
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Read one tensor (or the block of its rows [start, end)) into a new CPU tensor of its stored dtype."""
         info = self.tensors[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if rows is not None:  # rows are contiguous in safetensors' row-major layout
+            row_bytes = info.nbytes // shape[0]
+            shape = (rows[1] - rows[0], *shape[1:])
+            start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
             try:
-                read_into(self._fd(info.path), info.start, memoryview(buffer.numpy()))
+                read_into(self._fd(info.path), start, memoryview(buffer.numpy()))
             except (OSError, EOFError) as exc:
                 raise ModelError(f"cannot read tensor '{name}': {exc}", file=info.path,
                                  hint="the file changed or was truncated after the merge started") from None
-        return buffer.view(info.dtype).reshape(info.shape)
+        return buffer.view(info.dtype).reshape(shape)
 
     def _fd(self, path: str) -> int:
         with self._lock:

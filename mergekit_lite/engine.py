@@ -1,12 +1,14 @@
 """The merge loop: read the inputs of one output tensor, merge on the device, cast, write. Repeat.
 
-One module owns the loop, the device and the dtypes. A background thread reads the next tensors' bytes
-while the current one is computed, within a byte budget, so the disk and the cores are busy together
-without memory growing beyond a few tensors.
+One module owns the loop, the device and the dtypes. A background thread reads (and on the CPU converts to
+float32) the next inputs while the current one is merged, within a byte budget, so the disk and both cores
+are busy together. Element-wise strategies (linear, task arithmetic) get large tensors in row blocks, so a
+1 GB embedding costs a few block-sized buffers rather than several copies of itself.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -16,11 +18,16 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .dtypes import compute_dtype
+from .dtypes import compute_dtype, itemsize
 from .errors import ModelError, StrategyError
+from .memory import reuse_freed_memory
 from .plan import MergePlan, TensorJob
 from .strategy import TensorContext
 from .writer import Entry, ShardWriter, plan_shards, shard_filenames
+
+# Row blocks of element-wise merges hold at most this many elements (128 MB per float32 input).
+PIECE_ELEMENTS = 1 << 25
+Rows = Optional[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,22 @@ class WrittenShards:
     seconds: float
 
 
+@dataclass(frozen=True, eq=False)
+class _Piece:
+    """A unit of work: a whole output tensor, or a block of its rows (element-wise strategies only)."""
+
+    job: TensorJob
+    rows: Rows
+
+    @property
+    def numel(self) -> int:
+        return self.job_numel if self.rows is None else (self.rows[1] - self.rows[0]) * math.prod(self.job.shape[1:])
+
+    @property
+    def job_numel(self) -> int:
+        return math.prod(self.job.shape)
+
+
 def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: torch.device,
                   progress: Optional[Callable[[int], None]] = None) -> WrittenShards:
     """Compute every planned tensor into shards in ``folder``."""
@@ -42,47 +65,73 @@ def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: 
     files = shard_filenames(len(shards))
     ordered = [jobs[e.name] for shard in shards for e in shard]
     owner = {e.name: i for i, shard in enumerate(shards) for e in shard}
+    pieces = [p for job in ordered for p in split(job, plan.strategy.elementwise)]
     writers: dict[int, ShardWriter] = {}
-    reader = _Prefetcher(ordered)
-    try:
-        for job, raw in reader:
-            index = owner[job.name]
-            if index not in writers:
-                writers[index] = ShardWriter(os.path.join(folder, files[index]), shards[index])
-            writers[index].write(job.name, merge_tensor(plan, job, raw, device))
-            del raw
-            reader.done(job)
-            if progress is not None:
-                progress(job.nbytes)
-            if job.name == shards[index][-1].name:
-                writers.pop(index).close()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        reader.stop()
+    with reuse_freed_memory():
+        reader = _Prefetcher(pieces, device)
+        try:
+            for piece, loaded in reader:
+                job = piece.job
+                index = owner[job.name]
+                if index not in writers:
+                    writers[index] = ShardWriter(os.path.join(folder, files[index]), shards[index])
+                prepared = loaded if device.type == "cpu" else prepare_inputs(job, loaded, device)
+                writers[index].write(job.name, merge_prepared(plan, job, prepared, piece.rows), piece.rows)
+                del loaded, prepared
+                reader.done(piece)
+                if progress is not None:
+                    progress(piece.numel * itemsize(job.dtype))
+                if writers[index].complete:
+                    writers.pop(index).close()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        finally:
+            reader.stop()
     return WrittenShards(files, {name: files[i] for name, i in owner.items()},
                          sum(j.nbytes for j in ordered), time.perf_counter() - started)
 
 
+def split(job: TensorJob, elementwise: bool) -> list[_Piece]:
+    """Row blocks of at most PIECE_ELEMENTS elements for element-wise merges; else the whole tensor."""
+    numel = math.prod(job.shape)
+    if not elementwise or job.copy or len(job.shape) < 2 or numel <= PIECE_ELEMENTS:
+        return [_Piece(job, None)]
+    step = max(1, PIECE_ELEMENTS // math.prod(job.shape[1:]))
+    return [_Piece(job, (start, min(start + step, job.shape[0]))) for start in range(0, job.shape[0], step)]
+
+
 def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One output tensor from its raw inputs (in ``job.sources`` order), on ``device``, back on the CPU."""
+    """One whole output tensor from its raw inputs (in ``job.sources`` order), on ``device``, back on the CPU."""
+    return merge_prepared(plan, job, prepare_inputs(job, raw, device))
+
+
+def prepare_inputs(job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Move raw inputs to ``device`` and convert them to the compute dtype (float32), one at a time so each
+    raw buffer is dropped as soon as it is converted. Non-float tensors (copied, not merged) pass through."""
     if job.copy:
-        first = raw[-1] if job.base is not None else raw[0]
-        for source, tensor in zip(job.sources, raw):
-            if not torch.equal(tensor, first):
-                raise ModelError(f"non-float tensor differs between models (cannot be averaged)",
-                                 where=f"tensor '{job.name}'", file=source.checkpoint.label,
-                                 hint="the models disagree on a buffer such as position_ids; fix one checkpoint")
-        return first
+        return raw
     tensors = []
-    while raw:  # convert one at a time, dropping each raw buffer as soon as it is converted
-        tensor = raw.pop(0).to(device, non_blocking=False)
+    while raw:
+        tensor = raw.pop(0).to(device)
         if job.load_dtype is not None:
             tensor = tensor.to(job.load_dtype)   # mergekit rounds inputs to the spec dtype first
         tensors.append(tensor.to(compute_dtype(tensor.dtype)))
         del tensor
+    return tensors
+
+
+def merge_prepared(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], rows: Rows = None) -> torch.Tensor:
+    """Run the strategy on prepared inputs (whole tensors, or the same row block of each); cast; to the CPU."""
+    if job.copy:
+        first = tensors[-1] if job.base is not None else tensors[0]
+        for source, tensor in zip(job.sources, tensors):
+            if not torch.equal(tensor, first):
+                raise ModelError("non-float tensor differs between models (cannot be averaged)",
+                                 where=f"tensor '{job.name}'", file=source.checkpoint.label,
+                                 hint="the models disagree on a buffer such as position_ids; fix one checkpoint")
+        return first
     base = tensors.pop() if job.base is not None else None
     ctx = TensorContext(job.name, job.layer, job.t, plan.seed)
     try:
@@ -91,23 +140,27 @@ def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], devic
         raise StrategyError(f"{plan.strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
                             hint="this is likely a bug in the strategy; re-run with --debug and report it") from exc
     del tensors, base
-    if tuple(result.shape) != job.shape:
-        raise StrategyError(f"{plan.strategy.name} returned shape {list(result.shape)}, planned {list(job.shape)}",
+    shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+    if tuple(result.shape) != shape:
+        raise StrategyError(f"{plan.strategy.name} returned shape {list(result.shape)}, planned {list(shape)}",
                             where=f"tensor '{job.name}'")
     return result.to(job.merge_dtype).to(job.dtype).cpu()
 
 
 class _Prefetcher:
-    """Reads the next jobs' input bytes in a background thread, within a byte budget.
+    """Reads (and, on the CPU, converts to float32) the next pieces' inputs in a background thread, within
+    a byte budget.
 
-    The budget is the largest job's raw bytes plus a little (at most 256 MiB) so that, while the largest
-    tensor is merged, only small tensors are read ahead. Reading uses positional reads that release the
-    GIL, so it overlaps with torch's compute.
+    The budget is the largest piece's loaded bytes plus a little (at most 256 MiB) so that, while the
+    largest piece is merged, only small ones are read ahead. Positional reads and torch conversions release
+    the GIL, so this overlaps with the main thread's merge arithmetic and writes.
     """
 
-    def __init__(self, jobs: Sequence[TensorJob]):
-        self._jobs = list(jobs)
-        self._cost = {id(j): sum(s.info.nbytes for s in j.sources) for j in self._jobs}
+    def __init__(self, pieces: Sequence[_Piece], device: torch.device):
+        self._pieces = list(pieces)
+        self._device = device
+        self._convert = device.type == "cpu"
+        self._cost = {id(p): _loaded_bytes(p, self._convert) for p in self._pieces}
         largest = max(self._cost.values(), default=0)
         self._budget = largest + min(largest, 256 << 20)
         self._used = 0
@@ -118,8 +171,8 @@ class _Prefetcher:
         self._thread.start()
 
     def _run(self) -> None:
-        for job in self._jobs:
-            cost = self._cost[id(job)]
+        for piece in self._pieces:
+            cost = self._cost[id(piece)]
             with self._cond:
                 while not self._stopped and self._used and self._used + cost > self._budget:
                     self._cond.wait()
@@ -127,25 +180,37 @@ class _Prefetcher:
                     return
                 self._used += cost
             try:
-                item = (job, [source.checkpoint.read(source.name) for source in job.sources])
+                job = piece.job
+                raw = [source.checkpoint.read(source.name, piece.rows) for source in job.sources]
+                item = (piece, prepare_inputs(job, raw, self._device) if self._convert else raw)
             except BaseException as exc:  # handed to the main thread, which raises it
                 self._queue.put(exc)
                 return
             self._queue.put(item)
 
-    def __iter__(self) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
-        for _ in self._jobs:
+    def __iter__(self) -> Iterator[tuple[_Piece, list[torch.Tensor]]]:
+        for _ in self._pieces:
             item = self._queue.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
 
-    def done(self, job: TensorJob) -> None:
+    def done(self, piece: _Piece) -> None:
         with self._cond:
-            self._used -= self._cost[id(job)]
+            self._used -= self._cost[id(piece)]
             self._cond.notify()
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify()
+
+
+def _loaded_bytes(piece: _Piece, converted: bool) -> int:
+    """Bytes a piece's inputs occupy once loaded: raw, or converted to the compute dtype."""
+    job = piece.job
+    total = 0
+    for source in job.sources:
+        dtype = source.info.dtype if not converted or job.copy else compute_dtype(job.load_dtype or source.info.dtype)
+        total += piece.numel * itemsize(dtype)
+    return total

@@ -137,6 +137,9 @@ class Strategy:
     min_inputs: int = 1                  # inputs other than a separately-passed base
     max_inputs: Optional[int] = None
     random: bool = False
+    # Each output element depends only on the same element of the inputs: the engine may then merge a large
+    # tensor in row blocks (bounded memory). False for anything using whole-tensor statistics (norms, top-k).
+    elementwise: bool = False
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
     # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
     check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)

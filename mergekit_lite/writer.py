@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -65,7 +65,7 @@ class ShardWriter:
         self.path = path
         self._entries = {e.name: e for e in entries}
         self._offsets = offsets
-        self._pending = set(self._entries)
+        self._missing = {e.name: e.nbytes for e in entries}   # bytes not yet written, per tensor
         self.size = len(header) + sum(e.nbytes for e in entries)
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -75,22 +75,32 @@ class ShardWriter:
             raise OutputError(f"cannot write: {exc.strerror}", file=path,
                               hint="check free disk space and permissions of the output folder") from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> None:
+        """Write a whole tensor, or the block of its rows [start, end), into its planned place."""
         entry = self._entries[name]
-        if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
-            raise AssertionError(f"{name}: planned {entry.dtype} {entry.shape}, got {tensor.dtype} "
-                                 f"{tuple(tensor.shape)}")
+        shape, offset = entry.shape, self._offsets[name]
+        if rows is not None:
+            shape = (rows[1] - rows[0], *entry.shape[1:])
+            offset += rows[0] * (entry.nbytes // entry.shape[0])
+        if tensor.dtype != entry.dtype or tuple(tensor.shape) != shape:
+            raise AssertionError(f"{name}: planned {entry.dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor_bytes(tensor)
         try:
-            write_from(self._fd, self._offsets[name], tensor_bytes(tensor))
+            write_from(self._fd, offset, data)
         except OSError as exc:
             raise OutputError(f"cannot write tensor '{name}': {exc.strerror}", file=self.path,
                               hint="check free disk space; the partial output was left for inspection") from None
-        self._pending.discard(name)
+        self._missing[name] -= len(data)
+
+    @property
+    def complete(self) -> bool:
+        return not any(self._missing.values())
 
     def close(self) -> None:
-        """Flush to disk. A shard is complete only when every planned tensor was written."""
-        if self._pending:
-            raise AssertionError(f"{self.path}: tensors never written: {sorted(self._pending)[:3]}")
+        """Flush to disk. A shard is complete only when every planned byte was written."""
+        if not self.complete:
+            raise AssertionError(f"{self.path}: tensors not fully written: "
+                                 f"{sorted(n for n, left in self._missing.items() if left)[:3]}")
         try:
             os.fsync(self._fd)
         except OSError as exc:

@@ -30,6 +30,7 @@ STRATEGY = Strategy(
     fn=linear,
     title="Linear (model soup)",
     summary="Weighted average of the models' tensors; a base_model, if given, is one more input.",
+    elementwise=True,
     paper="https://arxiv.org/abs/2203.05482",
     base="input",
     params=(

@@ -182,6 +182,9 @@ STRATEGIES = [
     Strategy(name=p.name, fn=partial(generalized_task_arithmetic, consensus=p.consensus, sparsifier=p.sparsifier),
              title=p.title, summary=p.summary, paper=p.paper, base="required", params=_params(p),
              random=p.sparsifier in ("random", "della_magprune"),
+             # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,
+             # L1 norms, a random stream drawn for the tensor's shape).
+             elementwise=p.sparsifier is None and p.consensus is None,
              check=_check_della if p.sparsifier == "della_magprune" else None)
     for p in PRESETS
 ]
