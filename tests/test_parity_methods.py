@@ -172,8 +172,10 @@ def test_model_stock_bit_exact(filter_wise, fixture, request, tmp_path):
     compare(MODEL_STOCK.format(root=request.getfixturevalue(fixture), filter_wise=filter_wise), tmp_path)
 
 
-def test_model_stock_with_bf16_arithmetic_within_two_ulps(models_bf16, tmp_path):
-    """Without dtype: float32, mergekit computes model_stock in bfloat16; we compute in float32 and round
-    once. On these models the results differ by at most 2 bfloat16 ulps at the tensor's scale."""
-    spec = MODEL_STOCK.format(root=models_bf16, filter_wise="true").replace("dtype: float32", "")
-    compare(spec, tmp_path, max_ulp=2)
+@pytest.mark.parametrize("spec", [MODEL_STOCK.format(root="{root}", filter_wise="true"),
+                                  NUSLERP.format(root="{root}", base="", flatten="false", row_wise="false", w2=1.2)],
+                         ids=["model_stock", "nuslerp"])
+def test_bf16_arithmetic_within_two_ulps(models_bf16, tmp_path, spec):
+    """Without dtype: float32, mergekit computes model_stock and nuslerp in bfloat16; we compute in float32
+    and round once. On these models the results differ by at most 2 bfloat16 ulps at the tensor's scale."""
+    compare(spec.format(root=models_bf16).replace("dtype: float32", ""), tmp_path, max_ulp=2)
