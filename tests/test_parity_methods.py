@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from conftest import read_folder
-from mergekit_lite import run_merge
-from mergekit_oracle import max_diff_in_scale_ulps, run_mergekit
+from test_mergekit_parity import assert_same, both
 from test_sparsifiers import stable_mergekit_sort  # noqa: F401  (fixture)
 
 pytest.importorskip("mergekit")
@@ -39,17 +38,9 @@ dtype: float32
 
 
 def compare(spec: str, tmp_path, max_ulp: float = 0):
-    run_merge(spec, tmp_path / "ours", progress=False)
-    run_mergekit(spec, tmp_path / "mergekit")
-    ours, theirs = read_folder(tmp_path / "ours"), read_folder(tmp_path / "mergekit")
-    assert sorted(ours) == sorted(theirs)
-    for name in ours:
-        assert ours[name].dtype == theirs[name].dtype and ours[name].shape == theirs[name].shape, name
-        if max_ulp == 0:
-            assert torch.equal(ours[name], theirs[name]), name
-        else:
-            assert max_diff_in_scale_ulps(ours[name], theirs[name]) <= max_ulp, name
-    return ours
+    """Run the spec through both tools; every tensor equal (or within max_ulp ulps at scale). Returns ours."""
+    assert_same(*both(spec, tmp_path), max_ulp=max_ulp)
+    return read_folder(tmp_path / "ours")
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -69,9 +60,7 @@ def test_ties_against_mergekits_own_sort_differs_only_at_tied_cuts(models_f32, t
     models = "".join(f"  - model: {models_f32}/{m}\n    parameters: {{weight: 0.5, density: {d}}}\n"
                      for m, d in densities.items())
     spec = f"merge_method: ties\nbase_model: {models_f32}/base\nmodels:\n{models}dtype: float32\n"
-    run_merge(spec, tmp_path / "ours", progress=False)
-    run_mergekit(spec, tmp_path / "mergekit")
-    ours, theirs = read_folder(tmp_path / "ours"), read_folder(tmp_path / "mergekit")
+    ours, theirs = (read_folder(folder) for folder in both(spec, tmp_path))
     base = read_folder(models_f32 / "base")
     inputs = {m: read_folder(models_f32 / m) for m in densities}
     identical = 0
