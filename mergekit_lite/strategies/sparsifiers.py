@@ -4,8 +4,8 @@ Each takes one task vector ``delta`` (float32, owned by the caller, which lets u
 returns it with the dropped entries set to zero and, when ``rescale``, the survivors scaled so the L1 norm
 equals the unpruned one (mergekit's ``rescale``: a tensor-level norm match, not DARE's element-wise 1/p).
 
-Magnitude methods keep entries by rank of |delta|. Ranks are found with k-th value selection
-(``torch.kthvalue``, linear time), never by sorting the tensor. Equal magnitudes are ranked by position,
+Magnitude methods keep entries by rank of |delta|. Ranks are found with k-th value selection (a radix
+select, linear time), never by sorting the tensor. Equal magnitudes are ranked by position,
 as a stable sort would; mergekit's (unstable) argsort breaks such ties in an order of its own, so the two
 can keep different members of a group of equal magnitudes straddling the cut (same count, same |value|).
 
@@ -78,8 +78,8 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
     order = torch.sort(rows.abs(), dim=1, stable=True).indices             # ascending |delta| along dim 1
     shape = [1] * rows.dim()
     shape[1] = m
-    positions = torch.arange(m, device=delta.device).view(shape).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions)           # 0 = smallest magnitude
+    positions = torch.arange(m, dtype=torch.int32, device=delta.device).view(shape).expand_as(order)
+    ranks = torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)   # 0 = smallest |delta|
     del order, positions
     rank_norm = ranks.to(delta.dtype).div_(m - 1) if m > 1 else torch.full(ranks.shape, 0.5, dtype=delta.dtype,
                                                                            device=delta.device)
