@@ -1,5 +1,6 @@
 """DARE and DELLA end to end: seeded per tensor from --seed and the tensor name, so the bytes do not depend
-on the run, the thread count or the shard size; another seed gives another draw."""
+on the run, the thread count or the shard size; another seed gives another draw. Methods that need the
+whole tensor are never merged in row blocks."""
 
 from __future__ import annotations
 
@@ -72,3 +73,20 @@ def test_same_bytes_across_runs_threads_and_shard_sizes(wide_models, tmp_path, m
     run_merge(text, tmp_path / "other_seed", progress=False, seed=8)
     other = as_bytes(tmp_path / "other_seed")
     assert all(other[n] != outputs[0][n] for n in other if n.endswith("proj.weight"))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear", "slerp", "model_stock"])
+def test_whole_tensor_methods_are_never_split_into_row_blocks(wide_models, tmp_path, monkeypatch, method):
+    """Pruning, norms and random streams see the whole tensor: tiny row blocks must not change a byte."""
+    import mergekit_lite.engine as engine
+
+    text = {
+        "slerp": f"merge_method: slerp\nbase_model: {wide_models}/base\nmodels:\n  - model: {wide_models}/ft-a\n"
+                 "parameters: {t: 0.4}\n",
+        "model_stock": f"merge_method: model_stock\nbase_model: {wide_models}/base\nmodels:\n"
+                       f"  - model: {wide_models}/ft-a\n  - model: {wide_models}/ft-b\n",
+    }.get(method) or spec(wide_models, method)
+    run_merge(text, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(engine, "PIECE_ELEMENTS", 1000)
+    run_merge(text, tmp_path / "blocks", progress=False)
+    assert as_bytes(tmp_path / "whole") == as_bytes(tmp_path / "blocks")
