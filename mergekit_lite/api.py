@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 import torch
 
@@ -15,9 +16,13 @@ from .dtypes import parse_dtype
 from .errors import UsageError
 from .outdir import check_output, commit_partial, start_partial
 from .plan import MergePlan, plan_merge
+from .run_settings import RunSettings, settings_for, write_run_settings
 from .spec import Spec, load_spec
 from .strategy import Strategy
 from .units import parse_size
+
+if TYPE_CHECKING:
+    from .validation import ValidationReport
 
 log = logging.getLogger("mergekit_lite")
 SpecLike = Union[str, os.PathLike, dict, Spec]
@@ -35,6 +40,7 @@ class MergeResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
+    validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run)
 
     def __str__(self) -> str:
         from .units import format_size
@@ -55,11 +61,13 @@ def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optiona
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: Union[str, int] = "5GB",
               dtype: Optional[str] = None, out_dtype: Optional[str] = None, device: str = "auto",
               overwrite: bool = False, dry_run: bool = False, seed: int = 0,
-              strategies: Iterable[Strategy] = (), progress: bool = True) -> MergeResult:
+              strategies: Iterable[Strategy] = (), progress: bool = True, validate: bool = True) -> MergeResult:
     """Merge the models a spec describes into the folder ``out``.
 
     ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
     that are not built in (they take precedence by name). Raises a MergeError subclass on bad input.
+    With ``validate`` (the default) the written output is checked (``mergekit_lite.validate``) and the
+    report is ``result.validation``; a failed validation does not raise and leaves the output in place.
     """
     started = time.perf_counter()
     out = os.fspath(out)
@@ -68,7 +76,9 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     except ValueError as exc:
         raise UsageError(str(exc), where="--max-shard-size") from None
     compute_device = resolve_device(device)
+    strategies = list(strategies)
     merge_plan = make_plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
+    settings = settings_for(_dtype(dtype, "--dtype"), _dtype(out_dtype, "--out-dtype"), seed, compute_device)
     try:
         check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
         if dry_run:
@@ -77,13 +87,19 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
             return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
                                dry_run=True, warnings=merge_plan.warnings,
                                summary=describe_plan(merge_plan, out, shard_bytes))
-        return _execute(merge_plan, out, shard_bytes, compute_device, progress, started)
+        result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started, settings)
     finally:
         merge_plan.close()
+    if not validate:
+        return result
+    from .validation import validate as validate_output
+
+    report = validate_output(out, merge_plan.spec, device=compute_device, strategies=strategies)
+    return dataclasses.replace(result, validation=report)
 
 
 def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, progress: bool,
-             started: float) -> MergeResult:
+             started: float, settings: RunSettings) -> MergeResult:
     from .engine import write_tensors
     from .outfiles import write_companions
     from .progress import byte_progress
@@ -92,6 +108,7 @@ def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.de
     with byte_progress(merge_plan.total_bytes, enabled=progress) as advance:
         shards = write_tensors(merge_plan, partial, max_shard_size=shard_bytes, device=device, progress=advance)
     write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
+    write_run_settings(partial, settings)
     commit_partial(partial, out)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)

@@ -82,7 +82,7 @@ def open_checkpoint(folder: str, label: Optional[str] = None) -> Checkpoint:
         tensors, _ = read_header(os.path.join(folder, SINGLE_FILE))
     else:
         raise _no_weights_error(folder, label)
-    return Checkpoint(label, folder, tensors, _read_config(folder))
+    return Checkpoint(label, folder, tensors, read_config(folder))
 
 
 def _read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
@@ -149,7 +149,7 @@ def _no_weights_error(folder: str, label: str) -> ModelError:
                       hint="give the folder that holds the model's safetensors files")
 
 
-def _read_config(folder: str) -> dict[str, Any]:
+def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         return {}

@@ -29,11 +29,34 @@ TIED_OUTPUT_EMBEDDINGS: dict[str, tuple[str, ...]] = {
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers",
                     "language_config.num_hidden_layers", "llm_config.num_hidden_layers")
 
+# Config lists with one entry per layer (next to the layer count key): re-sliced when layers are stacked.
+PER_LAYER_KEYS = ("layer_types", "layers_block_type", "no_rope_layers")
+
+# Tensors outside the numbered layers, by a dotted component's start: before the layers (embeddings) or
+# after them (final norm, head). Checked in this order, so `word_embeddings_layernorm` is before the layers.
+BEFORE_LAYERS = ("embed_tokens", "embed_in", "embed_positions", "embeddings", "word_embeddings", "wte", "wpe")
+AFTER_LAYERS = ("lm_head", "embed_out", "norm", "ln_f", "final_layernorm", "final_layer_norm", "score")
+
 
 def layer_index(name: str) -> Optional[int]:
     """The layer a tensor belongs to, or None for embeddings, final norms, heads."""
     match = LAYER_PATTERN.search(name)
     return int(match.group(3)) if match else None
+
+
+def layer_stack(name: str) -> Optional[str]:
+    """The name up to the layer number (``model.layers.``): tensors of one stack of layers share it."""
+    match = LAYER_PATTERN.search(name)
+    return name[:match.start(3)] if match else None
+
+
+def outside_position(name: str) -> Optional[str]:
+    """For a tensor outside the layers: "before" (embeddings) or "after" (final norm, head); None if unknown."""
+    parts = name.split(".")
+    for position, starts in (("before", BEFORE_LAYERS), ("after", AFTER_LAYERS)):
+        if any(part.startswith(start) for part in parts for start in starts):
+            return position
+    return None
 
 
 def rename_layer(name: str, index: int) -> str:
@@ -79,9 +102,23 @@ def get_config_value(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def set_config_value(config: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
 def layer_count_key(config: dict[str, Any]) -> Optional[str]:
     """The config key that holds the layer count, or None if the config has none we know."""
     for key in LAYER_COUNT_KEYS:
-        if isinstance(get_config_value(config, key), int):
+        value = get_config_value(config, key)
+        if isinstance(value, int) and not isinstance(value, bool):
             return key
     return None
+
+
+def sibling_key(dotted: str, name: str) -> str:
+    """``name`` in the same (possibly nested) section of the config as ``dotted``."""
+    return dotted.rsplit(".", 1)[0] + "." + name if "." in dotted else name

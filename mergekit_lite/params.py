@@ -33,7 +33,7 @@ def evaluate(raw: Any, tensor_name: str, t: float, param: Param, where: str) -> 
 
 def _gradient(values: list, t: float, param: Param, where: str) -> Any:
     points = [param.coerce(v, f"{where}[{i}]") for i, v in enumerate(values)]
-    if param.type is bool:  # discrete values step rather than interpolate
+    if param.type in (bool, str):  # discrete values step rather than interpolate
         return points[int(t * (len(points) - 1))]
     scaled = t * (len(points) - 1)
     i0 = int(scaled)

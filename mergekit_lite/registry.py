@@ -20,6 +20,8 @@ BUILTIN_MODULES = (
     "slerp",
     "nuslerp",
     "model_stock",
+    "passthrough",
+    "concat",
 )
 
 

@@ -34,7 +34,7 @@ class Param:
     """One declared parameter: the YAML key, its type, default, range and meaning."""
 
     name: str
-    type: type                      # float, int or bool
+    type: type                      # float, int, bool or str (a name, e.g. concat's fallback method)
     description: str
     default: Any = REQUIRED
     per_model: bool = False         # set per input model (weight, density) rather than once per merge
@@ -49,6 +49,8 @@ class Param:
     def range_text(self) -> str:
         if self.type is bool:
             return "true/false"
+        if self.type is str:
+            return "a name"
         lo = "-inf" if self.min is None else f"{self.min:g}"
         hi = "inf" if self.max is None else f"{self.max:g}"
         return f"[{lo}, {hi}]"
@@ -62,6 +64,10 @@ class Param:
             if text in _TRUE | _FALSE and not isinstance(value, float):
                 return text in _TRUE
             raise SpecError(f"{self.name} must be true or false, got {value!r}", where=where)
+        if self.type is str:
+            if isinstance(value, str) and value:
+                return value
+            raise SpecError(f"{self.name} must be a name, got {value!r}", where=where)
         if isinstance(value, bool):
             raise SpecError(f"{self.name} must be a number, got {value!r}", where=where)
         try:
@@ -143,6 +149,10 @@ class Strategy:
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
     # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
     check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)
+    # Optional: a strategy that changes tensor shapes (concat) plans its output tensors itself, with a
+    # mergekit_lite.jobs.Layout. None: one output tensor per input tensor, of the same shape.
+    layout: Optional[Any] = field(default=None, compare=False)
+    details: str = ""                    # longer explanation shown by `merge methods NAME`
 
     def param(self, name: str) -> Optional[Param]:
         return next((p for p in self.params if p.name == name), None)

@@ -76,4 +76,6 @@ def describe_strategy(s: Strategy) -> str:
         default = "required" if p.required else f"default {_fmt(p.default)}"
         lines.append(f"    {p.name} ({p.type.__name__}, {scope}, {default}, range {p.range_text()}): {p.description}")
     lines.append("  Every parameter accepts a value, a gradient list, or a list of {filter, value} entries.")
+    if s.details:
+        lines += [""] + ["  " + line for line in s.details.splitlines()]
     return "\n".join(lines)

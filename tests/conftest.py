@@ -71,3 +71,12 @@ def cli():
         return CliRunner().invoke(group, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny transformers checkpoints of several layouts (tests/hf_models.py); transformers is imported here only."""
+    pytest.importorskip("transformers")
+    import hf_models as hf
+
+    return hf.build(tmp_path_factory.mktemp("hf"))

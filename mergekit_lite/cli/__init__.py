@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .methods import methods
 from .run import run
+from .validate import validate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -17,10 +18,11 @@ def cli() -> None:
     \b
     merge run SPEC.yaml -o OUT      run a (mergekit-compatible) merge spec
     merge methods [NAME]            list the merge methods and their parameters
+    merge validate OUT              check a merged model against its spec
     """
 
 
-for command in (run, methods):
+for command in (run, methods, validate):
     cli.add_command(command)
 
 
