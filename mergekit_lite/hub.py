@@ -9,6 +9,8 @@ from .references import ModelPath
 MODEL_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                   "tokenizer*", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt", "added_tokens.json",
                   "chat_template.jinja", "chat_template.json"]
+# Only with --allow-pickle (a model published without safetensors weights).
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 def download(path: ModelPath, where: str, patterns: list[str] | None = None) -> str:

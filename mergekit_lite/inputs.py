@@ -25,17 +25,19 @@ def local_folder(path: ModelPath, where: str) -> Optional[str]:
     return None
 
 
-def fetch(path: ModelPath, where: str) -> str:
+def fetch(path: ModelPath, where: str, allow_pickle: bool = False) -> str:
     folder = local_folder(path, where)
     if folder is not None:
         return folder
-    from .hub import download
+    from .hub import MODEL_PATTERNS, PICKLE_PATTERNS, download
 
-    return download(path, where)
+    return download(path, where, MODEL_PATTERNS + PICKLE_PATTERNS if allow_pickle else None)
 
 
-def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
-    """Open every model the spec references, keyed by reference. Errors name the YAML path."""
+def open_inputs(spec: Spec, allow_pickle: bool = False) -> dict[ModelRef, Checkpoint]:
+    """Open every model the spec references, keyed by reference. Errors name the YAML path.
+
+    ``allow_pickle``: a model with only pickle weights is loaded with torch.load(weights_only=True)."""
     refs = spec.references()
     for ref, where in refs:  # fail on missing local folders before any download starts
         try:
@@ -51,7 +53,8 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
             if ref.adapter is not None:
                 raise SpecError(f"'{ref}': LoRA adapter references (base+adapter) are not supported yet",
                                 hint="fold the adapter with peft's merge_and_unload() and reference the result")
-            checkpoint = open_checkpoint(fetch(ref.model, where), label=str(ref.model))
+            checkpoint = open_checkpoint(fetch(ref.model, where, allow_pickle), label=str(ref.model),
+                                         allow_pickle=allow_pickle)
         except MergeError as exc:
             if exc.where is None:
                 exc.where = where

@@ -63,7 +63,7 @@ def parse_reference(value: Any, where: str) -> ModelRef:
     if isinstance(value, dict):
         unknown = set(value) - {"model", "lora"}
         if unknown:
-            raise SpecError(f"unknown key '{sorted(unknown)[0]}' in a model reference", where=where,
+            raise SpecError(f"unknown key '{sorted(map(str, unknown))[0]}' in a model reference", where=where,
                             hint="a model reference dict has 'model' and optionally 'lora'")
         if "model" not in value:
             raise SpecError("model reference dict has no 'model'", where=where)

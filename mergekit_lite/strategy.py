@@ -25,6 +25,7 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+FLOAT32_MAX = 3.4028234663852886e38
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -73,9 +74,14 @@ class Param:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise SpecError(f"{self.name} must be a number, got {value!r}", where=where) from None
+            raise SpecError(f"{self.name} must be a number, got {_short(value)}", where=where) from None
+        except OverflowError:   # an integer literal with hundreds of digits
+            number = math.inf
         if not math.isfinite(number):
-            raise SpecError(f"{self.name} must be a finite number, got {value!r}", where=where)
+            raise SpecError(f"{self.name} must be a finite number, got {_short(value)}", where=where)
+        if self.type is float and abs(number) > FLOAT32_MAX:
+            raise SpecError(f"{self.name} = {number:g} is beyond float32's range (+-{FLOAT32_MAX:.4g})", where=where,
+                            hint="merges compute in float32, where this value would be infinite")
         if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
             raise SpecError(f"{self.name} = {number:g} is outside {self.range_text()}", where=where,
                             hint=self.description)
@@ -84,6 +90,31 @@ class Param:
                 raise SpecError(f"{self.name} must be a whole number, got {value!r}", where=where)
             return int(number)
         return number
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a strategy's ``check`` found wrong with one tensor's resolved parameters. ``params`` names the
+    parameters involved, so the error can give the YAML paths that set them for that tensor."""
+
+    what: str
+    params: tuple[str, ...] = ()
+    hint: Optional[str] = None
+
+
+def weights_sum_check(params: dict[str, Any]) -> Optional[Problem]:
+    """``normalize`` divides by the sum of the per-model weights: a zero sum would make NaN and Inf."""
+    weights = params["weight"]
+    if params["normalize"] and abs(sum(weights)) < 1e-8:
+        terms = " + ".join(f"{w:g}" for w in weights)
+        return Problem(f"the weights sum to {sum(weights):g} ({terms}), so normalize cannot divide by them",
+                       ("weight", "normalize"), hint="change a weight, or set normalize: false")
+    return None
 
 
 @dataclass(frozen=True)
@@ -133,8 +164,9 @@ class Strategy:
     # Each output element depends only on the same element of the inputs: the engine may then merge a large
     # tensor in row blocks (bounded memory). False for anything using whole-tensor statistics (norms, top-k).
     elementwise: bool = False
-    # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon).
-    check: Optional[Callable[[dict[str, Any]], Optional[str]]] = field(default=None, compare=False)
+    # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
+    # returns a message, or a Problem naming the parameters involved (the error then gives their YAML paths).
+    check: Optional[Callable[[dict[str, Any]], "Optional[str | Problem]"]] = field(default=None, compare=False)
     # Optional: a strategy that changes tensor shapes (concat) plans its output tensors itself, with a
     # mergekit_lite.jobs.Layout. None: one output tensor per input tensor, of the same shape.
     layout: Optional[Any] = field(default=None, compare=False)

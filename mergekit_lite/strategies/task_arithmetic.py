@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..strategy import Param, Strategy, TensorContext
+from ..strategy import Param, Strategy, TensorContext, weights_sum_check
 
 LAMBDA = Param("lambda", float, "scales the combined task vector, applied last", default=1.0)
 
@@ -17,7 +17,7 @@ def task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor]
 
     Same operation order as mergekit's generalized task arithmetic: the weight multiplies each delta,
     deltas are summed in model order, the sum is divided by the weight total (a total of |w| < 1e-8 counts
-    as 1), lambda is applied last.
+    as 1, as in mergekit; plans refuse such weights with normalize), lambda is applied last.
     """
     assert base is not None
     lam = params["lambda"]
@@ -45,6 +45,8 @@ STRATEGY = Strategy(
     elementwise=True,
     paper="https://arxiv.org/abs/2212.04089",
     base="required",
+    # mergekit quietly skips normalizing when the weights sum to ~0; a spec asking for it is refused instead.
+    check=weights_sum_check,
     params=(
         Param("weight", float, "scales this model's task vector", per_model=True, for_base=False),
         Param("normalize", bool, "divide the summed task vectors by the sum of the weights", default=False),

@@ -1,0 +1,80 @@
+"""NaN and Inf: refused in the inputs, and never made by a merge without saying why.
+
+One NaN in one weight turns every activation it touches into NaN. A checkpoint that already holds one
+(training that diverged, a corrupt download) would be merged into an output that looks fine until it is
+run, so the merge stops at the first such tensor and names it, unless the user opts in with
+``--allow-nonfinite``. A merge of finite inputs that produces NaN or Inf (weights so large that float32
+overflows, an output dtype too narrow for the values) is an error too, naming the tensor and the cause.
+
+The fast path is one ``isfinite().all()`` per tensor; counts and positions are computed only on failure.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .dtypes import dtype_name
+from .errors import ModelError, StrategyError
+from .validation.stream import unravel
+
+ALLOW_HINT = "pass --allow-nonfinite to merge anyway (NaN and Inf then spread into the output)"
+
+
+def count_nonfinite(tensor: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """None when every value is finite; else (NaN count, Inf count, flat index of the first bad value)."""
+    if not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor).all()):
+        return None
+    flat = tensor.reshape(-1)
+    nan = int(torch.isnan(flat).sum())
+    finite = torch.isfinite(flat)
+    return nan, flat.numel() - int(finite.sum()) - nan, int(torch.argmin(finite.to(torch.uint8)))
+
+
+def describe(counts: tuple[int, int, int], shape: Sequence[int], offset: int = 0) -> str:
+    """'2 NaN and 1 Inf values, the first at [3, 7]' (``offset``: flat index of this block in the tensor)."""
+    nan, inf, first = counts
+    parts = [f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)} values, the first at {list(unravel(first + offset, tuple(shape)))}"
+
+
+def check_inputs(job: Any, tensors: Sequence[torch.Tensor], rows: Optional[tuple[int, int]]) -> None:
+    """Raise a ModelError naming the first input (tensor and model) that holds NaN or Inf."""
+    offset = rows[0] * math.prod(job.shape[1:]) if rows is not None else 0
+    for source, tensor in zip(job.sources, tensors):
+        counts = count_nonfinite(tensor)
+        if counts is not None:
+            shape = source.info.shape
+            raise ModelError(f"the input already holds {describe(counts, shape, offset)}",
+                             where=f"tensor '{source.name}'", file=source.checkpoint.label,
+                             hint="the checkpoint is corrupt or its training diverged: download it again or leave "
+                                  f"it out; or {ALLOW_HINT}")
+
+
+def check_result(job: Any, strategy_name: str, merged: torch.Tensor, written: torch.Tensor,
+                 rows: Optional[tuple[int, int]]) -> None:
+    """Raise a StrategyError when finite inputs gave NaN or Inf: in the arithmetic, or in the final cast."""
+    counts = count_nonfinite(written)
+    if counts is None:
+        return
+    offset = rows[0] * math.prod(job.shape[1:]) if rows is not None else 0
+    where = f"tensor '{job.name}'"
+    if count_nonfinite(merged) is None:   # finite in float32: the cast to the output dtype overflowed
+        largest = float(merged.abs().max())
+        limit = torch.finfo(job.dtype).max
+        raise StrategyError(f"merged values up to {largest:.4g} do not fit {dtype_name(job.dtype)} (largest "
+                            f"{limit:.4g}): {describe(counts, job.shape, offset)}", where=where,
+                            hint="write a wider dtype (out_dtype: bfloat16 or float32), or use smaller weights")
+    params = ", ".join(f"{k}={_value(v)}" for k, v in job.params.items())
+    raise StrategyError(f"{strategy_name} made {describe(counts, job.shape, offset)} from finite inputs "
+                        f"({params})", where=where,
+                        hint="the parameters make float32 overflow or divide by zero for this tensor; "
+                             "use smaller weights, or check the values set for it")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_value(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
