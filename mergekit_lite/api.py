@@ -89,6 +89,9 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     try:
         check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
         check_free_space(out, merge_plan.total_bytes)
+        from .outfiles import check_tokenizer_files
+
+        check_tokenizer_files(merge_plan)
         if dry_run:
             from .summary import describe_plan
 

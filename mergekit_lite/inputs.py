@@ -56,8 +56,7 @@ def open_inputs(spec: Spec, allow_pickle: bool = False) -> dict[ModelRef, Checkp
             checkpoint = open_checkpoint(fetch(ref.model, where, allow_pickle), label=str(ref.model),
                                          allow_pickle=allow_pickle)
         except MergeError as exc:
-            if exc.where is None:
-                exc.where = where
+            exc.where = where if exc.where is None else f"{where}: {exc.where}"   # the YAML path, then the tensor
             if exc.file is None:
                 exc.file = spec.file
             raise

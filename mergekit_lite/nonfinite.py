@@ -33,11 +33,16 @@ def count_nonfinite(tensor: torch.Tensor) -> Optional[tuple[int, int, int]]:
     return nan, flat.numel() - int(finite.sum()) - nan, int(torch.argmin(finite.to(torch.uint8)))
 
 
-def describe(counts: tuple[int, int, int], shape: Sequence[int], offset: int = 0) -> str:
-    """'2 NaN and 1 Inf values, the first at [3, 7]' (``offset``: flat index of this block in the tensor)."""
-    nan, inf, first = counts
+def describe(counts: tuple[int, int, int]) -> str:
+    """'2 NaN and 1 Inf values'."""
+    nan, inf, _ = counts
     parts = [f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else ""]
-    return f"{' and '.join(p for p in parts if p)} values, the first at {list(unravel(first + offset, tuple(shape)))}"
+    return " and ".join(p for p in parts if p) + (" value" if nan + inf == 1 else " values")
+
+
+def first_at(counts: tuple[int, int, int], shape: Sequence[int], offset: int = 0) -> str:
+    """'the first at [3, 7]' (``offset``: flat index of this block of rows in the whole tensor)."""
+    return f"the first at {list(unravel(counts[2] + offset, tuple(shape)))}"
 
 
 def check_inputs(job: Any, tensors: Sequence[torch.Tensor], rows: Optional[tuple[int, int]]) -> None:
@@ -47,7 +52,7 @@ def check_inputs(job: Any, tensors: Sequence[torch.Tensor], rows: Optional[tuple
         counts = count_nonfinite(tensor)
         if counts is not None:
             shape = source.info.shape
-            raise ModelError(f"the input already holds {describe(counts, shape, offset)}",
+            raise ModelError(f"the input already holds {describe(counts)}, {first_at(counts, shape, offset)}",
                              where=f"tensor '{source.name}'", file=source.checkpoint.label,
                              hint="the checkpoint is corrupt or its training diverged: download it again or leave "
                                   f"it out; or {ALLOW_HINT}")
@@ -65,11 +70,12 @@ def check_result(job: Any, strategy_name: str, merged: torch.Tensor, written: to
         largest = float(merged.abs().max())
         limit = torch.finfo(job.dtype).max
         raise StrategyError(f"merged values up to {largest:.4g} do not fit {dtype_name(job.dtype)} (largest "
-                            f"{limit:.4g}): {describe(counts, job.shape, offset)}", where=where,
+                            f"{limit:.4g}): {describe(counts)} after the cast, {first_at(counts, job.shape, offset)}",
+                            where=where,
                             hint="write a wider dtype (out_dtype: bfloat16 or float32), or use smaller weights")
     params = ", ".join(f"{k}={_value(v)}" for k, v in job.params.items())
-    raise StrategyError(f"{strategy_name} made {describe(counts, job.shape, offset)} from finite inputs "
-                        f"({params})", where=where,
+    raise StrategyError(f"{strategy_name} made {describe(counts)} from finite inputs, "
+                        f"{first_at(counts, job.shape, offset)} ({params})", where=where,
                         hint="the parameters make float32 overflow or divide by zero for this tensor; "
                              "use smaller weights, or check the values set for it")
 
@@ -77,4 +83,6 @@ def check_result(job: Any, strategy_name: str, merged: torch.Tensor, written: to
 def _value(value: Any) -> str:
     if isinstance(value, tuple):
         return "(" + ", ".join(_value(v) for v in value) + ")"
+    if isinstance(value, bool):
+        return str(value).lower()
     return f"{value:g}" if isinstance(value, float) else str(value)

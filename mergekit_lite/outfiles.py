@@ -7,6 +7,7 @@ import os
 import shutil
 
 from .card import card_text
+from .checkpoint import contained_path
 from .engine import WrittenShards
 from .plan import MergePlan
 from .writer import INDEX_NAME
@@ -15,6 +16,15 @@ from .writer import INDEX_NAME
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def check_tokenizer_files(plan: MergePlan) -> None:
+    """Refuse a tokenizer file that is a link out of its model folder before the merge starts: copied into the
+    output (and perhaps published), it could carry any file the user can read."""
+    if plan.tokenizer_folder:
+        for filename in TOKENIZER_FILES:
+            if os.path.lexists(os.path.join(plan.tokenizer_folder, filename)):
+                contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)
 
 
 def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: str) -> None:
@@ -26,7 +36,7 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
     if plan.tokenizer_folder:
         for filename in TOKENIZER_FILES:
             source = os.path.join(plan.tokenizer_folder, filename)
-            if os.path.isfile(source):
+            if os.path.isfile(contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)):
                 shutil.copyfile(source, os.path.join(folder, filename))
     _write_text(os.path.join(folder, "mergekit_config.yml"), plan.spec.text.rstrip() + "\n")
     spec = plan.spec

@@ -117,6 +117,6 @@ def _load_error(path: str, exc: Exception) -> ModelError:
         detail = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()
                        if line.strip()), "unsupported content")
         return ModelError(f"refused by torch.load(weights_only=True): {detail}", file=path, hint=REFUSED_HINT)
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else type(exc).__name__
     return ModelError(f"cannot be read as a torch checkpoint ({first})", file=path,
                       hint="the file is corrupt or not a torch checkpoint; download it again")
