@@ -127,6 +127,26 @@ def hostile_pickle(folder: Path, marker: Path) -> None:
     torch.save(state, folder / "pytorch_model.bin")
 
 
+def leftover_problems(out: Path) -> list[str]:
+    """What a failed run left that could pass for a finished output; [] when nothing did.
+
+    Allowed: no OUT, no lock file, and an OUT.partial without index or config.json (they are written after the
+    last tensor) whose shards are each either finished (every tensor written, none left zero-filled) or
+    unloadable (the shard being written when the run stopped has no header yet)."""
+    from safetensors import SafetensorError, safe_open
+
+    problems = [f"{p} exists" for p in (out, Path(f"{out}.lock")) if os.path.lexists(p)]
+    partial = Path(f"{out}.partial")
+    problems += [f"{partial / n} exists" for n in (INDEX, "config.json") if (partial / n).exists()]
+    for shard in sorted(partial.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                problems += [f"{shard}: '{k}' is all zeros" for k in f.keys() if not f.get_tensor(k).abs().sum() > 0]
+        except SafetensorError:
+            pass
+    return problems
+
+
 CORRUPT = "the file is corrupt; download it again"
 CRAFTED = "the file is corrupt or was crafted; download it again"
 EMBED = "model.embed_tokens.weight"
