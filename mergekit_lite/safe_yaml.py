@@ -42,6 +42,17 @@ class _Loader(yaml.SafeLoader):
         finally:
             self._depth = depth - 1
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        """A scalar its tag cannot hold (``!!int abc``, ``!!timestamp x``, an integer of 5000 digits) makes
+        PyYAML's constructors raise ValueError or worse; report it as a YAML error at its line instead."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+            value = node.value if isinstance(node.value, str) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_short(value)} as {node.tag.removeprefix('tag:yaml.org,2002:')} "
+                f"({type(exc).__name__})", node.start_mark) from None
+
     def compose_document(self) -> Node:
         node = super().compose_document()
         _measure(node)
@@ -69,6 +80,10 @@ def load_yaml(text: str, file: Optional[str]) -> Any:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"not valid YAML: {problem}", where=_line(mark), file=file,
                         hint="check indentation and quoting around that line") from None
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def _line(mark: Any) -> Optional[str]:
