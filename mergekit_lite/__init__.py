@@ -14,6 +14,7 @@ _EXPORTS = {
     "MergeResult": "mergekit_lite.api",
     "validate": "mergekit_lite.validation",
     "ValidationReport": "mergekit_lite.validation",
+    "fold_lora": "mergekit_lite.lora.api",
     "Strategy": "mergekit_lite.strategy",
     "Param": "mergekit_lite.strategy",
     "TensorContext": "mergekit_lite.strategy",

@@ -87,7 +87,7 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
                            allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     settings = settings_for(_dtype(dtype, "--dtype"), _dtype(out_dtype, "--out-dtype"), seed, compute_device)
     try:
-        check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
+        check_output(out, [f for c in merge_plan.checkpoints.values() for f in c.folders], overwrite)
         check_free_space(out, merge_plan.total_bytes)
         from .outfiles import check_tokenizer_files
 

@@ -29,8 +29,15 @@ class Checkpoint:
     folder: str                     # absolute local folder
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)     # about this input, for the merge's warnings
+    card_notes: list[str] = field(default_factory=list)   # facts the output's model card should state
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """Every folder this input reads (an output inside any of them is refused)."""
+        return (self.folder,)
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Read one tensor (or the block of its rows [start, end)) into a new CPU tensor of its stored dtype."""
