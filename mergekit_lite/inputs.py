@@ -16,6 +16,7 @@ from .spec import Spec
 
 # What a fold needs from an adapter repo on the Hub (never the pickled adapter_model.bin).
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
+ADAPTER_PICKLES = ["adapter_model.bin"]   # only with --allow-pickle
 
 
 def local_folder(path: ModelPath, where: str, what: str = "model folder") -> Optional[str]:
@@ -53,7 +54,8 @@ def open_reference(ref: ModelRef, where: str, allow_pickle: bool = False) -> Che
     adapters = []
     try:
         for adapter in ref.adapters:
-            opened = open_adapter(fetch(adapter.path, where, ADAPTER_PATTERNS), str(adapter.path))
+            opened = open_adapter(fetch(adapter.path, where, ADAPTER_PATTERNS + (ADAPTER_PICKLES if allow_pickle else [])),
+                                  str(adapter.path), allow_pickle)
             adapters.append((opened, adapter.weight, adapter.check_base))
         return open_source(str(ref), base, ref.model, adapters, ref.tied_embeddings)
     except BaseException:

@@ -52,7 +52,16 @@ class PickledCheckpoint(Checkpoint):
 
 def open_pickled(folder: str, label: str, config: dict[str, Any]) -> PickledCheckpoint:
     """Load the pickle weights of ``folder`` (an index and its shards, or one file) safely."""
-    files = _weight_files(folder, label)
+    return _open(label, folder, _weight_files(folder, label), config)
+
+
+def open_pickle_files(label: str, folder: str, paths: list[str], config: dict[str, Any]) -> PickledCheckpoint:
+    """Load whole pickle files (a LoRA adapter's adapter_model.bin) safely; paths already checked."""
+    return _open(label, folder, [(path, None) for path in paths], config)
+
+
+def _open(label: str, folder: str, files: list[tuple[str, Optional[list[str]]]],
+          config: dict[str, Any]) -> PickledCheckpoint:
     tensors: dict[str, TensorInfo] = {}
     loaded: dict[str, torch.Tensor] = {}
     for path, names in files:

@@ -160,6 +160,11 @@ YAML_PIECES = st.sampled_from([
     "dtype: ", "bfloat16", "name: ", "<<: *a", "&b {x: *b}", "\u0000", "\ufeff", "é"])
 
 
+SOUND_SPEC = "merge_method: linear\nmodels:\n  - model: ./m\n    parameters: {weight: 0.5}\n"
+YAML_TEXTS = st.one_of(st.lists(YAML_PIECES, max_size=12).map("".join),
+                       st.lists(YAML_PIECES, max_size=4).map(lambda pieces: SOUND_SPEC + "".join(pieces)))
+
+
 def check_yaml(text: str, outcomes: Outcomes) -> None:
     """load_spec on ``text``: a SpecError, or a Spec (which later steps check further)."""
     try:

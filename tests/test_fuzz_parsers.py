@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parser_fuzz import YAML_PIECES, Outcomes, check_header, check_index, check_yaml, header_files, indexes, mutated
+from parser_fuzz import YAML_TEXTS, Outcomes, check_header, check_index, check_yaml, header_files, indexes, mutated
 from mergekit_lite.synthetic import LlamaShape, write_model
 
 BOUNDED = settings(max_examples=150, deadline=None, database=None, derandomize=True,
@@ -46,7 +46,7 @@ def test_generated_indexes(case):
 
 
 @BOUNDED
-@given(st.lists(YAML_PIECES, max_size=12).map("".join))
+@given(YAML_TEXTS)
 def test_generated_yaml(text):
     check_yaml(text, OUTCOMES)
 

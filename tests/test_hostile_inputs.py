@@ -44,8 +44,8 @@ def test_case(case, cli, tiny, tmp_path):
 
 def test_catalogue_covers_the_issue():
     groups = {c.group for c in CASES}
-    assert groups == {"safetensors file", "shard index", "pickle", "spec", "models"}
-    assert len(CASES) >= 45 and len({c.name for c in CASES}) == len(CASES)
+    assert groups == {"safetensors file", "shard index", "pickle", "spec", "models", "lora adapter"}
+    assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
 
 
 def test_the_planted_pickle_runs_code_when_unpickled_unsafely(tmp_path):
