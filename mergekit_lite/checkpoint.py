@@ -31,6 +31,7 @@ class Checkpoint:
     config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)     # about this input, for the merge's warnings
     card_notes: list[str] = field(default_factory=list)   # facts the output's model card should state
+    commit: Optional[str] = None    # the Hub commit the files came from (None for a local folder)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -175,20 +176,19 @@ def contained_path(folder: str, name: str, label: str) -> str:
 
 
 def _stays_inside(folder: str, path: str) -> bool:
-    """Whether ``path``, links resolved, is inside ``folder`` (or, for a Hugging Face cache snapshot, inside
-    its repository folder, whose ``blobs/`` hold the files the snapshot links to)."""
-    real = os.path.realpath(path)
-    root = _link_root(os.path.realpath(folder))
-    return os.path.commonpath([real, root]) == root
+    """Whether ``path``, links resolved, is inside the folder's link root (see _link_root)."""
+    root = _link_root(folder)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
 
 
 def _link_root(folder: str) -> str:
-    snapshots = os.path.dirname(folder)
-    repo = os.path.dirname(snapshots)
-    if os.path.basename(snapshots) == "snapshots" and os.path.isdir(os.path.join(repo, "blobs")) \
-            and os.path.basename(repo).startswith(("models--", "datasets--", "spaces--")):
-        return repo
-    return folder
+    """Where a model folder's links may lead: the folder itself, or for a snapshot in the Hugging Face cache
+    (``models--org--name/snapshots/<commit>/``, whose files link to ``../../blobs/``) that repo's cache folder."""
+    real = os.path.realpath(folder)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        return os.path.dirname(parent)
+    return real
 
 
 def _pickle_weights(folder: str) -> bool:
