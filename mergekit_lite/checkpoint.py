@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import ModelError
-from .safetensors_format import TensorInfo, read_header, read_into
+from .safetensors_format import TensorInfo, read_header, read_into, refuse_duplicates
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -103,14 +103,8 @@ def open_checkpoint(folder: str, label: Optional[str] = None, *, allow_pickle: b
 
 def read_index(index_path: str) -> dict[str, str]:
     """The weight_map of a shard index (safetensors or pickle): tensor name -> shard file name, as written."""
-    def unique(pairs: list) -> dict:
-        keys = [key for key, _ in pairs]
-        if len(set(keys)) != len(keys):
-            twice = next(key for key in keys if keys.count(key) > 1)
-            raise ModelError(f"the index lists '{twice}' twice", file=index_path,
-                             hint="the index is corrupt; download it again")
-        return dict(pairs)
-
+    unique = refuse_duplicates(lambda key: ModelError(f"the index lists '{key}' twice", file=index_path,
+                                                      hint="the index is corrupt; download it again"))
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f, object_pairs_hook=unique)

@@ -19,7 +19,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -80,15 +80,22 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
-def _parse_json(raw: bytes, path: str) -> dict:
-    def unique(pairs: list) -> dict:
-        names = [name for name, _ in pairs]
-        if len(set(names)) != len(names):
-            duplicate = next(name for name in names if names.count(name) > 1)
-            raise ModelError(f"header lists tensor '{duplicate}' twice", file=path,
-                             hint="the file is corrupt or was crafted; download it again")
+def refuse_duplicates(error: Callable[[str], ModelError]) -> Callable[[list], dict]:
+    """A ``json`` object_pairs_hook: a key written twice (which json.loads would silently resolve to the last
+    value) raises ``error(key)``. A set keeps it linear on a header with millions of keys."""
+    def hook(pairs: list) -> dict:
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise error(key)
+            seen.add(key)
         return dict(pairs)
+    return hook
 
+
+def _parse_json(raw: bytes, path: str) -> dict:
+    unique = refuse_duplicates(lambda name: ModelError(f"header lists tensor '{name}' twice", file=path,
+                                                       hint="the file is corrupt or was crafted; download it again"))
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -163,3 +163,11 @@ def test_tokenizer_from_the_hub_cache_may_link_into_its_blobs(tmp_path, tiny):
 
     with pytest.raises(ModelError, match="is a link that leaves the model folder"):
         open_checkpoint(str(snapshot))
+
+
+def test_nonfinite_counting_fast_path_and_overflowing_sums():
+    from mergekit_lite.nonfinite import count_nonfinite
+
+    assert count_nonfinite(torch.tensor([3e38, 3e38, -1.0])) is None          # the sum overflows; the values do not
+    assert count_nonfinite(torch.tensor([[1.0, float("inf")], [float("nan"), -float("inf")]])) == (1, 2, 1)
+    assert count_nonfinite(torch.zeros(0)) is None and count_nonfinite(torch.tensor([1, 2])) is None
