@@ -18,7 +18,7 @@ from .errors import ModelError, SpecError
 from .params import resolve, source_of
 from .references import ModelRef
 from .spec import Parameters, Spec
-from .strategy import Problem, Strategy
+from .strategy import ParamProblem, Strategy
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,9 +103,9 @@ def resolve_params(strategy: Strategy, shared: Sequence[Parameters], inputs: Seq
             params[param.name] = resolve(param, tuple(shared), name, t, f"tensor '{name}'")
     if strategy.check is not None:
         problem = strategy.check(params)
-        if isinstance(problem, Problem):
-            raise SpecError(f"for tensor '{name}', {problem.what}",
-                            where=_sources(strategy, problem.params, shared, inputs, name, input_names),
+        if isinstance(problem, ParamProblem):
+            raise SpecError(f"for tensor '{name}', {problem.message}",
+                            where=_sources(strategy, problem.blame, shared, inputs, name, input_names),
                             hint=problem.hint or f"see `merge methods {strategy.name}`")
         if problem:
             raise SpecError(f"{problem} (tensor '{name}')", where="parameters",

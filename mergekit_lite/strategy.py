@@ -98,21 +98,21 @@ def _short(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Problem:
-    """What a strategy's ``check`` found wrong with one tensor's resolved parameters. ``params`` names the
+class ParamProblem:
+    """What a strategy's ``check`` found wrong with one tensor's resolved parameters. ``blame`` names the
     parameters involved, so the error can give the YAML paths that set them for that tensor."""
 
-    what: str
-    params: tuple[str, ...] = ()
+    message: str
+    blame: tuple[str, ...] = ()
     hint: Optional[str] = None
 
 
-def weights_sum_check(params: dict[str, Any]) -> Optional[Problem]:
+def weights_sum_check(params: dict[str, Any]) -> Optional[ParamProblem]:
     """``normalize`` divides by the sum of the per-model weights: a zero sum would make NaN and Inf."""
     weights = params["weight"]
     if params["normalize"] and abs(sum(weights)) < 1e-8:
         terms = " + ".join(f"{w:g}" for w in weights)
-        return Problem(f"the weights sum to {sum(weights):g} ({terms}), so normalize cannot divide by them",
+        return ParamProblem(f"the weights sum to {sum(weights):g} ({terms}), so normalize cannot divide by them",
                        ("weight", "normalize"), hint="change a weight, or set normalize: false")
     return None
 
@@ -165,8 +165,8 @@ class Strategy:
     # tensor in row blocks (bounded memory). False for anything using whole-tensor statistics (norms, top-k).
     elementwise: bool = False
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
-    # returns a message, or a Problem naming the parameters involved (the error then gives their YAML paths).
-    check: Optional[Callable[[dict[str, Any]], "Optional[str | Problem]"]] = field(default=None, compare=False)
+    # returns a message, or a ParamProblem naming the parameters involved (the error then gives their YAML paths).
+    check: Optional[Callable[[dict[str, Any]], "Optional[str | ParamProblem]"]] = field(default=None, compare=False)
     # Optional: a strategy that changes tensor shapes (concat) plans its output tensors itself, with a
     # mergekit_lite.jobs.Layout. None: one output tensor per input tensor, of the same shape.
     layout: Optional[Any] = field(default=None, compare=False)

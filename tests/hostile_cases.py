@@ -711,6 +711,30 @@ def overflow_of_the_output_dtype(tmp: Path, models: Models) -> Scenario:
 
 
 @case("models")
+def vocabulary_sizes_differ(tmp: Path, models: Models) -> Scenario:
+    wide = tmp / "wide"
+    write_model(str(wide), LlamaShape(**{**TINY.__dict__, "vocab": 40}), seed=0, delta_seed=4)
+    spec = linear_spec(tmp, models.a, wide)
+    return Scenario(run(tmp, spec), 1, (
+        f"error: {wide}: tensor '{EMBED}': shape [40, {TINY.hidden}] != [{TINY.vocab}, {TINY.hidden}] in {models.a}\n"
+        f"Hint: the vocabularies differ (40 vs {TINY.vocab} tokens) and embeddings are merged row by row. Merge "
+        f"models that share a tokenizer; or, if the first {TINY.vocab} tokens are the same in both (the extra rows "
+        f"are tokens added at the end), truncate the larger model's embeddings and lm_head to {TINY.vocab} rows "
+        "first. tokenizer_source only chooses which tokenizer is copied: remapping tokens by their text "
+        "(mergekit's tokenizer_source: union) is not supported\n"))
+
+
+@case("models")
+def dtypes_differ(tmp: Path, models: Models) -> Scenario:
+    half = tmp / "half"
+    write_model(str(half), TINY, dtype=torch.bfloat16, seed=0, delta_seed=5)
+    spec = linear_spec(tmp, models.a, half)
+    return Scenario(run(tmp, spec), 1, f"error: tensor '{EMBED}': models store this tensor as bfloat16 and float32\n"
+                                       "Hint: set dtype: (e.g. dtype: bfloat16) in the spec to say which precision "
+                                       "to merge in\n")
+
+
+@case("models")
 def tokenizer_from_a_larger_vocabulary(tmp: Path, models: Models) -> Scenario:
     wide = tmp / "wide"
     write_model(str(wide), LlamaShape(**{**TINY.__dict__, "vocab": 40}), seed=0, delta_seed=4)
