@@ -55,10 +55,12 @@ def fetch(path: ModelPath, where: str, hub: Optional[Resolved] = None,
     return download(item)
 
 
-def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None) -> Checkpoint:
+def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None, allow_pickle: bool = False) -> Checkpoint:
     """Open one reference: a checkpoint, or for ``base+adapter`` the base with its adapters folded in on read
-    (mergekit_lite.lora.source.LoraSource, which has the Checkpoint interface)."""
-    base = open_checkpoint(fetch(ref.model, where, hub), label=str(ref.model))
+    (mergekit_lite.lora.source.LoraSource, which has the Checkpoint interface). ``allow_pickle``: a local model
+    or adapter with only pickle weights is loaded with torch.load(weights_only=True) (Hub downloads never
+    fetch pickles)."""
+    base = open_checkpoint(fetch(ref.model, where, hub), label=str(ref.model), allow_pickle=allow_pickle)
     if hub and ref.model in hub:
         base.commit = hub[ref.model].commit
     if not ref.adapters:
@@ -70,7 +72,7 @@ def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None) ->
     adapters = []
     try:
         for adapter in ref.adapters:
-            opened = open_adapter(fetch(adapter.path, where, hub, ADAPTER_PATTERNS), str(adapter.path))
+            opened = open_adapter(fetch(adapter.path, where, hub, ADAPTER_PATTERNS), str(adapter.path), allow_pickle)
             adapters.append((opened, adapter.weight, adapter.check_base))
         return open_source(str(ref), base, ref.model, adapters, ref.tied_embeddings)
     except BaseException:
@@ -80,8 +82,10 @@ def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None) ->
         raise
 
 
-def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
-    """Open every model the spec references, keyed by reference. Errors name the YAML path."""
+def open_inputs(spec: Spec, allow_pickle: bool = False) -> dict[ModelRef, Checkpoint]:
+    """Open every model the spec references, keyed by reference. Errors name the YAML path.
+
+    ``allow_pickle``: a model with only pickle weights is loaded with torch.load(weights_only=True)."""
     refs = spec.references()
     for ref, where in refs:  # fail on missing local folders before any download starts
         try:
@@ -99,10 +103,9 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
     checkpoints: dict[ModelRef, Checkpoint] = {}
     for ref, where in refs:
         try:
-            checkpoint = open_reference(ref, where, hub)
+            checkpoint = open_reference(ref, where, hub, allow_pickle)
         except MergeError as exc:
-            if exc.where is None:
-                exc.where = where
+            exc.where = where if exc.where is None else f"{where}: {exc.where}"   # the YAML path, then the tensor
             if exc.file is None:
                 exc.file = spec.file
             for opened in checkpoints.values():

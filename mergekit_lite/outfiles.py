@@ -7,6 +7,7 @@ import os
 import shutil
 
 from .card import card_text
+from .checkpoint import contained_path
 from .engine import WrittenShards
 from .plan import MergePlan
 from .references import ModelPath
@@ -18,6 +19,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
+def check_tokenizer_files(plan: MergePlan) -> None:
+    """Refuse a tokenizer file that is a link out of its model folder before the merge starts: copied into the
+    output (and perhaps published), it could carry any file the user can read."""
+    if plan.tokenizer_folder:
+        for filename in TOKENIZER_FILES:
+            if os.path.lexists(os.path.join(plan.tokenizer_folder, filename)):
+                contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)
+
+
 def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: str) -> None:
     if len(shards.files) > 1:
         index = {"metadata": {"total_size": shards.total_size}, "weight_map": dict(sorted(shards.weight_map.items()))}
@@ -27,7 +37,7 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
     if plan.tokenizer_folder:
         for filename in TOKENIZER_FILES:
             source = os.path.join(plan.tokenizer_folder, filename)
-            if os.path.isfile(source):
+            if os.path.isfile(contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)):
                 shutil.copyfile(source, os.path.join(folder, filename))
     _write_text(os.path.join(folder, "mergekit_config.yml"), plan.spec.text.rstrip() + "\n")
     spec = plan.spec

@@ -86,7 +86,7 @@ def parse_reference(value: Any, where: str) -> ModelRef:
     if isinstance(value, dict):
         unknown = set(value) - set(REFERENCE_KEYS)
         if unknown:
-            key = sorted(unknown)[0]
+            key = sorted(map(str, unknown))[0]
             raise SpecError(f"unknown key '{key}' in a model reference." + did_you_mean(key, REFERENCE_KEYS),
                             where=where, hint="a model reference dict has: " + ", ".join(REFERENCE_KEYS))
         if "model" not in value:

@@ -139,7 +139,8 @@ def test_pickle_adapter_refused(cli, base, tmp_path):
     refused(cli, base, folder, tmp_path,
             "only a pickle adapter (adapter_model.bin) found; it is refused because loading a pickle "
             "can run arbitrary code\n"
-            "Hint: convert it: load it with peft and save_pretrained(dir, safe_serialization=True)")
+            "Hint: convert it (load it with peft, save_pretrained(dir, safe_serialization=True)), or, if you trust its "
+            "source, pass --allow-pickle (tensors only, torch.load(weights_only=True))")
 
 
 def test_base_and_adapter_swapped(cli, base, tmp_path):

@@ -24,10 +24,13 @@ from .common import common_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load a base or adapter that has only pickle weights, with torch.load(weights_only=True).")
+@click.option("--allow-nonfinite", is_flag=True, help="Fold inputs that hold NaN or Inf instead of refusing them.")
 @common_options
 def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], tied_embeddings: str,
          no_check_base: bool, max_shard_size: str, out_dtype: str | None, device: str, overwrite: bool,
-         dry_run: bool, quiet: bool) -> None:
+         dry_run: bool, allow_pickle: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Fold the PEFT LoRA ADAPTERS into BASE (local folders or Hub ids org/name[@revision]) and write OUT.
 
     Several adapters are folded in order into the same base, each scaled by its --weight. The result equals
@@ -37,7 +40,8 @@ def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, .
 
     result = fold_lora(base, list(adapters), out, list(weights) or None, tied_embeddings=tied_embeddings,
                        check_base=not no_check_base, max_shard_size=max_shard_size, out_dtype=out_dtype,
-                       device=device, overwrite=overwrite, dry_run=dry_run, progress=not quiet and not dry_run)
+                       device=device, overwrite=overwrite, dry_run=dry_run, progress=not quiet and not dry_run,
+                       allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:

@@ -19,12 +19,13 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, contained_path
 from ..errors import ModelError
 from ..safetensors_format import TensorInfo, read_header
 from .config import LoraSettings, read_settings
 
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt")
 PREFIX = "base_model.model."
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 # What may follow each part: an optional adapter name (peft strips it on save; in-memory dumps keep it),
@@ -85,22 +86,17 @@ class Adapter:
         self.file.close()
 
 
-def open_adapter(folder: str, label: str) -> Adapter:
-    """Read an adapter's config and tensor table (no tensor data) and sort its keys by purpose."""
+def open_adapter(folder: str, label: str, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter's config and tensor table (no tensor data) and sort its keys by purpose.
+
+    ``allow_pickle``: an adapter saved only as ``adapter_model.bin`` is loaded with
+    torch.load(weights_only=True) (mergekit_lite.pickled); without it, it is refused."""
     if not os.path.isdir(folder):
         raise ModelError("adapter folder not found" if not os.path.exists(folder) else "is a file, not a folder",
                          file=label, hint="give the folder that holds adapter_config.json")
     settings = read_settings(folder, label)
-    path = os.path.join(folder, WEIGHTS_FILE)
-    if not os.path.isfile(path):
-        pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(folder, n))]
-        if pickled:
-            raise ModelError(f"only a pickle adapter ({pickled[0]}) found; it is refused because loading a pickle "
-                             "can run arbitrary code", file=label,
-                             hint="convert it: load it with peft and save_pretrained(dir, safe_serialization=True)")
-        raise ModelError(f"no {WEIGHTS_FILE} in the adapter folder", file=label,
-                         hint="give the folder peft's save_pretrained() wrote")
-    tensors, _ = read_header(path)
+    file = _weights(folder, label, allow_pickle)
+    tensors = file.tensors
     modules: dict[str, LoraModule] = {}
     replacements: dict[str, str] = {}
     copies: set[str] = set()
@@ -131,8 +127,27 @@ def open_adapter(folder: str, label: str) -> Adapter:
             copies.add(target)
     for module in modules.values():
         _check_parts(module, label)
-    return Adapter(label, os.path.abspath(folder), settings, modules, replacements, copies,
-                   Checkpoint(label, os.path.abspath(folder), tensors, {}))
+    return Adapter(label, os.path.abspath(folder), settings, modules, replacements, copies, file)
+
+
+def _weights(folder: str, label: str, allow_pickle: bool) -> Checkpoint:
+    """The adapter's tensor file (header only), refusing a link out of the folder and, unless allowed, pickles."""
+    path = os.path.join(folder, WEIGHTS_FILE)
+    if os.path.lexists(path):
+        tensors, _ = read_header(contained_path(folder, WEIGHTS_FILE, label))
+        return Checkpoint(label, os.path.abspath(folder), tensors, {})
+    pickled = [n for n in PICKLE_FILES if os.path.exists(os.path.join(folder, n))]
+    if pickled and allow_pickle:
+        from ..pickled import open_pickle_files
+
+        return open_pickle_files(label, os.path.abspath(folder), [contained_path(folder, pickled[0], label)], {})
+    if pickled:
+        raise ModelError(f"only a pickle adapter ({pickled[0]}) found; it is refused because loading a pickle "
+                         "can run arbitrary code", file=label,
+                         hint="convert it (load it with peft, save_pretrained(dir, safe_serialization=True)), or, if "
+                              "you trust its source, pass --allow-pickle (tensors only, torch.load(weights_only=True))")
+    raise ModelError(f"no {WEIGHTS_FILE} in the adapter folder", file=label,
+                     hint="give the folder peft's save_pretrained() wrote")
 
 
 def _lora_key(rest: str) -> Optional[tuple[str, str]]:

@@ -70,7 +70,8 @@ def fold_lora(base: PathLike, adapters: Union[PathLike, Sequence[PathLike]], out
         return folded_state_dict(spec)
     except MergeError as exc:
         if exc.where and exc.where.startswith("models[0]"):
-            exc.where = None   # a YAML path of the spec we built means nothing to the caller; file names the input
+            # a YAML path of the spec we built means nothing to the caller (file names the input); a tensor does
+            exc.where = exc.where.split(": ", 1)[1] if ": " in exc.where else None
         raise
 
 

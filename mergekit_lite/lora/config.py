@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..checkpoint import contained_path
 from ..errors import ModelError
 
 CONFIG_FILE = "adapter_config.json"
@@ -92,27 +93,31 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str:
 
 def read_settings(folder: str, label: str) -> LoraSettings:
     """Read and check ``adapter_config.json``; refuse what cannot be folded faithfully."""
-    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.lexists(os.path.join(folder, CONFIG_FILE)):
+        raise ModelError(f"no {CONFIG_FILE}: this is not a PEFT adapter folder", file=label,
+                         hint="give the folder that holds adapter_config.json and adapter_model.safetensors")
+    path = contained_path(folder, CONFIG_FILE, label)
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except FileNotFoundError:
-        raise ModelError(f"no {CONFIG_FILE}: this is not a PEFT adapter folder", file=label,
-                         hint="give the folder that holds adapter_config.json and adapter_model.safetensors") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {CONFIG_FILE}: {exc}", file=label) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "it is nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ModelError(f"cannot read {CONFIG_FILE}: {why}", file=label,
+                         hint="the file is corrupt; download the adapter again") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{CONFIG_FILE} is not a JSON object", file=label)
     _refuse_unsupported(raw, label)
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
-    if not _positive_int(r) or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ModelError(f"r={r!r}, lora_alpha={alpha!r} are not a positive rank and a number", file=label,
-                         hint=f"fix {CONFIG_FILE}")
+    if not _positive_int(r) or not _number(alpha):
+        raise ModelError(f"r={_short(r)}, lora_alpha={_short(alpha)} are not a positive rank and a finite number",
+                         file=label, hint=f"fix {CONFIG_FILE}")
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     if not (isinstance(rank_pattern, dict) and all(_positive_int(v) for v in rank_pattern.values())):
         raise ModelError("rank_pattern is not a map of module pattern -> rank", file=label)
-    if not (isinstance(alpha_pattern, dict) and all(isinstance(v, (int, float)) for v in alpha_pattern.values())):
-        raise ModelError("alpha_pattern is not a map of module pattern -> alpha", file=label)
+    if not (isinstance(alpha_pattern, dict) and all(_number(v) for v in alpha_pattern.values())):
+        raise ModelError("alpha_pattern is not a map of module pattern -> finite alpha", file=label)
+    for key in (*rank_pattern, *alpha_pattern):
+        _check_pattern(key, label)
     return LoraSettings(
         r=r, lora_alpha=alpha, use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
         lora_bias=bool(raw.get("lora_bias")), mica=str(raw.get("init_lora_weights")).lower() == "mica",
@@ -144,3 +149,33 @@ def _refuse_unsupported(raw: dict, label: str) -> None:
 
 def _positive_int(value: Any) -> bool:
     return type(value) is int and value > 0
+
+
+def _number(value: Any) -> bool:
+    """A finite number whose scalings stay finite in float32 (an alpha of 1e300 would make every fold Inf)."""
+    return type(value) in (int, float) and math.isfinite(value) and abs(value) < 1e30
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# A group that repeats and itself holds a repetition, e.g. (a+)+ or (.*)*: on a module path that almost
+# matches, the regex engine tries exponentially many ways (a few dozen characters take hours).
+_NESTED_REPEAT = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)\s*[*+{]")
+
+
+def _check_pattern(key: str, label: str) -> None:
+    """rank_pattern / alpha_pattern keys are regular expressions (peft matches them with re): refuse ones that
+    do not compile or that could backtrack for hours on a module path."""
+    where = "rank_pattern / alpha_pattern"
+    if len(key) > 500 or _NESTED_REPEAT.search(key):
+        raise ModelError(f"{where} key {_short(key)} is a pattern that could take exponential time to match",
+                         file=label, hint="use a plain module name or path, or a pattern without nested repeats")
+    try:
+        re.compile(key)
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        raise ModelError(f"{where} key {_short(key)} is not a valid regular expression ({exc})", file=label,
+                         hint="peft reads these keys as regular expressions; fix it in adapter_config.json") from None
