@@ -251,7 +251,8 @@ def offsets_outside_file(tmp: Path, models: Models) -> Scenario:
     size = file.stat().st_size
     beyond = 8 + len(json.dumps(header).encode()) + far[1] - size
     return Scenario(run(tmp, spec), 1, model_error(
-        file, f"tensor '{second}': ", f"data_offsets {far} end {beyond} bytes beyond the end of the file ({size} bytes)",
+        file, f"tensor '{second}': ",
+        f"data_offsets {far} end {beyond} bytes beyond the end of the file ({size} bytes)",
         "the file is truncated; download it again"))
 
 
@@ -497,7 +498,8 @@ def pickle_garbage(tmp: Path, models: Models) -> Scenario:
     spec = linear_spec(tmp, models.a, tmp / "pickled")
     return Scenario(run(tmp, spec, "--allow-pickle"), 1, (
         f"error: {tmp / 'pickled'}/pytorch_model.bin: models[1].model: cannot be read as a torch checkpoint "
-        "(PytorchStreamReader failed reading zip archive: failed finding central directory)\nHint: the file is corrupt or not a torch checkpoint; download it again\n"))
+        "(PytorchStreamReader failed reading zip archive: failed finding central directory)\n"
+        "Hint: the file is corrupt or not a torch checkpoint; download it again\n"))
 
 
 # ---------------------------------------------------------------- the spec
@@ -567,7 +569,8 @@ def spec_too_large(tmp: Path, models: Models) -> Scenario:
 
 
 def weight_case(tmp: Path, models: Models, weight: str, method: str = "linear") -> tuple[list[str], Path]:
-    return spec_case(tmp, f"merge_method: {method}\nmodels:\n  - model: {models.a}\n    parameters: {{weight: {weight}}}"
+    return spec_case(tmp, f"merge_method: {method}\nmodels:\n  - model: {models.a}\n"
+                          f"    parameters: {{weight: {weight}}}"
                           f"\n  - model: {models.b}\n    parameters: {{weight: 0.5}}\n")
 
 
@@ -688,7 +691,8 @@ def overflow_in_float32(tmp: Path, models: Models) -> Scenario:
                                 f"  - model: {models.b}\n    parameters: {{weight: 3.0e+38}}\n")
     # Embeddings (~0.02) times 3e38 stay finite in float32; the first norm (~1.0) overflows.
     return Scenario(args, 1, f"error: tensor 'model.layers.0.input_layernorm.weight': linear made {TINY.hidden} Inf "
-                             "values from finite inputs, the first at [0] (weight=(3e+38, 3e+38), normalize=false)\nHint: the "
+                             "values from finite inputs, the first at [0] (weight=(3e+38, 3e+38), normalize=false)\n"
+                             "Hint: the "
                              "parameters make float32 overflow or divide by zero for this tensor; use smaller weights, "
                              "or check the values set for it\n")
 
@@ -706,7 +710,8 @@ def overflow_of_the_output_dtype(tmp: Path, models: Models) -> Scenario:
     first = int(torch.nonzero(infinite.reshape(-1))[0])
     return Scenario(args, 1, f"error: tensor '{EMBED}': merged values up to {float(merged.abs().max()):.4g} do not fit "
                              f"float16 (largest 6.55e+04): {int(infinite.sum())} Inf values after the cast, the first "
-                             f"at [{first // TINY.hidden}, {first % TINY.hidden}]\nHint: write a wider dtype (out_dtype: "
+                             f"at [{first // TINY.hidden}, {first % TINY.hidden}]\n"
+                             "Hint: write a wider dtype (out_dtype: "
                              "bfloat16 or float32), or use smaller weights\n")
 
 
@@ -878,7 +883,8 @@ def hostile_adapter_pickle(adapter: Path, marker: Path) -> None:
 def adapter_pickle_refused_by_default(tmp: Path, models: Models) -> Scenario:
     marker = tmp / "pwned"
     args, adapter = fold_case(tmp, models, lambda a: hostile_adapter_pickle(a, marker))
-    return Scenario(args, 1, f"error: {adapter}: only a pickle adapter (adapter_model.bin) found; it is refused because "
+    return Scenario(args, 1, f"error: {adapter}: only a pickle adapter (adapter_model.bin) found; it is refused "
+                             "because "
                              "loading a pickle can run arbitrary code\nHint: convert it (load it with peft, "
                              "save_pretrained(dir, safe_serialization=True)), or, if you trust its source, pass "
                              "--allow-pickle (tensors only, torch.load(weights_only=True))\n", marker=marker)
