@@ -635,6 +635,40 @@ models:
 
 
 @case("spec")
+def density_outside_its_range(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: ties\nbase_model: {models.a}\nmodels:\n  - model: {models.b}\n"
+                                "    parameters: {weight: 1, density: 1.5}\n")
+    return Scenario(args, 2, f"error: {path}: models[0].parameters.density: density = 1.5 is outside [0, 1]\n"
+                             "Hint: fraction of this model's task vector entries kept\n")
+
+
+@case("spec")
+def della_probabilities_outside_0_1(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: della\nbase_model: {models.a}\nmodels:\n  - model: {models.b}\n"
+                                "    parameters: {weight: 1, density: 0.9, epsilon: 0.2}\n")
+    return Scenario(args, 2, f"error: {path}: models[0].parameters.epsilon: density +/- epsilon must lie strictly "
+                             f"inside (0, 1), got density 0.9 and epsilon 0.2 for tensor '{EMBED}' of models[0] "
+                             f"({models.b})\nHint: see `merge methods della`\n")
+
+
+@case("spec")
+def dare_weights_sum_to_zero(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: dare_linear\nbase_model: {models.a}\nparameters: {{normalize: true}}\n"
+                                f"models:\n  - model: {models.b}\n    parameters: {{weight: 1, density: 0.5}}\n"
+                                f"  - model: {models.sharded}\n    parameters: {{weight: -1, density: 0.5}}\n")
+    return Scenario(args, 2, f"error: {path}: models[0].parameters.weight, models[1].parameters.weight, "
+                             f"parameters.normalize: for tensor '{EMBED}', the weights sum to 0 (1 + -1), so normalize "
+                             "cannot divide by them\nHint: change a weight, or set normalize: false\n")
+
+
+@case("spec")
+def slerp_t_nan(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: slerp\nbase_model: {models.a}\nparameters: {{t: .nan}}\n"
+                                f"models:\n  - model: {models.b}\n")
+    return Scenario(args, 2, f"error: {path}: parameters.t: t must be a finite number, got nan\n")
+
+
+@case("spec")
 def dtype_not_a_name(tmp: Path, models: Models) -> Scenario:
     args, path = spec_case(tmp, f"merge_method: linear\ndtype: [bfloat16]\nmodels: [{models.a}]\n")
     return Scenario(args, 2, f"error: {path}: dtype: dtype must be a name such as bfloat16, got list\n")
