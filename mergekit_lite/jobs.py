@@ -104,20 +104,31 @@ def resolve_params(strategy: Strategy, shared: Sequence[Parameters], inputs: Seq
     if strategy.check is not None:
         problem = strategy.check(params)
         if isinstance(problem, ParamProblem):
-            if problem.model is not None:   # one model's parameters: its YAML path
-                raise _located(problem, strategy, shared, inputs, input_names, name)
-            raise SpecError(f"for tensor '{name}', {problem.message}",   # every model's: all their paths
-                            where=_sources(strategy, problem.blame, shared, inputs, name, input_names),
-                            hint=problem.hint or f"see `merge methods {strategy.name}`")
+            raise _located(problem, strategy, shared, inputs, input_names, name)
         if problem:
             raise SpecError(f"{problem} (tensor '{name}')", where="parameters",
                             hint=f"see `merge methods {strategy.name}`")
     return params
 
 
+def _located(problem: ParamProblem, strategy: Strategy, shared: Sequence[Parameters], inputs: Sequence[Input],
+             input_names: Sequence[str], name: str) -> SpecError:
+    """The check's problem as a spec error at the YAML path of the first blamed parameter the spec sets."""
+    if problem.model is None:   # a problem of the whole tensor: name every YAML path involved
+        return SpecError(f"for tensor '{name}', {problem.message}",
+                         where=_sources(strategy, problem.blame, shared, inputs, name, input_names),
+                         hint=problem.hint or f"see `merge methods {strategy.name}`")
+    model = inputs[problem.model]
+    levels = (model.parameters,) + tuple(shared)
+    where = next((level[p].where for p in problem.blame for level in levels if p in level), "parameters")
+    return SpecError(f"{problem.message} for tensor '{input_names[problem.model]}' of {model.where} "
+                     f"({model.checkpoint.label})", where=where,
+                     hint=problem.hint or f"see `merge methods {strategy.name}`")
+
+
 def _sources(strategy: Strategy, names: Sequence[str], shared: Sequence[Parameters], inputs: Sequence[Input],
              name: str, input_names: Sequence[str]) -> str:
-    """The YAML paths that set parameters ``names`` for one tensor ('normalize (default true)' when unset)."""
+    """The YAML paths that set parameters ``names`` for one tensor ('normalize (default)' when unset)."""
     paths: list[str] = []
     for param in (strategy.param(n) for n in names):
         if param is None:
@@ -129,18 +140,6 @@ def _sources(strategy: Strategy, names: Sequence[str], shared: Sequence[Paramete
         default = str(param.default).lower() if param.type is bool else param.default
         paths += [path or f"{param.name} (default {default})" for path in found]
     return ", ".join(dict.fromkeys(paths))
-
-
-def _located(problem: ParamProblem, strategy: Strategy, shared: Sequence[Parameters], inputs: Sequence[Input],
-             input_names: Sequence[str], name: str) -> SpecError:
-    """The check's problem as a spec error at the YAML path of the first blamed parameter the spec sets."""
-    model = inputs[problem.model] if problem.model is not None else None
-    levels = ((model.parameters,) if model is not None else ()) + tuple(shared)
-    where = next((level[p].where for p in problem.blame for level in levels if p in level), "parameters")
-    tensor = input_names[problem.model] if problem.model is not None else name
-    of = f" of {model.where} ({model.checkpoint.label})" if model is not None else ""
-    return SpecError(f"{problem.message} for tensor '{tensor}'{of}", where=where,
-                     hint=problem.hint or f"see `merge methods {strategy.name}`")
 
 
 def make_job(name: str, inputs: tuple[Source, ...], base: Optional[Source], first: Source, params: dict[str, Any],

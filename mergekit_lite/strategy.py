@@ -98,6 +98,27 @@ def _short(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class ParamProblem:
+    """What a strategy's ``check`` found wrong with one tensor's resolved parameters. ``blame`` names the
+    parameters involved, so the error can give the YAML paths that set them for that tensor."""
+
+    message: str
+    blame: tuple[str, ...] = ()
+    hint: Optional[str] = None
+    model: Optional[int] = None   # per-model parameters: the index of the input at fault (its YAML path is named)
+
+
+def weights_sum_check(params: dict[str, Any]) -> Optional[ParamProblem]:
+    """``normalize`` divides by the sum of the per-model weights: a zero sum would make NaN and Inf."""
+    weights = params["weight"]
+    if params["normalize"] and abs(sum(weights)) < 1e-8:
+        terms = " + ".join(f"{w:g}" for w in weights)
+        return ParamProblem(f"the weights sum to {sum(weights):g} ({terms}), so normalize cannot divide by them",
+                       ("weight", "normalize"), hint="change a weight, or set normalize: false")
+    return None
+
+
+@dataclass(frozen=True)
 class TensorContext:
     """What a strategy may know besides the tensors: which tensor, where in depth, and its random stream."""
 
@@ -116,31 +137,6 @@ class TensorContext:
         gen = torch.Generator(device=device)
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         return gen
-
-
-@dataclass(frozen=True)
-class ParamProblem:
-    """What a strategy's ``check`` found wrong with the parameters resolved for one tensor.
-
-    ``blame`` lists parameter names in order of preference: with ``model`` (the input's index, when the
-    parameters are per model) the error points at the YAML path of the first one the spec sets; without,
-    at every path that sets a blamed parameter for the tensor (all models' weights, say).
-    """
-
-    message: str
-    blame: tuple[str, ...] = ()
-    model: Optional[int] = None
-    hint: Optional[str] = None
-
-
-def weights_sum_check(params: dict[str, Any]) -> Optional[ParamProblem]:
-    """``normalize`` divides by the sum of the per-model weights: a zero sum would make NaN and Inf."""
-    weights = params["weight"]
-    if params["normalize"] and abs(sum(weights)) < 1e-8:
-        terms = " + ".join(f"{w:g}" for w in weights)
-        return ParamProblem(f"the weights sum to {sum(weights):g} ({terms}), so normalize cannot divide by them",
-                            ("weight", "normalize"), hint="change a weight, or set normalize: false")
-    return None
 
 
 # inputs, base, context, **params -> merged tensor
@@ -170,7 +166,7 @@ class Strategy:
     # tensor in row blocks (bounded memory). False for anything using whole-tensor statistics (norms, top-k).
     elementwise: bool = False
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
-    # returns None, a message, or a ParamProblem (which lets the error name the YAML paths).
+    # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
     check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)
     # Optional: a strategy that changes tensor shapes (concat) plans its output tensors itself, with a
     # mergekit_lite.jobs.Layout. None: one output tensor per input tensor, of the same shape.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -152,18 +152,20 @@ def _check_della(params: dict[str, Any]) -> Optional[ParamProblem]:
     for i, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
         if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
             return ParamProblem(f"density +/- epsilon must lie strictly inside (0, 1), got density "
-                                f"{density:g} and epsilon {epsilon:g}", ("epsilon", "density"), i)
+                                f"{density:g} and epsilon {epsilon:g}", ("epsilon", "density"), model=i)
     return None
 
 
-def _checks(p: Preset) -> Optional[Callable[[dict[str, Any]], Optional[ParamProblem]]]:
-    """DELLA's bounds; and without the sign vote, normalize divides by the sum of all weights, which must not be
-    0 (mergekit quietly skips the division then; the TIES family divides per entry by the agreeing weights)."""
+def _check(p: Preset):
+    """della's probability band; and without the sign vote, normalize divides by the weight sum, which must
+    not be zero (mergekit would quietly skip the division there)."""
     checks = ([_check_della] if p.sparsifier == "della_magprune" else []) + \
         ([weights_sum_check] if p.consensus is None else [])
-    if not checks:
-        return None
-    return lambda params: next((problem for check in checks if (problem := check(params)) is not None), None)
+
+    def check(params: dict[str, Any]) -> Optional[ParamProblem]:
+        return next((problem for c in checks if (problem := c(params)) is not None), None)
+
+    return check if checks else None
 
 
 PRESETS = (
@@ -195,6 +197,6 @@ STRATEGIES = [
              # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,
              # L1 norms, a random stream drawn for the tensor's shape).
              elementwise=p.sparsifier is None and p.consensus is None,
-             check=_checks(p))
+             check=_check(p))
     for p in PRESETS
 ]
