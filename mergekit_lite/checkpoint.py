@@ -198,7 +198,8 @@ def _no_weights_error(folder: str, label: str) -> ModelError:
     if pickles:
         return ModelError(f"only pickle checkpoints found ({', '.join(pickles[:3])}); they are refused because "
                           "loading a pickle can run arbitrary code", file=label,
-                          hint="use a safetensors version of the model, or, if you trust its source, pass --allow-pickle "
+                          hint="use a safetensors version of the model, or, if you trust its source, pass "
+                               "--allow-pickle "
                                "(loads tensors only, with torch.load(weights_only=True), which refuses code)")
     others = [n for n in names if n.endswith(".safetensors")]
     if others:

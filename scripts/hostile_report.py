@@ -103,7 +103,8 @@ def run_environment(work: Path) -> dict[str, Row]:
     # A full disk: a real 64 kB tmpfs, with a file taking most of it.
     disk = work / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode == 0:
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True).returncode == 0:
         try:
             (disk / "filler").write_bytes(b"\0" * 48 * 1024)
             process = merge(["run", str(spec), "-o", str(disk / "out"), "--quiet"], work / "audit-disk.log")

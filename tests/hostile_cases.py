@@ -251,7 +251,8 @@ def offsets_outside_file(tmp: Path, models: Models) -> Scenario:
     size = file.stat().st_size
     beyond = 8 + len(json.dumps(header).encode()) + far[1] - size
     return Scenario(run(tmp, spec), 1, model_error(
-        file, f"tensor '{second}': ", f"data_offsets {far} end {beyond} bytes beyond the end of the file ({size} bytes)",
+        file, f"tensor '{second}': ",
+        f"data_offsets {far} end {beyond} bytes beyond the end of the file ({size} bytes)",
         "the file is truncated; download it again"))
 
 
@@ -497,7 +498,8 @@ def pickle_garbage(tmp: Path, models: Models) -> Scenario:
     spec = linear_spec(tmp, models.a, tmp / "pickled")
     return Scenario(run(tmp, spec, "--allow-pickle"), 1, (
         f"error: {tmp / 'pickled'}/pytorch_model.bin: models[1].model: cannot be read as a torch checkpoint "
-        "(PytorchStreamReader failed reading zip archive: failed finding central directory)\nHint: the file is corrupt or not a torch checkpoint; download it again\n"))
+        "(PytorchStreamReader failed reading zip archive: failed finding central directory)\n"
+        "Hint: the file is corrupt or not a torch checkpoint; download it again\n"))
 
 
 # ---------------------------------------------------------------- the spec
@@ -567,7 +569,8 @@ def spec_too_large(tmp: Path, models: Models) -> Scenario:
 
 
 def weight_case(tmp: Path, models: Models, weight: str, method: str = "linear") -> tuple[list[str], Path]:
-    return spec_case(tmp, f"merge_method: {method}\nmodels:\n  - model: {models.a}\n    parameters: {{weight: {weight}}}"
+    return spec_case(tmp, f"merge_method: {method}\nmodels:\n  - model: {models.a}\n"
+                          f"    parameters: {{weight: {weight}}}"
                           f"\n  - model: {models.b}\n    parameters: {{weight: 0.5}}\n")
 
 
@@ -632,6 +635,40 @@ models:
 
 
 @case("spec")
+def density_outside_its_range(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: ties\nbase_model: {models.a}\nmodels:\n  - model: {models.b}\n"
+                                "    parameters: {weight: 1, density: 1.5}\n")
+    return Scenario(args, 2, f"error: {path}: models[0].parameters.density: density = 1.5 is outside [0, 1]\n"
+                             "Hint: fraction of this model's task vector entries kept\n")
+
+
+@case("spec")
+def della_probabilities_outside_0_1(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: della\nbase_model: {models.a}\nmodels:\n  - model: {models.b}\n"
+                                "    parameters: {weight: 1, density: 0.9, epsilon: 0.2}\n")
+    return Scenario(args, 2, f"error: {path}: models[0].parameters.epsilon: density +/- epsilon must lie strictly "
+                             f"inside (0, 1), got density 0.9 and epsilon 0.2 for tensor '{EMBED}' of models[0] "
+                             f"({models.b})\nHint: see `merge methods della`\n")
+
+
+@case("spec")
+def dare_weights_sum_to_zero(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: dare_linear\nbase_model: {models.a}\nparameters: {{normalize: true}}\n"
+                                f"models:\n  - model: {models.b}\n    parameters: {{weight: 1, density: 0.5}}\n"
+                                f"  - model: {models.sharded}\n    parameters: {{weight: -1, density: 0.5}}\n")
+    return Scenario(args, 2, f"error: {path}: models[0].parameters.weight, models[1].parameters.weight, "
+                             f"parameters.normalize: for tensor '{EMBED}', the weights sum to 0 (1 + -1), so normalize "
+                             "cannot divide by them\nHint: change a weight, or set normalize: false\n")
+
+
+@case("spec")
+def slerp_t_nan(tmp: Path, models: Models) -> Scenario:
+    args, path = spec_case(tmp, f"merge_method: slerp\nbase_model: {models.a}\nparameters: {{t: .nan}}\n"
+                                f"models:\n  - model: {models.b}\n")
+    return Scenario(args, 2, f"error: {path}: parameters.t: t must be a finite number, got nan\n")
+
+
+@case("spec")
 def dtype_not_a_name(tmp: Path, models: Models) -> Scenario:
     args, path = spec_case(tmp, f"merge_method: linear\ndtype: [bfloat16]\nmodels: [{models.a}]\n")
     return Scenario(args, 2, f"error: {path}: dtype: dtype must be a name such as bfloat16, got list\n")
@@ -688,7 +725,8 @@ def overflow_in_float32(tmp: Path, models: Models) -> Scenario:
                                 f"  - model: {models.b}\n    parameters: {{weight: 3.0e+38}}\n")
     # Embeddings (~0.02) times 3e38 stay finite in float32; the first norm (~1.0) overflows.
     return Scenario(args, 1, f"error: tensor 'model.layers.0.input_layernorm.weight': linear made {TINY.hidden} Inf "
-                             "values from finite inputs, the first at [0] (weight=(3e+38, 3e+38), normalize=false)\nHint: the "
+                             "values from finite inputs, the first at [0] (weight=(3e+38, 3e+38), normalize=false)\n"
+                             "Hint: the "
                              "parameters make float32 overflow or divide by zero for this tensor; use smaller weights, "
                              "or check the values set for it\n")
 
@@ -706,7 +744,8 @@ def overflow_of_the_output_dtype(tmp: Path, models: Models) -> Scenario:
     first = int(torch.nonzero(infinite.reshape(-1))[0])
     return Scenario(args, 1, f"error: tensor '{EMBED}': merged values up to {float(merged.abs().max()):.4g} do not fit "
                              f"float16 (largest 6.55e+04): {int(infinite.sum())} Inf values after the cast, the first "
-                             f"at [{first // TINY.hidden}, {first % TINY.hidden}]\nHint: write a wider dtype (out_dtype: "
+                             f"at [{first // TINY.hidden}, {first % TINY.hidden}]\n"
+                             "Hint: write a wider dtype (out_dtype: "
                              "bfloat16 or float32), or use smaller weights\n")
 
 
@@ -878,7 +917,8 @@ def hostile_adapter_pickle(adapter: Path, marker: Path) -> None:
 def adapter_pickle_refused_by_default(tmp: Path, models: Models) -> Scenario:
     marker = tmp / "pwned"
     args, adapter = fold_case(tmp, models, lambda a: hostile_adapter_pickle(a, marker))
-    return Scenario(args, 1, f"error: {adapter}: only a pickle adapter (adapter_model.bin) found; it is refused because "
+    return Scenario(args, 1, f"error: {adapter}: only a pickle adapter (adapter_model.bin) found; it is refused "
+                             "because "
                              "loading a pickle can run arbitrary code\nHint: convert it (load it with peft, "
                              "save_pretrained(dir, safe_serialization=True)), or, if you trust its source, pass "
                              "--allow-pickle (tensors only, torch.load(weights_only=True))\n", marker=marker)

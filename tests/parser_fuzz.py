@@ -156,7 +156,8 @@ YAML_PIECES = st.sampled_from([
     "merge_method: linear\n", "models:\n", "  - model: ./m\n", "    parameters: {weight: 0.5}\n", "&a [1, 2]", "*a",
     "!!python/object/apply:os.system ['true']", "!!binary aGk=", "!!set {a, b}", "!!timestamp 2001-12-14",
     "- ", "[", "]", "{", "}", ": ", "\n", "  ", "\t", "'", '"', "#", "---\n", "...\n", "? ", "|\n", "%YAML 1.1\n",
-    "parameters: ", "weight: ", ".nan", ".inf", "1e999", "-0", "~", "slices:\n", "  - sources:\n", "layer_range: [0, 2]",
+    "parameters: ", "weight: ", ".nan", ".inf", "1e999", "-0", "~", "slices:\n", "  - sources:\n",
+    "layer_range: [0, 2]",
     "dtype: ", "bfloat16", "name: ", "<<: *a", "&b {x: *b}", "\u0000", "\ufeff", "é"])
 
 

@@ -30,10 +30,12 @@ VALUES = st.one_of(SCALARS, st.lists(SCALARS, min_size=1, max_size=4),
                                                                                        "embed", "*", None])}),
                             min_size=1, max_size=3))
 PARAM_NAMES = st.sampled_from(["weight", "weight", "weight", "normalize", "lambda", "scale", "attention", "fallback",
-                               "density", "weigth", "t"])
+                               "density", "weigth", "t", "t", "gamma", "epsilon", "rescale", "nuslerp_flatten",
+                               "nuslerp_row_wise", "filter_wise", "int8_mask"])
 PARAMETERS = st.dictionaries(PARAM_NAMES, VALUES, max_size=3)
 METHODS = st.sampled_from(["linear", "linear", "task_arithmetic", "task_arithmetic", "passthrough", "concat", "ties",
-                           "lineer"])
+                           "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                           "slerp", "slerp", "nuslerp", "nuslerp", "model_stock", "lineer"])
 
 
 SOUND = st.fixed_dictionaries({"weight": st.one_of(st.sampled_from([0.25, 0.5, 1.0]),
@@ -47,10 +49,11 @@ def specs(draw, models: Models) -> dict:
     sound = draw(st.booleans())
     ref = st.sampled_from(refs) if sound else \
         st.one_of(st.sampled_from(refs), st.sampled_from([str(models.root / "missing"), "org/name@", "", 5]))
-    spec: dict = {"merge_method": draw(st.sampled_from(["linear", "task_arithmetic"]) if sound else METHODS)}
+    spec: dict = {"merge_method": draw(st.sampled_from(["linear", "task_arithmetic", "ties", "dare_linear", "della",
+                                                        "model_stock"]) if sound else METHODS)}
     spec["models"] = [{"model": draw(ref), "parameters": draw(SOUND if sound else PARAMETERS)}
                       for _ in range(draw(st.integers(1, 3)))]
-    if sound and spec["merge_method"] == "task_arithmetic":
+    if sound and spec["merge_method"] != "linear":
         spec["base_model"] = str(models.a)
     if draw(st.booleans()):
         spec["base_model"] = draw(ref)
