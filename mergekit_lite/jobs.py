@@ -18,7 +18,7 @@ from .errors import ModelError, SpecError
 from .params import resolve
 from .references import ModelRef
 from .spec import Parameters, Spec
-from .strategy import Strategy
+from .strategy import ParamProblem, Strategy
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,10 +103,24 @@ def resolve_params(strategy: Strategy, shared: Sequence[Parameters], inputs: Seq
             params[param.name] = resolve(param, tuple(shared), name, t, f"tensor '{name}'")
     if strategy.check is not None:
         problem = strategy.check(params)
+        if isinstance(problem, ParamProblem):
+            raise _located(problem, strategy, shared, inputs, input_names, name)
         if problem:
             raise SpecError(f"{problem} (tensor '{name}')", where="parameters",
                             hint=f"see `merge methods {strategy.name}`")
     return params
+
+
+def _located(problem: ParamProblem, strategy: Strategy, shared: Sequence[Parameters], inputs: Sequence[Input],
+             input_names: Sequence[str], name: str) -> SpecError:
+    """The check's problem as a spec error at the YAML path of the first blamed parameter the spec sets."""
+    model = inputs[problem.model] if problem.model is not None else None
+    levels = ((model.parameters,) if model is not None else ()) + tuple(shared)
+    where = next((level[p].where for p in problem.blame for level in levels if p in level), "parameters")
+    tensor = input_names[problem.model] if problem.model is not None else name
+    of = f" of {model.where} ({model.checkpoint.label})" if model is not None else ""
+    return SpecError(f"{problem.message} for tensor '{tensor}'{of}", where=where,
+                     hint=f"see `merge methods {strategy.name}`")
 
 
 def make_job(name: str, inputs: tuple[Source, ...], base: Optional[Source], first: Source, params: dict[str, Any],

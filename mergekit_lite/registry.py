@@ -16,7 +16,10 @@ from .strategy import Strategy
 ENTRY_POINT_GROUP = "mergekit_lite.strategies"
 BUILTIN_MODULES = (
     "linear",
-    "task_arithmetic",
+    "task_arithmetic",      # and ties, dare_*, breadcrumbs*, della*: presets of one function
+    "slerp",
+    "nuslerp",
+    "model_stock",
     "passthrough",
     "concat",
 )

@@ -107,6 +107,19 @@ class TensorContext:
         return gen
 
 
+@dataclass(frozen=True)
+class ParamProblem:
+    """What a strategy's ``check`` found wrong with the parameters resolved for one tensor.
+
+    ``blame`` lists parameter names in order of preference: the error points at the YAML path of the
+    first one the spec sets (for ``model``, the input's index, when the parameters are per model).
+    """
+
+    message: str
+    blame: tuple[str, ...] = ()
+    model: Optional[int] = None
+
+
 # inputs, base, context, **params -> merged tensor
 MergeFunction = Callable[..., torch.Tensor]
 BasePolicy = Literal["required", "optional", "input"]
@@ -133,8 +146,9 @@ class Strategy:
     # Each output element depends only on the same element of the inputs: the engine may then merge a large
     # tensor in row blocks (bounded memory). False for anything using whole-tensor statistics (norms, top-k).
     elementwise: bool = False
-    # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon).
-    check: Optional[Callable[[dict[str, Any]], Optional[str]]] = field(default=None, compare=False)
+    # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
+    # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
+    check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)
     # Optional: a strategy that changes tensor shapes (concat) plans its output tensors itself, with a
     # mergekit_lite.jobs.Layout. None: one output tensor per input tensor, of the same shape.
     layout: Optional[Any] = field(default=None, compare=False)

@@ -40,6 +40,8 @@ def _sample_jobs(plan: MergePlan):
 
 
 def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"   # as YAML writes it
     if isinstance(value, tuple):
         return "(" + ", ".join(_fmt(v) for v in value) + ")"
     if isinstance(value, float):

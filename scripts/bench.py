@@ -48,6 +48,10 @@ SPECS = {
              "        layer_range: [0, {layers}]\n      - model: {w}/ft-a\n        layer_range: [0, {layers}]\n"
              "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n"
              "      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: bfloat16\n",
+    # The same slerp with `models:` (whole models; no layer slices needed).
+    "slerp_models": "merge_method: slerp\nbase_model: {w}/base\nmodels:\n  - model: {w}/base\n  - model: {w}/ft-a\n"
+                    "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+                    "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: bfloat16\n",
 }
 # Runs a command and reports its wall time, CPU time and peak RSS (the child's, from getrusage).
 TIMER = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "

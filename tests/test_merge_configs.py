@@ -19,7 +19,7 @@ import torch
 from conftest import read_folder
 from mergekit_lite import load_spec, run_merge
 from mergekit_lite.lora.synthetic import write_demo_adapters
-from mergekit_lite.registry import MERGEKIT_PARAMETERS, all_strategies
+from mergekit_lite.registry import MERGEKIT_PARAMETERS, all_strategies, builtins
 from mergekit_lite.synthetic import LlamaShape, write_demo_models
 
 CONFIGS = sorted((Path(__file__).parent.parent / "merge_configs").glob("*.y*ml"))
@@ -71,7 +71,8 @@ def test_example_runs(config, demo_root, monkeypatch):
     models = demo_root / "demo" / "models"
     base = read_folder(models / "base")
     inputs = {os.path.basename(str(m.ref.model)) for m in spec.models or ()} | {
-        os.path.basename(str(s.ref.model)) for piece in spec.slices or () for s in piece.sources}
+        os.path.basename(str(s.ref.model)) for piece in spec.slices or () for s in piece.sources} | (
+        {os.path.basename(str(spec.base_model.model))} if spec.base_model is not None else set())
     tensors = {name: read_folder(models / name) for name in inputs}
 
     layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in spec.slices) if spec.slices \
@@ -158,3 +159,8 @@ def test_readme_specs_run(text, demo_root, monkeypatch):
     monkeypatch.chdir(demo_root)
     result = run_merge(text, demo_root / "readme", progress=False, overwrite=True)
     assert result.tensors == len(read_folder(demo_root / "readme")) > 0
+
+
+def test_every_built_in_method_has_an_example():
+    used = {load_spec(config).merge_method for config in CONFIGS}
+    assert {s.name for s in builtins()} <= used

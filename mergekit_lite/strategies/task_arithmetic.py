@@ -1,53 +1,190 @@
-"""Task arithmetic: add weighted task vectors to the base (Ilharco et al., arXiv 2212.04089)."""
+"""The task arithmetic family: one function, eight presets (mergekit's generalized task arithmetic).
+
+    delta_i = sparsify(x_i - base) * weight_i          # a sparsifier per preset; weight before the vote
+    mixed   = sum_i delta_i                            # or, with the TIES sign vote, only the deltas
+                                                       # whose sign agrees with sign(sum_i delta_i)
+    mixed  /= sum of the weights that took part        # when ``normalize`` (a zero divisor counts as 1)
+    out     = base + lambda * mixed                    # lambda applied last
+
+| preset | vote | sparsifier | normalize | rescale | paper |
+| task_arithmetic | - | - | false | - | Ilharco et al., arXiv 2212.04089 |
+| ties | sum | magnitude | true | false | Yadav et al., arXiv 2306.01708 |
+| dare_linear, dare_ties | -, sum | random | false | true | Yu et al., arXiv 2311.03099 |
+| breadcrumbs, breadcrumbs_ties | -, sum | magnitude_outliers | false | false | Davari & Belilovsky, arXiv 2312.06795 |
+| della_linear, della | -, sum | della_magprune | false, true | true | Deep et al., arXiv 2406.11617 |
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional, Sequence
 
 import torch
 
-from ..strategy import Param, Strategy, TensorContext
+from ..strategy import Param, ParamProblem, Strategy, TensorContext
+from . import sparsifiers
 
-LAMBDA = Param("lambda", float, "scales the combined task vector, applied last", default=1.0)
 
+def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext,
+                                *, consensus: Optional[str], sparsifier: Optional[str], weight: Sequence[float],
+                                normalize: bool, rescale: bool = False, density: Sequence[float] = (),
+                                gamma: Sequence[float] = (), epsilon: Sequence[float] = (),
+                                int8_mask: bool = False, **params: float) -> torch.Tensor:
+    """base + lambda * (vote-filtered, optionally normalized) sum of weighted, sparsified task vectors.
 
-def task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext, *,
-                    weight: Sequence[float], normalize: bool, **params: float) -> torch.Tensor:
-    """base + lambda * sum_i w_i (x_i - base), divided by sum_i w_i when ``normalize``.
-
-    Same operation order as mergekit's generalized task arithmetic: the weight multiplies each delta,
-    deltas are summed in model order, the sum is divided by the weight total (a total of |w| < 1e-8 counts
-    as 1), lambda is applied last.
+    The operation order is mergekit's, so deterministic presets give its float32 bits: each delta is
+    sparsified, then multiplied by its float32 weight; deltas are summed in model order; the divisor is
+    the float32 sum of the weights in model order. ``int8_mask`` is accepted for mergekit configs and has
+    no effect (there it only picks the dtype of a temporary mask).
     """
     assert base is not None
-    lam = params["lambda"]
+    generator = ctx.generator(base.device) if sparsifier in ("random", "della_magprune") else None
+    weights = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weight]   # float32 scalars
+    deltas = []
     mixed = torch.zeros_like(base)
-    for tensor, w in zip(inputs, weight):
-        delta = tensor - base                      # one delta alive at a time: memory stays (n + 3) tensors
-        delta.mul_(torch.tensor(w, dtype=delta.dtype, device=delta.device))
-        mixed.add_(delta)
+    for i, tensor in enumerate(inputs):
+        delta = tensor - base
+        if sparsifier is not None:
+            delta = _sparsify(sparsifier, delta, i, rescale, density, gamma, epsilon, generator)
+        delta.mul_(weights[i])
+        if consensus is None:
+            mixed.add_(delta)   # one delta alive at a time: memory stays (n + 3) tensors
+        else:
+            deltas.append(delta)
         del delta
-    if normalize:
-        divisor = torch.tensor(weight, dtype=base.dtype, device=base.device).sum()
-        if divisor.abs() < 1e-8:
+    if consensus is None:
+        divisor = torch.stack(weights).sum() if normalize else None
+        if divisor is not None and divisor.abs() < 1e-8:
             divisor = torch.ones_like(divisor)
+    else:
+        divisor = _sign_vote(deltas, weights, mixed, normalize)
+    if divisor is not None:
         mixed.div_(divisor)
-    if lam != 1:
-        mixed.mul_(lam)
+    if params["lambda"] != 1:
+        mixed.mul_(params["lambda"])
     return base + mixed
 
 
-STRATEGY = Strategy(
-    name="task_arithmetic",
-    fn=task_arithmetic,
-    title="Task Arithmetic",
-    summary="Adds each model's weighted difference from the base (its task vector) to the base.",
-    elementwise=True,
-    paper="https://arxiv.org/abs/2212.04089",
-    base="required",
-    params=(
-        Param("weight", float, "scales this model's task vector", per_model=True, for_base=False),
-        Param("normalize", bool, "divide the summed task vectors by the sum of the weights", default=False),
-        LAMBDA,
-    ),
+def _sign_vote(deltas: list[Optional[torch.Tensor]], weights: list[torch.Tensor], mixed: torch.Tensor,
+               normalize: bool) -> Optional[torch.Tensor]:
+    """TIES steps 2-3 into ``mixed``: elect each entry's sign by total (weighted) mass, 0 counting as +,
+    then sum only the deltas of that sign (zeros never take part). Returns the divisor for ``normalize``:
+    the sum of the weights of the models that took part, 1 where none did. Consumes ``deltas``.
+    """
+    for delta in deltas:
+        mixed.add_(delta)                                   # (*shape,) total mass per entry
+    # +1 / -1 per entry. copysign makes -0 vote -1 where mergekit's `>= 0` says +1, but a -0 total means
+    # every delta there is +-0, and zeros never take part, so the result is the same.
+    elected = torch.ones_like(mixed).copysign_(mixed)    # (*shape,)
+    mixed.zero_()
+    divisor = torch.zeros_like(mixed) if normalize else None
+    for i, w in enumerate(weights):
+        delta, deltas[i] = deltas[i], None                  # drop our reference as soon as it is used
+        agrees = torch.mul(delta, elected).gt_(0)          # 1.0 where sign(delta) == elected, else 0.0
+        mixed.addcmul_(delta, agrees)                      # delta * 1 or * 0 is exact: same sum as mergekit's
+        if divisor is not None:
+            divisor.add_(agrees, alpha=float(w))
+        del delta, agrees
+    if divisor is not None:
+        divisor[divisor == 0] = 1
+    return divisor
+
+
+def _sparsify(kind: str, delta: torch.Tensor, i: int, rescale: bool, density: Sequence[float],
+              gamma: Sequence[float], epsilon: Sequence[float], generator: Optional[torch.Generator]) -> torch.Tensor:
+    if kind == "magnitude":
+        return sparsifiers.magnitude(delta, density[i], rescale)
+    if kind == "magnitude_outliers":
+        return sparsifiers.magnitude_outliers(delta, density[i], gamma[i], rescale)
+    assert generator is not None
+    if kind == "random":
+        return sparsifiers.random(delta, density[i], rescale, generator)
+    return sparsifiers.della_magprune(delta, density[i], epsilon[i], rescale, generator)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    summary: str
+    paper: str
+    consensus: Optional[str]      # None or "sum" (the TIES sign vote)
+    sparsifier: Optional[str]     # None, "magnitude", "random", "magnitude_outliers", "della_magprune"
+    normalize: bool               # default of `normalize`
+    rescale: bool = False         # default of `rescale`
+
+
+WEIGHT = Param("weight", float, "scales this model's task vector (before the sign vote)", per_model=True,
+               for_base=False)
+LAMBDA = Param("lambda", float, "scales the combined task vector, applied last", default=1.0)
+DENSITY = "fraction of this model's task vector entries kept"
+INT8_MASK = Param("int8_mask", bool, "accepted for mergekit configs; no effect on the result (mergekit: the "
+                                     "dtype of a temporary mask)", default=False)
+
+
+def _params(p: Preset) -> tuple[Param, ...]:
+    params = [WEIGHT]
+    if p.sparsifier is not None:
+        params.append(Param("density", float, DENSITY, default=1.0, per_model=True, for_base=False, min=0, max=1))
+    if p.sparsifier == "magnitude_outliers":
+        params.append(Param("gamma", float, "fraction of largest-magnitude entries dropped as outliers",
+                            default=0.01, per_model=True, for_base=False, min=0, max=1))
+    if p.sparsifier == "della_magprune":
+        params.append(Param("epsilon", float, "half-width of the keep-probability band: entries are kept with "
+                                              "probability density - epsilon (smallest) .. density + epsilon "
+                                              "(largest); both must lie strictly inside (0, 1)",
+                            default=0.15, per_model=True, for_base=False, min=0, max=1))
+    params.append(Param("normalize", bool, "divide the combined task vector by the sum of the weights that "
+                                           "took part", default=p.normalize))
+    if p.sparsifier is not None:
+        params.append(Param("rescale", bool, "after pruning, scale each task vector back to its L1 norm",
+                            default=p.rescale))
+    params.append(LAMBDA)
+    if p.consensus is not None:
+        params.append(INT8_MASK)
+    return tuple(params)
+
+
+def _check_della(params: dict[str, Any]) -> Optional[ParamProblem]:
+    """DELLA's probabilities density +/- epsilon must stay strictly inside (0, 1) for every model
+    (a density of 0 or 1 prunes nothing or everything, so epsilon does not matter there)."""
+    for i, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
+        if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            return ParamProblem(f"density +/- epsilon must lie strictly inside (0, 1), got density "
+                                f"{density:g} and epsilon {epsilon:g}", ("epsilon", "density"), i)
+    return None
+
+
+PRESETS = (
+    Preset("task_arithmetic", "Task Arithmetic", "Adds each model's weighted difference from the base (its task "
+           "vector) to the base.", "https://arxiv.org/abs/2212.04089", None, None, normalize=False),
+    Preset("ties", "TIES", "Task arithmetic after trimming each task vector to its largest entries and electing "
+           "a sign per entry; only agreeing entries are averaged.", "https://arxiv.org/abs/2306.01708",
+           "sum", "magnitude", normalize=True),
+    Preset("dare_linear", "DARE (linear)", "Task arithmetic after randomly dropping task vector entries and "
+           "rescaling the rest.", "https://arxiv.org/abs/2311.03099", None, "random", normalize=False, rescale=True),
+    Preset("dare_ties", "DARE with TIES sign election", "DARE's random drop and rescale, then TIES' sign vote.",
+           "https://arxiv.org/abs/2311.03099", "sum", "random", normalize=False, rescale=True),
+    Preset("breadcrumbs", "Model Breadcrumbs", "Task arithmetic after dropping each task vector's largest "
+           "outliers and its smallest entries.", "https://arxiv.org/abs/2312.06795", None, "magnitude_outliers",
+           normalize=False),
+    Preset("breadcrumbs_ties", "Model Breadcrumbs with TIES sign election", "Breadcrumbs pruning, then TIES' "
+           "sign vote.", "https://arxiv.org/abs/2312.06795", "sum", "magnitude_outliers", normalize=False),
+    Preset("della", "DELLA", "Random drop with keep probability rising with magnitude rank (MagPrune), rescale, "
+           "then TIES' sign vote.", "https://arxiv.org/abs/2406.11617", "sum", "della_magprune",
+           normalize=True, rescale=True),
+    Preset("della_linear", "DELLA (linear)", "DELLA's MagPrune and rescale, without the sign vote.",
+           "https://arxiv.org/abs/2406.11617", None, "della_magprune", normalize=False, rescale=True),
 )
+
+STRATEGIES = [
+    Strategy(name=p.name, fn=partial(generalized_task_arithmetic, consensus=p.consensus, sparsifier=p.sparsifier),
+             title=p.title, summary=p.summary, paper=p.paper, base="required", params=_params(p),
+             random=p.sparsifier in ("random", "della_magprune"),
+             # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,
+             # L1 norms, a random stream drawn for the tensor's shape).
+             elementwise=p.sparsifier is None and p.consensus is None,
+             check=_check_della if p.sparsifier == "della_magprune" else None)
+    for p in PRESETS
+]

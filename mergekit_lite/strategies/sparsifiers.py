@@ -1,0 +1,190 @@
+"""Sparsifiers: which entries of a task vector survive, for TIES, DARE, breadcrumbs and DELLA.
+
+Each takes one task vector ``delta`` (float32, owned by the caller, which lets us zero it in place) and
+returns it with the dropped entries set to zero and, when ``rescale``, the survivors scaled so the L1 norm
+equals the unpruned one (mergekit's ``rescale``: a tensor-level norm match, not DARE's element-wise 1/p).
+
+Magnitude methods keep entries by rank of |delta|. Ranks are found with k-th value selection (a radix
+select, linear time), never by sorting the tensor. Equal magnitudes are ranked by position,
+as a stable sort would; mergekit's (unstable) argsort breaks such ties in an order of its own, so the two
+can keep different members of a group of equal magnitudes straddling the cut (same count, same |value|).
+
+Random methods draw from the ``torch.Generator`` they are given (one per tensor, seeded from the run seed
+and the tensor name), never from the global RNG, so output bytes do not depend on threads or shard sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, Optional
+
+import torch
+
+RESCALE_EPS = 1e-7   # below this L1 norm (before or after pruning) mergekit skips the rescale
+_ROW = 1024          # L1 norms are summed in rows of this width: one thread per row, whatever the thread count
+_RADIX_MIN = 1 << 16  # below this many entries torch.kthvalue is as fast as the radix select
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0   # which int16 of a float32 holds its top 16 bits
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """TIES' trim: keep the ``max(1, int(density * n))`` entries of largest magnitude."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return delta.zero_()
+    k = max(1, int(density * delta.numel()))
+    keep = rank_window(delta.abs().flatten(), 0, k, descending=True)
+    return _apply(delta, keep.view(delta.shape), rescale)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes (outliers) and then the smallest,
+    keeping ``int(density * n)`` entries. When ``density + gamma > 1`` fewer outliers are dropped."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    kept = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - kept - n_top)
+    # Ranks in ascending magnitude: [n_bottom, n_bottom + kept) survive.
+    keep = rank_window(delta.abs().flatten(), n_bottom, n_bottom + kept, descending=False)
+    return _apply(delta, keep.view(delta.shape), rescale)
+
+
+def random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density``."""
+    if density >= 1:
+        return delta
+    draws = torch.rand(delta.shape, generator=generator, device=delta.device)   # (*shape,) uniform [0, 1)
+    return _apply(delta, draws < density, rescale, l1_norm)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
+                   generator: torch.Generator) -> torch.Tensor:
+    """DELLA's MagPrune: along each row, the keep probability rises linearly with the magnitude rank,
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+
+    Rows are along dim 1 (a 1-D tensor is one row), as in mergekit. A row of one entry sits in the middle
+    of the band (probability ``density``); mergekit divides by zero there. The ranks need one sort per row:
+    the probabilities depend on every entry's rank, not only on a cut.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_()
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)                 # (rows, m, ...)
+    m = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices             # ascending |delta| along dim 1
+    shape = [1] * rows.dim()
+    shape[1] = m
+    positions = torch.arange(m, dtype=torch.int32, device=delta.device).view(shape).expand_as(order)
+    ranks = torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)   # 0 = smallest |delta|
+    del order, positions
+    rank_norm = ranks.to(delta.dtype).div_(m - 1) if m > 1 else torch.full(ranks.shape, 0.5, dtype=delta.dtype,
+                                                                           device=delta.device)
+    del ranks
+    probability = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
+    draws = torch.rand(rows.shape, generator=generator, device=delta.device)
+    keep = (draws < probability).view(delta.shape)
+    del draws, probability
+    return _apply(delta, keep, rescale, l1_norm)
+
+
+def l1_norm(tensor: torch.Tensor) -> float:
+    """Sum of |x|, the same bits whatever the thread count.
+
+    torch splits a single large reduction across threads, so ``tensor.abs().sum()`` changes in the last
+    bits with the thread count. Here each row of ``_ROW`` entries is reduced by one thread and the row sums
+    are added exactly (``math.fsum``).
+    """
+    flat = tensor.reshape(-1)
+    whole = flat.numel() // _ROW * _ROW
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, _ROW), 1, dim=1)      # (n // _ROW,) float32
+    tail = torch.linalg.vector_norm(flat[whole:], 1)
+    return math.fsum(rows.tolist() + [float(tail)])
+
+
+def torch_l1(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of |x| as mergekit computes it (one float32 reduction; its last bits depend on the thread count)."""
+    return tensor.abs().sum()
+
+
+def _apply(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, norm: Callable = torch_l1) -> torch.Tensor:
+    """Zero the dropped entries in place (``keep`` is consumed); rescale to the unpruned L1 norm when asked
+    (and when neither norm is ~0).
+
+    Deterministic sparsifiers use mergekit's float32 sums, so TIES/breadcrumbs with ``rescale`` keep its
+    bits; random ones use ``l1_norm``, so their output does not depend on the thread count either.
+    """
+    before = norm(delta) if rescale else 0.0
+    delta.masked_fill_(keep.logical_not_(), 0)
+    if rescale:
+        after = norm(delta)
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            delta.mul_(before / after)
+    return delta
+
+
+def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """Mask of the entries of 1-D, non-negative ``magnitudes`` whose rank lies in ``[lo, hi)``.
+
+    Rank is the position in a stable sort (descending or ascending): by value, equal values by index.
+    Found without sorting: k-th value selection gives the values at the window's edges, comparisons give
+    everything strictly inside, and only a group of equal values cut by an edge is looked at by position.
+    """
+    n = magnitudes.numel()
+    lo, hi = max(lo, 0), min(hi, n)
+    if hi <= lo:
+        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    if lo == 0 and hi == n:
+        return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
+
+    def ahead(v: torch.Tensor) -> torch.Tensor:  # entries ranked before every entry equal to v
+        return magnitudes > v if descending else magnitudes < v
+
+    def up_to(v: torch.Tensor) -> torch.Tensor:  # entries ranked before v's group, or in it
+        return magnitudes >= v if descending else magnitudes <= v
+
+    def from_(v: torch.Tensor) -> torch.Tensor:  # entries in v's group, or ranked after it
+        return magnitudes <= v if descending else magnitudes >= v
+
+    # The values at the window's first and last rank (0-based ranks -> 1-based ascending k).
+    ranks = ([lo] if lo > 0 else []) + ([hi - 1] if hi < n else [])
+    edges = kth_smallest(magnitudes, [n - r if descending else r + 1 for r in ranks])
+    keep: Optional[torch.Tensor] = from_(edges[0]) if lo > 0 else None
+    if hi < n:
+        keep = up_to(edges[-1]) if keep is None else keep.logical_and_(up_to(edges[-1]))
+    assert keep is not None
+    if int(torch.count_nonzero(keep)) == hi - lo:
+        return keep  # no group of equal values straddles an edge
+    for v in (edges[:1] if len(edges) == 1 or bool(edges[0] == edges[1]) else edges):
+        # Entries equal to v hold ranks [start, start + count) in index order; keep those inside the window.
+        positions = (magnitudes == v).nonzero().flatten()                   # (count,) indices, ascending
+        start = int(torch.count_nonzero(ahead(v)))
+        first_kept = min(max(lo - start, 0), positions.numel())
+        end_kept = min(max(hi - start, 0), positions.numel())
+        keep[positions[:first_kept]] = False
+        keep[positions[end_kept:]] = False
+    return keep
+
+
+def kth_smallest(magnitudes: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
+    """The k-th smallest (1-based) of 1-D non-negative ``magnitudes``, for each k: a radix select.
+
+    Non-negative float32 values order like their bit patterns, so one histogram of the top 16 bits finds
+    the bucket holding each k-th value, and ``torch.kthvalue`` finishes on that bucket's few entries.
+    That is a few linear passes, about 3x faster than ``torch.kthvalue`` on the whole tensor (which
+    copies it and partitions repeatedly). Other dtypes and small tensors use ``torch.kthvalue`` directly.
+    """
+    if magnitudes.dtype != torch.float32 or magnitudes.numel() < _RADIX_MIN or not magnitudes.is_contiguous():
+        return [torch.kthvalue(magnitudes, k).values for k in ks]
+    # The top 16 bits of each float32, read in place as the high int16 half (0..32767: the sign bit is 0).
+    high = magnitudes.view(torch.int16)[_HIGH_HALF::2]                    # (n,) bucket of each entry
+    below = torch.bincount(high, minlength=1 << 15).cumsum_(0)           # entries in buckets <= b
+    found = []
+    for k in ks:
+        bucket = int(torch.searchsorted(below, k))                        # first bucket reaching rank k
+        before = int(below[bucket - 1]) if bucket else 0
+        found.append(torch.kthvalue(magnitudes[high == bucket], k - before).values)
+    return found
