@@ -13,6 +13,7 @@ import torch
 from .devices import resolve_device
 from .dtypes import parse_dtype
 from .errors import UsageError
+from .executors import check_executor
 from .outdir import check_output, commit_partial, start_partial
 from .plan import MergePlan, plan_merge
 from .spec import Spec, load_spec
@@ -35,14 +36,16 @@ class MergeResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
+    resumed_shards: int = 0   # shards an interrupted run had finished, verified and kept (--resume)
 
     def __str__(self) -> str:
         from .units import format_size
 
         if self.dry_run:
             return f"Would write {self.tensors} tensors ({format_size(self.bytes)}) to {self.path}."
-        return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s)) into {self.path} "
-                f"in {self.seconds:.1f} s.")
+        resumed = f"; {self.resumed_shards} kept from the interrupted run" if self.resumed_shards else ""
+        return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s){resumed}) into "
+                f"{self.path} in {self.seconds:.1f} s.")
 
 
 def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
@@ -55,11 +58,14 @@ def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optiona
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: Union[str, int] = "5GB",
               dtype: Optional[str] = None, out_dtype: Optional[str] = None, device: str = "auto",
               overwrite: bool = False, dry_run: bool = False, seed: int = 0,
-              strategies: Iterable[Strategy] = (), progress: bool = True) -> MergeResult:
+              strategies: Iterable[Strategy] = (), progress: bool = True, resume: bool = False,
+              executor: str = "local", ray_address: Optional[str] = None) -> MergeResult:
     """Merge the models a spec describes into the folder ``out``.
 
     ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
-    that are not built in (they take precedence by name). Raises a MergeError subclass on bad input.
+    that are not built in (they take precedence by name). ``resume`` continues an interrupted merge of the
+    same spec from its partial folder (resume.py); ``executor="ray"`` computes the shards on a Ray cluster
+    (executors/). Raises a MergeError subclass on bad input.
     """
     started = time.perf_counter()
     out = os.fspath(out)
@@ -68,6 +74,7 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     except ValueError as exc:
         raise UsageError(str(exc), where="--max-shard-size") from None
     compute_device = resolve_device(device)
+    check_executor(executor, ray_address)
     merge_plan = make_plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
     try:
         check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
@@ -77,26 +84,37 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
             return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
                                dry_run=True, warnings=merge_plan.warnings,
                                summary=describe_plan(merge_plan, out, shard_bytes))
-        return _execute(merge_plan, out, shard_bytes, compute_device, progress, started)
+        run = RunOptions(resume, executor, ray_address)
+        return _execute(merge_plan, out, shard_bytes, compute_device, progress, started, run)
     finally:
         merge_plan.close()
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How the shards are computed: continuing an interrupted run, and where (executors/)."""
+
+    resume: bool = False
+    executor: str = "local"
+    ray_address: Optional[str] = None
+
+
 def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, progress: bool,
-             started: float) -> MergeResult:
-    from .engine import write_tensors
+             started: float, run: RunOptions = RunOptions()) -> MergeResult:
+    from .executors import open_output
     from .outfiles import write_companions
     from .progress import byte_progress
 
-    partial = start_partial(out)
+    partial = start_partial(out, keep=run.resume)
+    pending = open_output(merge_plan, partial, max_shard_size=shard_bytes, device=device, resume=run.resume)
     with byte_progress(merge_plan.total_bytes, enabled=progress) as advance:
-        shards = write_tensors(merge_plan, partial, max_shard_size=shard_bytes, device=device, progress=advance)
+        shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address)
     write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
     commit_partial(partial, out)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)
     return MergeResult(os.path.abspath(out), len(merge_plan.jobs), shards.total_size, seconds, len(shards.files),
-                       warnings=merge_plan.warnings)
+                       warnings=merge_plan.warnings, resumed_shards=len(pending.done))
 
 
 def _dtype(name: Optional[str], where: str) -> Optional[torch.dtype]:

@@ -49,7 +49,8 @@ def common_options(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             if debug:
                 raise
-            click.echo("interrupted: nothing complete was written (a partial folder may remain)", err=True)
+            click.echo("interrupted: finished shards stay in OUT.partial; run the same command with --resume to "
+                       "continue", err=True)
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

@@ -18,14 +18,23 @@ from .common import common_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random methods (DARE, DELLA).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted merge of the same spec from OUT.partial (finished shards are verified "
+                   "and kept).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Compute shards in this process, or as tasks on a Ray cluster (the [ray] extra).")
+@click.option("--ray-address", default=None, help="Ray cluster to use (auto, host:6379, ray://host:10001); "
+                                                  "default: start a local one.")
 @common_options
 def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: str | None, device: str,
-        overwrite: bool, dry_run: bool, seed: int, quiet: bool) -> None:
+        overwrite: bool, dry_run: bool, seed: int, resume: bool, executor: str, ray_address: str | None,
+        quiet: bool) -> None:
     """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT."""
     from ..api import run_merge
 
     result = run_merge(spec, out, max_shard_size=max_shard_size, dtype=dtype, out_dtype=out_dtype, device=device,
-                       overwrite=overwrite, dry_run=dry_run, seed=seed, progress=not quiet and not dry_run)
+                       overwrite=overwrite, dry_run=dry_run, seed=seed, progress=not quiet and not dry_run,
+                       resume=resume, executor=executor, ray_address=ray_address)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:
