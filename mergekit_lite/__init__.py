@@ -1,6 +1,6 @@
 """mergekit_lite: merge language models and fold LoRA adapters, streamed tensor by tensor.
 
-``from mergekit_lite import load_spec, run_merge``. Heavy modules (torch, the Hub client) load on first
+``from mergekit_lite import load_spec, run_merge, validate``. Heavy modules (torch, the Hub client) load on first
 use, so importing the package is instant.
 """
 
@@ -12,6 +12,9 @@ _EXPORTS = {
     "run_merge": "mergekit_lite.api",
     "make_plan": "mergekit_lite.api",
     "MergeResult": "mergekit_lite.api",
+    "validate": "mergekit_lite.validation",
+    "ValidationReport": "mergekit_lite.validation",
+    "fold_lora": "mergekit_lite.lora.api",
     "Strategy": "mergekit_lite.strategy",
     "Param": "mergekit_lite.strategy",
     "TensorContext": "mergekit_lite.strategy",

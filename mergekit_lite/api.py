@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 import torch
 
@@ -16,9 +17,13 @@ from .errors import UsageError
 from .executors import check_executor
 from .outdir import check_output, commit_partial, start_partial
 from .plan import MergePlan, plan_merge
+from .run_settings import RunSettings, settings_for, write_run_settings
 from .spec import Spec, load_spec
 from .strategy import Strategy
 from .units import parse_size
+
+if TYPE_CHECKING:
+    from .validation import ValidationReport
 
 log = logging.getLogger("mergekit_lite")
 SpecLike = Union[str, os.PathLike, dict, Spec]
@@ -36,6 +41,7 @@ class MergeResult:
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
     summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
+    validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run)
     resumed_shards: int = 0   # shards an interrupted run had finished, verified and kept (--resume)
 
     def __str__(self) -> str:
@@ -58,14 +64,16 @@ def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optiona
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: Union[str, int] = "5GB",
               dtype: Optional[str] = None, out_dtype: Optional[str] = None, device: str = "auto",
               overwrite: bool = False, dry_run: bool = False, seed: int = 0,
-              strategies: Iterable[Strategy] = (), progress: bool = True, resume: bool = False,
-              executor: str = "local", ray_address: Optional[str] = None) -> MergeResult:
+              strategies: Iterable[Strategy] = (), progress: bool = True, validate: bool = True,
+              resume: bool = False, executor: str = "local", ray_address: Optional[str] = None) -> MergeResult:
     """Merge the models a spec describes into the folder ``out``.
 
     ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
-    that are not built in (they take precedence by name). ``resume`` continues an interrupted merge of the
-    same spec from its partial folder (resume.py); ``executor="ray"`` computes the shards on a Ray cluster
-    (executors/). Raises a MergeError subclass on bad input.
+    that are not built in (they take precedence by name). Raises a MergeError subclass on bad input.
+    With ``validate`` (the default) the written output is checked (``mergekit_lite.validate``) and the
+    report is ``result.validation``; a failed validation does not raise and leaves the output in place.
+    ``resume`` continues an interrupted merge of the same spec from its partial folder (resume.py);
+    ``executor="ray"`` computes the shards on a Ray cluster (executors/).
     """
     started = time.perf_counter()
     out = os.fspath(out)
@@ -75,19 +83,27 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
         raise UsageError(str(exc), where="--max-shard-size") from None
     compute_device = resolve_device(device)
     check_executor(executor, ray_address)
+    strategies = list(strategies)
     merge_plan = make_plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies)
+    settings = settings_for(_dtype(dtype, "--dtype"), _dtype(out_dtype, "--out-dtype"), seed, compute_device)
     try:
-        check_output(out, [c.folder for c in merge_plan.checkpoints.values()], overwrite)
+        check_output(out, [f for c in merge_plan.checkpoints.values() for f in c.folders], overwrite)
         if dry_run:
             from .summary import describe_plan
 
             return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
                                dry_run=True, warnings=merge_plan.warnings,
                                summary=describe_plan(merge_plan, out, shard_bytes))
-        run = RunOptions(resume, executor, ray_address)
-        return _execute(merge_plan, out, shard_bytes, compute_device, progress, started, run)
+        result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started, settings,
+                          RunOptions(resume, executor, ray_address))
     finally:
         merge_plan.close()
+    if not validate:
+        return result
+    from .validation import validate as validate_output
+
+    report = validate_output(out, merge_plan.spec, device=compute_device, strategies=strategies)
+    return dataclasses.replace(result, validation=report)
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,7 @@ class RunOptions:
 
 
 def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, progress: bool,
-             started: float, run: RunOptions = RunOptions()) -> MergeResult:
+             started: float, settings: RunSettings, run: RunOptions = RunOptions()) -> MergeResult:
     from .executors import open_output
     from .outfiles import write_companions
     from .progress import byte_progress
@@ -110,6 +126,7 @@ def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.de
     with byte_progress(merge_plan.total_bytes, enabled=progress) as advance:
         shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address)
     write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
+    write_run_settings(partial, settings)
     commit_partial(partial, out)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)

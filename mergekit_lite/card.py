@@ -6,18 +6,21 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 
 from . import __version__
-from .references import ModelPath
+from .references import ModelPath, ModelRef
+
+Model = Union[ModelPath, ModelRef]
 
 
-def card_text(name: str, method_title: str, paper: Optional[str], models: list[ModelPath],
-              base: Optional[ModelPath], spec_text: str, tags: tuple[str, ...] = ("merge", "mergekit", "mergekit-lite"),
+def card_text(name: str, method_title: str, paper: Optional[str], models: list[Model],
+              base: Optional[Model], spec_text: str, tags: tuple[str, ...] = ("merge", "mergekit", "mergekit-lite"),
               notes: tuple[str, ...] = ()) -> str:
-    hub_ids = list(dict.fromkeys(m.repo_id for m in [*([base] if base else []), *models] if m.repo_id))
+    paths = [p for m in [*([base] if base else []), *models] for p in _paths(m)]
+    hub_ids = list(dict.fromkeys(p.repo_id for p in paths if p.repo_id))
     meta: dict = {}
     if hub_ids:
         meta["base_model"] = hub_ids
@@ -41,7 +44,16 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
     return "\n".join(lines)
 
 
-def _link(path: ModelPath) -> str:
+def _paths(model: Model) -> list[ModelPath]:
+    """The model and, for ``base+adapter``, its adapters: all of them are parents of the output."""
+    return [model.model, *(a.path for a in model.adapters)] if isinstance(model, ModelRef) else [model]
+
+
+def _link(path: Model) -> str:
+    if isinstance(path, ModelRef):
+        adapters = "".join(f" + LoRA adapter {_link(a.path)}" + (f" (weight {a.weight:g})" if a.weight != 1 else "")
+                           for a in path.adapters)
+        return _link(path.model) + adapters
     if path.repo_id:
         pinned = f" (revision `{path.revision}`)" if path.revision else ""
         return f"[{path.repo_id}](https://huggingface.co/{path.repo_id}){pinned}"

@@ -29,8 +29,15 @@ class Checkpoint:
     folder: str                     # absolute local folder
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)     # about this input, for the merge's warnings
+    card_notes: list[str] = field(default_factory=list)   # facts the output's model card should state
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """Every folder this input reads (an output inside any of them is refused)."""
+        return (self.folder,)
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Read one tensor (or the block of its rows [start, end)) into a new CPU tensor of its stored dtype."""
@@ -92,7 +99,7 @@ def open_checkpoint(folder: str, label: Optional[str] = None) -> Checkpoint:
         tensors, _ = read_header(os.path.join(folder, SINGLE_FILE))
     else:
         raise _no_weights_error(folder, label)
-    return Checkpoint(label, folder, tensors, _read_config(folder))
+    return Checkpoint(label, folder, tensors, read_config(folder))
 
 
 def _read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
@@ -159,7 +166,7 @@ def _no_weights_error(folder: str, label: str) -> ModelError:
                       hint="give the folder that holds the model's safetensors files")
 
 
-def _read_config(folder: str) -> dict[str, Any]:
+def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         return {}

@@ -169,6 +169,14 @@ def split(job: TensorJob, elementwise: bool, blocked: bool = False) -> list[_Pie
     return [_Piece(job, (start, min(start + step, job.shape[0])), blocked) for start in range(0, job.shape[0], step)]
 
 
+def read_sources(job: TensorJob, rows: Rows = None) -> list[torch.Tensor]:
+    """The raw input tensors of one job (or one block of its rows), in ``job.sources`` order, as stored.
+
+    The merge loop and validation's recomputation both read through here, so a change to what a source
+    returns (a LoRA fold) is recomputed exactly as it was merged."""
+    return [source.checkpoint.read(source.name, rows) for source in job.sources]
+
+
 def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One whole output tensor from its raw inputs (in ``job.sources`` order), on ``device``, back on the CPU."""
     return merge_prepared(plan, job, prepare_inputs(job, raw, device))
@@ -261,7 +269,7 @@ def _load(piece: _Piece, device: torch.device) -> list[torch.Tensor]:
     """A piece's inputs as the main thread wants them: raw for blocked merges and off-CPU devices (moved and
     converted there), converted to float32 here otherwise (in the reader thread, off the computing core)."""
     job = piece.job
-    raw = [source.checkpoint.read(source.name, piece.rows) for source in job.sources]
+    raw = read_sources(job, piece.rows)
     return raw if piece.blocked or device.type != "cpu" else prepare_inputs(job, raw, device)
 
 

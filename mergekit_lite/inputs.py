@@ -14,24 +14,49 @@ from .errors import MergeError, SpecError
 from .references import ModelPath, ModelRef
 from .spec import Spec
 
+# What a fold needs from an adapter repo on the Hub (never the pickled adapter_model.bin).
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
 
-def local_folder(path: ModelPath, where: str) -> Optional[str]:
+
+def local_folder(path: ModelPath, where: str, what: str = "model folder") -> Optional[str]:
     """The folder of a local reference; a SpecError if it names a missing local path; None for Hub ids."""
     if path.revision is None and os.path.exists(path.path):
         return path.path
     if path.repo_id is None:
-        raise SpecError(f"model folder '{path.path}' not found", where=where,
+        raise SpecError(f"{what} '{path.path}' not found", where=where,
                         hint="check the path (relative paths are relative to the current directory)")
     return None
 
 
-def fetch(path: ModelPath, where: str) -> str:
+def fetch(path: ModelPath, where: str, patterns: Optional[list[str]] = None) -> str:
     folder = local_folder(path, where)
     if folder is not None:
         return folder
     from .hub import download
 
-    return download(path, where)
+    return download(path, where, patterns)
+
+
+def open_reference(ref: ModelRef, where: str) -> Checkpoint:
+    """Open one reference: a checkpoint, or for ``base+adapter`` the base with its adapters folded in on read
+    (mergekit_lite.lora.source.LoraSource, which has the Checkpoint interface)."""
+    base = open_checkpoint(fetch(ref.model, where), label=str(ref.model))
+    if not ref.adapters:
+        return base
+    from .lora.adapter import open_adapter
+    from .lora.source import open_source
+
+    adapters = []
+    try:
+        for adapter in ref.adapters:
+            opened = open_adapter(fetch(adapter.path, where, ADAPTER_PATTERNS), str(adapter.path))
+            adapters.append((opened, adapter.weight, adapter.check_base))
+        return open_source(str(ref), base, ref.model, adapters, ref.tied_embeddings)
+    except BaseException:
+        base.close()
+        for opened, _, _ in adapters:
+            opened.close()
+        raise
 
 
 def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
@@ -40,23 +65,22 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
     for ref, where in refs:  # fail on missing local folders before any download starts
         try:
             local_folder(ref.model, where)
-            if ref.adapter is not None:
-                local_folder(ref.adapter, where)
+            for adapter in ref.adapters:
+                local_folder(adapter.path, where, "adapter folder")
         except MergeError as exc:
             exc.file = spec.file
             raise
-    opened: dict[ModelRef, Checkpoint] = {}
+    checkpoints: dict[ModelRef, Checkpoint] = {}
     for ref, where in refs:
         try:
-            if ref.adapter is not None:
-                raise SpecError(f"'{ref}': LoRA adapter references (base+adapter) are not supported yet",
-                                hint="fold the adapter with peft's merge_and_unload() and reference the result")
-            checkpoint = open_checkpoint(fetch(ref.model, where), label=str(ref.model))
+            checkpoint = open_reference(ref, where)
         except MergeError as exc:
             if exc.where is None:
                 exc.where = where
             if exc.file is None:
                 exc.file = spec.file
+            for opened in checkpoints.values():
+                opened.close()
             raise
-        opened[ref] = checkpoint
-    return opened
+        checkpoints[ref] = checkpoint
+    return checkpoints

@@ -30,8 +30,8 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
                 shutil.copyfile(source, os.path.join(folder, filename))
     _write_text(os.path.join(folder, "mergekit_config.yml"), plan.spec.text.rstrip() + "\n")
     spec = plan.spec
-    models = [m.ref.model for m in spec.models or ()] or [s.ref.model for p in spec.slices or () for s in p.sources]
-    base = spec.base_model.model if spec.base_model else None
+    models = [m.ref for m in spec.models or ()] or [s.ref for p in spec.slices or () for s in p.sources]
+    base = spec.base_model
     card = card_text(name, plan.strategy.title, plan.strategy.paper, [m for m in models if m != base], base,
                      spec.text, notes=tuple(plan.card_notes))
     _write_text(os.path.join(folder, "README.md"), card)

@@ -87,6 +87,9 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
     reference = planned.reference
     tokenizer = spec.tokenizer_source
     tokenizer_folder = checkpoints[tokenizer].folder if isinstance(tokenizer, ModelRef) else reference.folder
+    for checkpoint in checkpoints.values():   # e.g. a LoRA fold's notes (lora/source.py); already logged
+        warnings += checkpoint.warnings
+        notes += [note for note in checkpoint.card_notes if note not in notes]
     return MergePlan(spec, strategy, checkpoints, planned.jobs, config, reference, tokenizer_folder, seed, warnings,
                      card_notes=notes)
 

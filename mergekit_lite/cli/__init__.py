@@ -7,8 +7,10 @@ import gc
 import click
 
 from .. import __version__
+from .fold import fold
 from .methods import methods
 from .run import run
+from .validate import validate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -18,11 +20,13 @@ def cli() -> None:
 
     \b
     merge run SPEC.yaml -o OUT      run a (mergekit-compatible) merge spec
+    merge fold BASE ADAPTER -o OUT  fold PEFT LoRA adapters into their base model
     merge methods [NAME]            list the merge methods and their parameters
+    merge validate OUT              check a merged model against its spec
     """
 
 
-for command in (run, methods):
+for command in (run, fold, methods, validate):
     cli.add_command(command)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import common_options
+from .validate import print_verdict
 
 
 @click.command()
@@ -18,6 +19,7 @@ from .common import common_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random methods (DARE, DELLA).")
+@click.option("--no-validate", is_flag=True, help="Skip checking the output after writing it (merge validate).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted merge of the same spec from OUT.partial (finished shards are verified "
                    "and kept).")
@@ -27,15 +29,16 @@ from .common import common_options
                                                   "default: start a local one.")
 @common_options
 def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: str | None, device: str,
-        overwrite: bool, dry_run: bool, seed: int, resume: bool, executor: str, ray_address: str | None,
-        quiet: bool) -> None:
+        overwrite: bool, dry_run: bool, seed: int, no_validate: bool, resume: bool, executor: str,
+        ray_address: str | None, quiet: bool) -> None:
     """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT."""
     from ..api import run_merge
 
     result = run_merge(spec, out, max_shard_size=max_shard_size, dtype=dtype, out_dtype=out_dtype, device=device,
                        overwrite=overwrite, dry_run=dry_run, seed=seed, progress=not quiet and not dry_run,
-                       resume=resume, executor=executor, ray_address=ray_address)
+                       validate=not no_validate, resume=resume, executor=executor, ray_address=ray_address)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:
         click.echo(str(result))
+    print_verdict(result.validation, quiet)

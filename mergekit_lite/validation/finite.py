@@ -1,0 +1,61 @@
+"""Check 2, finite: no NaN or Inf in any tensor, streamed in bounded chunks and reduced on the device.
+
+One NaN in one weight turns every logit it touches into NaN, and a merge can make one (a division by a
+zero sum of weights, an overflow when casting to float16). Every float tensor in every shard is read in
+chunks of at most 64 MiB; each chunk is counted on the device and dropped, so memory stays at one chunk.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .folder import OutputFolder
+from .report import CheckResult, Finding, outcome
+from .stream import CHUNK_BYTES, TensorReader, unravel
+
+
+def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = CHUNK_BYTES) -> CheckResult:
+    started = time.perf_counter()
+    failures: list[Finding] = []
+    tensors = values = nan = inf = 0
+    ordered = sorted(folder.stored(), key=lambda info: (info.path, info.start))   # sequential reads
+    with TensorReader() as reader:
+        for info in ordered:
+            if not info.dtype.is_floating_point:
+                continue
+            tensors += 1
+            values += info.numel
+            counts = _count_nonfinite(reader, info, device, chunk_bytes)
+            nan += counts[0]
+            inf += counts[1]
+            if counts[0] or counts[1]:
+                failures.append(Finding(_describe(info.shape, *counts), tensor=info.name, file=folder.file_of(info)))
+    numbers = {"tensors": tensors, "values": values, "nan": nan, "inf": inf, "tensors_nonfinite": len(failures),
+               "chunk_bytes": chunk_bytes}
+    summary = f"{tensors} float tensors, {values:,} values: no NaN or Inf"
+    return outcome("finite", failures, summary, numbers, time.perf_counter() - started)
+
+
+def _count_nonfinite(reader: TensorReader, info, device: torch.device, chunk_bytes: int) -> tuple[int, int, int]:
+    """(NaN count, Inf count, flat index of the first non-finite value or -1) of one tensor."""
+    nan = inf = 0
+    first = -1
+    for start, chunk in reader.chunks(info, chunk_bytes):
+        chunk = chunk.to(device)                       # (n,) in the stored dtype
+        finite = torch.isfinite(chunk)                 # (n,) bool, on the device
+        bad = chunk.numel() - int(finite.sum())
+        if bad:
+            chunk_nan = int(torch.isnan(chunk).sum())
+            nan += chunk_nan
+            inf += bad - chunk_nan
+            if first < 0:
+                first = start + int(torch.argmin(finite.to(torch.uint8)))   # first False
+        del chunk, finite
+    return nan, inf, first
+
+
+def _describe(shape: tuple[int, ...], nan: int, inf: int, first: int) -> str:
+    parts = [f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)}, the first at {list(unravel(first, shape))}"

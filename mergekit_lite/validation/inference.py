@@ -1,0 +1,186 @@
+"""Running models on a fixed batch with transformers (and peft for adapters applied at inference time).
+
+Only the forward check imports this module, and it imports transformers and peft only when called, so
+neither is needed to merge. Every model runs in float32 on the validation device: 16-bit weights upcast
+exactly, so differences between two models' logits come from their weights, not from 16-bit activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Plain text of several kinds (prose, facts, code, a list), so the loss reflects ordinary use.
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "Water boils at one hundred degrees Celsius at sea level, and freezes at zero degrees.",
+    "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n",
+    "Paris is the capital of France, Berlin is the capital of Germany, and Rome is the capital of Italy.",
+)
+FIXED_SHAPE = (4, 32)       # the batch of token ids used when no usable tokenizer is found
+MAX_TOKENS = 64
+MAX_UNKNOWN = 0.5           # a tokenizer that maps more of the prompts than this to <unk> is not used
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor         # (batch, seq) int64
+    attention_mask: torch.Tensor    # (batch, seq) int64, 0 on padding
+    source: str                     # "tokenizer" or "fixed_ids"
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def make_batch(tokenizer_folder: str, vocab_size: int) -> Batch:
+    """The prompts through the output's tokenizer when it loads and knows them; else fixed token ids."""
+    batch = _tokenized(tokenizer_folder, vocab_size)
+    if batch is not None:
+        return batch
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, FIXED_SHAPE, generator=generator)
+    return Batch(ids, torch.ones_like(ids), "fixed_ids")
+
+
+def _tokenized(folder: str, vocab_size: int) -> Optional[Batch]:
+    try:
+        from transformers import AutoTokenizer
+
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception:   # no tokenizer files, or one transformers cannot build: fall back to fixed ids
+        return None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        return None
+    encoded = tokenizer(list(PROMPTS), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    real = ids[mask.bool()]
+    if real.numel() == 0:   # a tokenizer that cannot encode plain English: use fixed ids instead
+        return None
+    unknown = tokenizer.unk_token_id
+    if int(ids.max()) >= vocab_size or (unknown is not None and float((real == unknown).float().mean()) > MAX_UNKNOWN):
+        return None
+    return Batch(ids.long(), mask.long(), "tokenizer")
+
+
+class IncompleteModel(RuntimeError):
+    """transformers could not fill a tensor of the model from the files."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
+
+
+def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = ()):
+    """A causal LM from ``folder`` in float32 on ``device``, with LoRA ``adapters`` (folder, weight) applied at
+    inference time by peft: not merged into the weights, so it is the reference a fold must reproduce.
+
+    Raises IncompleteModel naming a tensor transformers could not fill (it would otherwise initialise it
+    randomly with only a warning)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+    with _quiet():
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True,   # reported below
+                                                           **{dtype_key: torch.float32})
+    problems = [(name, "is missing") for name in sorted(info.get("missing_keys", ()))]
+    problems += [(name, f"has shape {list(stored)} in the files, the model built from config.json needs "
+                        f"{list(wanted)}") for name, stored, wanted in sorted(info.get("mismatched_keys", ()))]
+    if problems:
+        name, what = problems[0]
+        more = f" ({len(problems) - 1} more tensors too)" if len(problems) > 1 else ""
+        raise IncompleteModel(f"{what}{more}: transformers would initialise it randomly", name)
+    if adapters:
+        model = apply_adapters(model, adapters)
+    return model.to(device).eval()
+
+
+def apply_adapters(model, adapters: Sequence[tuple[str, float]]):
+    """Wrap ``model`` with peft so the adapters run beside the base weights, each scaled by its weight.
+
+    peft computes base(x) + sum_i scaling_i * B_i(A_i(x)) with scaling_i = alpha_i / r_i (or / sqrt(r_i));
+    multiplying scaling_i by weight_i gives W + sum_i weight_i * scaling_i * B_i A_i, a weighted fold."""
+    from peft import PeftModel
+
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    with _quiet():
+        wrapped = PeftModel.from_pretrained(model, adapters[0][0], adapter_name=names[0])
+        for name, (folder, _) in zip(names[1:], adapters[1:]):
+            wrapped.load_adapter(folder, adapter_name=name)
+    wrapped.base_model.set_adapter(names)
+    for module in wrapped.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict):
+            for name, (_, weight) in zip(names, adapters):
+                if name in scaling:
+                    scaling[name] *= weight
+    return wrapped
+
+
+def logits_of(model, batch: Batch, device: torch.device) -> torch.Tensor:
+    """(batch, seq, vocab) float32 logits, on the CPU."""
+    with torch.inference_mode():
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    return out.logits.float().cpu()
+
+
+def batch_loss(logits: torch.Tensor, batch: Batch) -> float:
+    """Mean next-token cross-entropy over the real (non-padding) tokens, in nats."""
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100))
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for a model on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' and peft's progress bars and load chatter would bury the report."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    previous = logging.getLogger("peft").level
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        logging.getLogger("peft").setLevel(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)

@@ -1,0 +1,146 @@
+"""Check 3, recompute: merge a sample of tensors again from the sources and compare with what was written.
+
+The recomputation is the same plan (made again from the spec and the recorded run settings) through the
+same ``engine.merge_tensor``, on the validation device, in float32. What it can differ in is everything
+that happens around the arithmetic when merging at scale: the streaming, the byte offsets in the shards,
+the cast, the shard layout. Those bugs give wrong bytes, not wrong shapes, and only this check sees them.
+
+Tolerance rule: on the device type the merge ran on, the result must be bit-identical. On another device
+type (merged on the CPU, validated on CUDA) float32 arithmetic may round differently in its last bit, which
+can move the rounded output by one unit in the last place of the output dtype, so each value may differ by
+at most 1 ulp of the output dtype at its magnitude. Non-float tensors must always be identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..dtypes import dtype_name
+from ..engine import merge_tensor, read_sources
+from ..errors import MergeError
+from ..plan import MergePlan, TensorJob
+from .folder import OutputFolder
+from .report import CheckResult, Finding, number, outcome
+from .stream import TensorReader, unravel
+
+CHUNK_VALUES = 1 << 24      # values compared at once on the device (float64: 128 MiB per operand)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    differing: int          # values whose bits differ
+    max_ulp: float          # largest difference, in units in the last place of the stored dtype (inf: NaN vs number)
+    worst: int              # flat index of the largest difference
+
+    @property
+    def identical(self) -> bool:
+        return self.differing == 0
+
+
+def sample_jobs(plan: MergePlan, full: bool) -> list[TensorJob]:
+    """Every job with ``full``; else the tensors outside the layers (embeddings, final norm, lm_head) and every
+    tensor of the first and the last layer: the places where layout and tying bugs show first."""
+    if full:
+        return list(plan.jobs)
+    layers = [job.layer for job in plan.jobs if job.layer is not None]
+    ends = {min(layers), max(layers)} if layers else set()
+    return [job for job in plan.jobs if job.layer is None or job.layer in ends]
+
+
+def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device, full: bool,
+                    merged_on: Optional[str]) -> CheckResult:
+    started = time.perf_counter()
+    tolerance = 0 if merged_on == device.type else 1
+    jobs = sample_jobs(plan, full)
+    failures: list[Finding] = []
+    exact = 0
+    worst_ulp = 0.0
+    with TensorReader() as reader:
+        for job in jobs:
+            info = folder.tensors.get(job.name)
+            if info is None or info.shape != job.shape or info.dtype != job.dtype:
+                failures.append(Finding("cannot be compared: it is missing or has another shape or dtype than "
+                                        "planned (see structure)", tensor=job.name))
+                continue
+            try:
+                raw = read_sources(job)
+                expected = merge_tensor(plan, job, list(raw), device)
+            except MergeError as exc:
+                failures.append(Finding(f"cannot be recomputed: {exc.what}", tensor=job.name, file=exc.file))
+                continue
+            written = reader.read(info)
+            result = compare(written, expected, device)
+            worst_ulp = max(worst_ulp, result.max_ulp)
+            if result.identical:
+                exact += 1
+            elif not job.dtype.is_floating_point or result.max_ulp > tolerance:
+                failures.append(Finding(_mismatch(job, written, raw, result, tolerance), tensor=job.name,
+                                        file=folder.file_of(info)))
+            del raw, expected, written
+    numbers = empty_numbers(tensors=len(jobs), planned=len(plan.jobs), full=full, bit_exact=exact,
+                            max_ulp=number(worst_ulp), tolerance_ulp=tolerance, merged_on=merged_on,
+                            sources=len(plan.checkpoints))
+    how = "bit-exact" if exact == len(jobs) else f"{exact} bit-exact, all within {tolerance} ulp"
+    summary = (f"{len(jobs)} of {len(plan.jobs)} tensors merged again from {len(plan.checkpoints)} source(s) "
+               f"on {device.type}: {how}")
+    return outcome("recompute", failures, summary, numbers, time.perf_counter() - started)
+
+
+def empty_numbers(**known) -> dict:
+    numbers = {"tensors": 0, "planned": 0, "full": False, "bit_exact": 0, "max_ulp": None, "tolerance_ulp": None,
+               "merged_on": None, "sources": 0}
+    numbers.update(known)
+    return numbers
+
+
+def compare(written: torch.Tensor, expected: torch.Tensor, device: torch.device,
+            chunk_values: int = CHUNK_VALUES) -> Comparison:
+    """Compare two tensors of one dtype value by value, in chunks on ``device``."""
+    flat_written, flat_expected = written.reshape(-1), expected.reshape(-1)
+    if torch.equal(flat_written.view(torch.uint8), flat_expected.view(torch.uint8)):
+        return Comparison(0, 0.0, -1)
+    differing, max_ulp, worst = 0, 0.0, -1
+    for start in range(0, flat_written.numel(), chunk_values):
+        a = flat_written[start:start + chunk_values].to(device)
+        b = flat_expected[start:start + chunk_values].to(device)
+        if a.dtype.is_floating_point:
+            ulps = ulp_distance(a, b)
+        else:
+            ulps = (a != b).to(torch.float64) * float("inf")
+        differing += int((ulps > 0).sum())
+        chunk_max, chunk_at = torch.max(ulps, dim=0)
+        if float(chunk_max) > max_ulp or worst < 0:
+            max_ulp, worst = float(chunk_max), start + int(chunk_at)
+    return Comparison(differing, max_ulp, worst)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units in the last place of their dtype at max(|a|, |b|); 0 where equal (NaN == NaN here),
+    inf where only one is NaN or the infinities differ. Computed in float64, which holds every difference of
+    float32 (or narrower) values exactly."""
+    finfo = torch.finfo(a.dtype)
+    x, y = a.to(torch.float64), b.to(torch.float64)
+    scale = torch.maximum(x.abs(), y.abs()).nan_to_num(nan=1.0, posinf=1.0).clamp(min=finfo.tiny)
+    _, exponent = torch.frexp(scale)                       # scale = m * 2**exponent, m in [0.5, 1)
+    ulp = torch.ldexp(torch.full_like(scale, finfo.eps), exponent - 1)
+    distance = (x - y).abs() / ulp
+    distance = torch.where(distance.isnan(), torch.full_like(distance, float("inf")), distance)
+    same = (x == y) | (x.isnan() & y.isnan())
+    return torch.where(same, torch.zeros_like(distance), distance)
+
+
+def _mismatch(job: TensorJob, written: torch.Tensor, raw: list[torch.Tensor], result: Comparison,
+              tolerance: int) -> str:
+    at = list(unravel(result.worst, job.shape))
+    size = f"{result.max_ulp:.3g} ulp" if result.max_ulp != float("inf") else "NaN or Inf vs a number"
+    text = (f"differs from the merge recomputed from the sources: {result.differing} of {written.numel()} values, "
+            f"up to {size} of {dtype_name(job.dtype)} (tolerance {tolerance}) at {at}")
+    for source, tensor in zip(job.sources, raw):
+        if tensor.dtype.is_floating_point and torch.equal(tensor.to(job.dtype).reshape(-1).view(torch.uint8),
+                                                          written.reshape(-1).view(torch.uint8)):
+            return text + f"; it is {source.checkpoint.label}'s tensor, unmerged"
+    return text

@@ -1,0 +1,70 @@
+"""Reading an output's tensors back: whole, or in bounded chunks for reductions on the device.
+
+A chunk is at most ``chunk_bytes`` of one tensor, read with positional reads into a fresh buffer, so
+host and device memory stay at one chunk (plus its mask) whatever the size of the tensor: the largest
+tensor of a 70B model (a 2 GB embedding) is scanned in 64 MiB pieces.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+from ..dtypes import itemsize
+from ..errors import ModelError
+from ..safetensors_format import TensorInfo, read_into
+
+CHUNK_BYTES = 64 << 20
+
+
+class TensorReader:
+    """Reads tensors given their TensorInfo; keeps one descriptor per file until closed."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """The whole tensor, as stored (dtype and shape), on the CPU."""
+        return self._read(info, 0, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def chunks(self, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first element index, flat CPU tensor of at most ``chunk_bytes``) over the tensor, in order."""
+        size = itemsize(info.dtype)
+        step = max(size, chunk_bytes - chunk_bytes % size)
+        for offset in range(0, info.nbytes, step):
+            count = min(step, info.nbytes - offset)
+            yield offset // size, self._read(info, offset, count).view(info.dtype)
+
+    def _read(self, info: TensorInfo, offset: int, count: int) -> torch.Tensor:
+        buffer = torch.empty(count, dtype=torch.uint8)
+        if count:
+            try:
+                if info.path not in self._fds:
+                    self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+                read_into(self._fds[info.path], info.start + offset, memoryview(buffer.numpy()))
+            except (OSError, EOFError) as exc:
+                raise ModelError(f"cannot read tensor '{info.name}': {exc}", file=info.path,
+                                 hint="the file changed or was truncated while it was validated") from None
+        return buffer
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A flat element index (as chunks count them) -> its position in a tensor of ``shape``."""
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return tuple(reversed(index))
