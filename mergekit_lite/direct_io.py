@@ -48,7 +48,8 @@ class DirectStream:
             raise
         stream = cls(fd)
         try:   # some filesystems accept the flag and refuse the first write: probe with one zero block
-            os.pwrite(fd, stream._view[:ALIGN], 0)
+            with stream._view[:ALIGN] as block:
+                os.pwrite(fd, block, 0)
         except OSError as exc:
             stream.close()
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
@@ -76,7 +77,8 @@ class DirectStream:
     def _write(self, length: int) -> None:
         done = 0
         while done < length:
-            done += os.pwrite(self._fd, self._view[done:length], self._offset + done)
+            with self._view[done:length] as chunk:   # released even on error, so close() can unmap
+                done += os.pwrite(self._fd, chunk, self._offset + done)
         self._offset += length
         self._filled = 0
 
