@@ -246,7 +246,9 @@ def merge_blocks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], shape
         inputs = [_to_compute(buffer[: end - start], flat[start:end], job.load_dtype)
                   for buffer, flat in zip(scratch, flats)]
         result = _run_strategy(plan, job, inputs, (end - start,))
-        flat_out[start:end].copy_(result.to(job.merge_dtype))   # the second cast, to job.dtype, is copy_'s
+        if job.merge_dtype != job.dtype:     # rounded twice, as merge_prepared does (e.g. bf16, then f16)
+            result = result.to(job.merge_dtype)
+        flat_out[start:end].copy_(result)    # the (last) cast, in the same pass as the copy
         del inputs, result
     return out
 
