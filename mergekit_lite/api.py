@@ -23,6 +23,7 @@ from .strategy import Strategy
 from .units import parse_size
 
 if TYPE_CHECKING:
+    from .hub_push import PushResult
     from .validation import ValidationReport
 
 log = logging.getLogger("mergekit_lite")
@@ -42,6 +43,7 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
     validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run)
+    pushed: Optional["PushResult"] = None   # with push_to_hub: where the model went
     resumed_shards: int = 0   # shards an interrupted run had finished, verified and kept (--resume)
 
     def __str__(self) -> str:
@@ -65,17 +67,27 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
               dtype: Optional[str] = None, out_dtype: Optional[str] = None, device: str = "auto",
               overwrite: bool = False, dry_run: bool = False, seed: int = 0,
               strategies: Iterable[Strategy] = (), progress: bool = True, validate: bool = True,
-              resume: bool = False, executor: str = "local", ray_address: Optional[str] = None) -> MergeResult:
+              push_to_hub: Optional[str] = None, private: bool = False, resume: bool = False,
+              executor: str = "local", ray_address: Optional[str] = None) -> MergeResult:
     """Merge the models a spec describes into the folder ``out``.
 
     ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
     that are not built in (they take precedence by name). Raises a MergeError subclass on bad input.
     With ``validate`` (the default) the written output is checked (``mergekit_lite.validate``) and the
     report is ``result.validation``; a failed validation does not raise and leaves the output in place.
+    ``push_to_hub="org/name"`` then uploads the result (see hub_push.push_to_hub; ``private`` applies to a
+    new repo), unless its validation failed; ``result.pushed`` says where it went.
     ``resume`` continues an interrupted merge of the same spec from its partial folder (resume.py);
     ``executor="ray"`` computes the shards on a Ray cluster (executors/).
     """
     started = time.perf_counter()
+    if private and not push_to_hub:
+        raise UsageError("--private only applies with --push-to-hub", where="--private",
+                         hint="add --push-to-hub ORG/NAME, or drop --private")
+    if push_to_hub:  # a missing token or offline mode fails now, not after the merge
+        from .hub_push import check_push_target
+
+        check_push_target(push_to_hub)
     out = os.fspath(out)
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -93,17 +105,27 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
 
             return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
                                dry_run=True, warnings=merge_plan.warnings,
-                               summary=describe_plan(merge_plan, out, shard_bytes))
+                               summary=describe_plan(merge_plan, out, shard_bytes) +
+                               (f"\nThen push to the Hub repo {push_to_hub}." if push_to_hub else ""))
         result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started, settings,
                           RunOptions(resume, executor, ray_address))
     finally:
         merge_plan.close()
-    if not validate:
-        return result
-    from .validation import validate as validate_output
+    if validate:
+        from .validation import validate as validate_output
 
-    report = validate_output(out, merge_plan.spec, device=compute_device, strategies=strategies)
-    return dataclasses.replace(result, validation=report)
+        report = validate_output(out, merge_plan.spec, device=compute_device, strategies=strategies)
+        result = dataclasses.replace(result, validation=report)
+    if push_to_hub:  # last: after the output was written and passed its validation
+        if result.validation is not None and not result.validation.passed:
+            log.warning("not pushed to %s: the validation failed (after a look at the report, "
+                        "`merge push %s --repo %s` pushes it anyway)", push_to_hub, out, push_to_hub)
+            return result
+        from .hub_push import push_to_hub as push
+
+        result = dataclasses.replace(result, pushed=push(result.path, push_to_hub, private=private,
+                                                         progress=progress))
+    return result
 
 
 @dataclass(frozen=True)

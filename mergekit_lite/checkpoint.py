@@ -31,6 +31,7 @@ class Checkpoint:
     config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)     # about this input, for the merge's warnings
     card_notes: list[str] = field(default_factory=list)   # facts the output's model card should state
+    commit: Optional[str] = None    # the Hub commit the files came from (None for a local folder)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -137,7 +138,7 @@ def _shard_path(folder: str, shard: str, index_path: str) -> str:
         raise ModelError(f"shard name '{shard}' points outside the model folder", file=index_path,
                          hint="refusing it: shard names must be plain file names inside the folder")
     path = os.path.join(folder, shard)
-    real_folder = os.path.realpath(folder)
+    real_folder = _link_root(folder)
     if os.path.commonpath([os.path.realpath(path), real_folder]) != real_folder:
         raise ModelError(f"shard '{shard}' is a link that leaves the model folder", file=index_path,
                          hint="refusing it: copy the real file into the folder")
@@ -145,6 +146,16 @@ def _shard_path(folder: str, shard: str, index_path: str) -> str:
         raise ModelError(f"the index names shard '{shard}', which does not exist", file=index_path,
                          hint="the download is incomplete; download the missing shard again")
     return path
+
+
+def _link_root(folder: str) -> str:
+    """Where a model folder's links may lead: the folder itself, or for a snapshot in the Hugging Face cache
+    (``models--org--name/snapshots/<commit>/``, whose files link to ``../../blobs/``) that repo's cache folder."""
+    real = os.path.realpath(folder)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        return os.path.dirname(parent)
+    return real
 
 
 def _no_weights_error(folder: str, label: str) -> ModelError:

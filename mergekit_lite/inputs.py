@@ -1,21 +1,24 @@
 """Turning the spec's model references into opened checkpoints: local folders first, then downloads.
 
-Every reference is checked before anything is downloaded, so a typo in the third model is reported
-before the first model's gigabytes arrive.
+Every reference is checked before anything is downloaded (local folders exist; Hub repos and revisions
+exist, are readable and hold safetensors), so a typo in the third model is reported before the first
+model's gigabytes arrive.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MergeError, SpecError
 from .references import ModelPath, ModelRef
 from .spec import Spec
 
-# What a fold needs from an adapter repo on the Hub (never the pickled adapter_model.bin).
-ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors"]
+if TYPE_CHECKING:  # hub_pull is imported only when a spec names a Hub repo
+    from .hub_pull import HubInput
+
+Resolved = dict[ModelPath, "HubInput"]
 
 
 def local_folder(path: ModelPath, where: str, what: str = "model folder") -> Optional[str]:
@@ -28,28 +31,46 @@ def local_folder(path: ModelPath, where: str, what: str = "model folder") -> Opt
     return None
 
 
-def fetch(path: ModelPath, where: str, patterns: Optional[list[str]] = None) -> str:
+def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> Resolved:
+    """Resolve every Hub reference (models and adapters) to a commit and a file list; downloads nothing."""
+    paths = [(path, where, kind) for ref, where in refs
+             for path, kind in ((ref.model, "model"), *((a.path, "adapter") for a in ref.adapters))
+             if local_folder(path, where) is None]
+    if not paths:
+        return {}
+    from .hub_pull import resolve_all
+
+    return resolve_all(paths)
+
+
+def fetch(path: ModelPath, where: str, hub: Optional[Resolved] = None,
+          patterns: Optional[tuple[str, ...]] = None) -> str:
+    """The local folder of ``path``: as it is, or downloaded (resolved in ``hub``, else resolved now)."""
     folder = local_folder(path, where)
     if folder is not None:
         return folder
-    from .hub import download
+    from .hub_pull import MODEL_PATTERNS, download, resolve
 
-    return download(path, where, patterns)
+    item = hub[path] if hub and path in hub else resolve(path, where, tuple(patterns or MODEL_PATTERNS))
+    return download(item)
 
 
-def open_reference(ref: ModelRef, where: str) -> Checkpoint:
+def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None) -> Checkpoint:
     """Open one reference: a checkpoint, or for ``base+adapter`` the base with its adapters folded in on read
     (mergekit_lite.lora.source.LoraSource, which has the Checkpoint interface)."""
-    base = open_checkpoint(fetch(ref.model, where), label=str(ref.model))
+    base = open_checkpoint(fetch(ref.model, where, hub), label=str(ref.model))
+    if hub and ref.model in hub:
+        base.commit = hub[ref.model].commit
     if not ref.adapters:
         return base
+    from .hub_pull import ADAPTER_PATTERNS
     from .lora.adapter import open_adapter
     from .lora.source import open_source
 
     adapters = []
     try:
         for adapter in ref.adapters:
-            opened = open_adapter(fetch(adapter.path, where, ADAPTER_PATTERNS), str(adapter.path))
+            opened = open_adapter(fetch(adapter.path, where, hub, ADAPTER_PATTERNS), str(adapter.path))
             adapters.append((opened, adapter.weight, adapter.check_base))
         return open_source(str(ref), base, ref.model, adapters, ref.tied_embeddings)
     except BaseException:
@@ -70,10 +91,15 @@ def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
         except MergeError as exc:
             exc.file = spec.file
             raise
+    try:
+        hub = resolve_hub_inputs(refs)  # every Hub reference checked before the first download
+    except MergeError as exc:
+        exc.file = exc.file or spec.file
+        raise
     checkpoints: dict[ModelRef, Checkpoint] = {}
     for ref, where in refs:
         try:
-            checkpoint = open_reference(ref, where)
+            checkpoint = open_reference(ref, where, hub)
         except MergeError as exc:
             if exc.where is None:
                 exc.where = where

@@ -9,6 +9,7 @@ import shutil
 from .card import card_text
 from .engine import WrittenShards
 from .plan import MergePlan
+from .references import ModelPath
 from .writer import INDEX_NAME
 
 # Copied from the tokenizer source as they are: tokenizer, chat template and generation defaults.
@@ -33,8 +34,18 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
     models = [m.ref for m in spec.models or ()] or [s.ref for p in spec.slices or () for s in p.sources]
     base = spec.base_model
     card = card_text(name, plan.strategy.title, plan.strategy.paper, [m for m in models if m != base], base,
-                     spec.text, notes=tuple(plan.card_notes))
+                     spec.text, notes=tuple(plan.card_notes), commits=_commits(plan))
     _write_text(os.path.join(folder, "README.md"), card)
+
+
+def _commits(plan: MergePlan) -> dict[ModelPath, str]:
+    """The Hub commit each input model was read at (a LoRA source, base+adapter, answers with its base's)."""
+    commits = {}
+    for ref, source in plan.checkpoints.items():
+        commit = getattr(getattr(source, "base", source), "commit", None)
+        if commit:
+            commits[ref.model] = commit
+    return commits
 
 
 def _write_text(path: str, text: str) -> None:

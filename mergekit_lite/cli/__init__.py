@@ -9,6 +9,7 @@ import click
 from .. import __version__
 from .fold import fold
 from .methods import methods
+from .push import push
 from .run import run
 from .validate import validate
 
@@ -23,10 +24,11 @@ def cli() -> None:
     merge fold BASE ADAPTER -o OUT  fold PEFT LoRA adapters into their base model
     merge methods [NAME]            list the merge methods and their parameters
     merge validate OUT              check a merged model against its spec
+    merge push OUT --repo ORG/NAME  publish a merged model to the Hugging Face Hub
     """
 
 
-for command in (run, fold, methods, validate):
+for command in (run, fold, methods, validate, push):
     cli.add_command(command)
 
 

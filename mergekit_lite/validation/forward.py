@@ -31,7 +31,7 @@ from .folder import OutputFolder
 from .report import SKIPPED, CheckResult, Finding, number, outcome
 
 MEMORY_MARGIN = 1.25        # float32 weights plus activations, buffers and the allocator's slack
-ADAPTER_PATTERNS = ["adapter_config.json", "*.safetensors"]
+ADAPTER_PATTERNS = ("adapter_config.json", "*.safetensors")
 
 
 @dataclass(frozen=True)
@@ -123,14 +123,9 @@ def _resolve(ref: ModelRef, where: str, plan: Optional[MergePlan]) -> InputModel
 
 
 def _adapter_folder(path: ModelPath, where: str) -> str:
-    from ..inputs import local_folder
+    from ..inputs import fetch
 
-    folder = local_folder(path, where)
-    if folder is not None:
-        return folder
-    from ..hub import download
-
-    return download(path, where, patterns=ADAPTER_PATTERNS)
+    return fetch(path, where, patterns=ADAPTER_PATTERNS)
 
 
 def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan]) -> bool:
