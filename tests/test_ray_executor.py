@@ -77,6 +77,35 @@ def test_cli_connects_to_a_running_cluster(ray_cluster, models_bf16, tmp_path, l
     assert folder_bytes(out) == local_output
 
 
+def test_a_plan_pickles_for_ray_tasks_lora_folds_included(tmp_path, monkeypatch):
+    """What Ray sends each task: the plan, pickled (no open files or locks); a shard written from the copy
+    is the same as one written from the original."""
+    import pickle
+
+    import torch
+
+    from mergekit_lite import make_plan
+    from mergekit_lite.engine import output_layout, write_shard
+    from mergekit_lite.lora.synthetic import write_demo_adapters
+    from mergekit_lite.synthetic import LlamaShape, write_demo_models
+
+    shape = LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256)
+    write_demo_models(str(tmp_path / "demo" / "models"), shape, max_shard_size=60_000)
+    write_demo_adapters(str(tmp_path / "demo" / "adapters"), shape)
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan((ROOT / "merge_configs" / "lora_fold.yaml").read_text())
+    copy = pickle.loads(pickle.dumps(plan))
+    try:
+        (source,) = plan.checkpoints.values()
+        shard = next(s for s in output_layout(plan, 40_000) if any(e.name in source.recipes for e in s.entries))
+        write_shard(plan, shard, str(tmp_path / "a.safetensors"), torch.device("cpu"))
+        write_shard(copy, shard, str(tmp_path / "b.safetensors"), torch.device("cpu"))
+        assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    finally:
+        plan.close()
+        copy.close()
+
+
 def test_executor_usage_errors(cli, models_bf16, tmp_path, monkeypatch):
     spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
     result = cli("run", spec, "-o", tmp_path / "out", "--ray-address", "auto")
