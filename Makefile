@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (a plain `torch` requirement would pull several GB of CUDA packages).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench scaling clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench.py
+
+scaling: $(VENV)/.installed-test
+	$(BIN)/python scripts/scaling.py
 
 clean:
 	rm -rf demo bench_work .pytest_cache
