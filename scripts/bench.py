@@ -39,7 +39,7 @@ SIZES = {
     "small": LlamaShape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=32000),  # ~125M
     "0.5b": LlamaShape(hidden=1536, intermediate=6144, layers=12, heads=24, kv_heads=8, vocab=32000),  # ~0.5B
     "1b": BENCH_1B,                                                                                    # ~1B
-    "3b": LlamaShape(hidden=3072, intermediate=8192, layers=24, heads=24, kv_heads=8, vocab=32000),   # ~3B
+    "3b": LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=32000),   # ~3B
     # Largest tensor 1 GiB in float32: a 131072-token vocabulary (embeddings and lm_head, 128K x 2048).
     "bigvocab": LlamaShape(hidden=2048, intermediate=8192, layers=2, heads=32, kv_heads=8, vocab=131072),
 }

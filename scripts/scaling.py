@@ -9,6 +9,7 @@ largest step holds 3 x 6 GB of 3B inputs plus a 6 GB output.
 
 Usage:
   python scripts/scaling.py                 # everything (about half an hour on 2 cores)
+  python scripts/scaling.py --only sizes    # measure one sweep again (the other is kept from docs/scaling.json)
   python scripts/scaling.py --plot-only     # redraw from docs/scaling.json
 """
 
@@ -30,14 +31,16 @@ SWEEP_SIZE = "0.5b"
 KEEP = {"1b"}
 
 
-def measure(work: str, rounds: int) -> dict:
+def measure(work: str, rounds: int, only: str = "", previous: dict | None = None) -> dict:
     results: dict = {"sizes": [], "inputs": []}
-    for inputs in INPUTS:
+    if only:
+        results = {**previous, only: []}
+    for inputs in INPUTS if only != "sizes" else ():
         report = run_benchmark(SWEEP_SIZE, ["linear"], rounds, work, inputs)
         results["inputs"].append(_point(report, "inputs", inputs))
         print(json.dumps(results["inputs"][-1]), flush=True)
-    for size in SIZES:
-        if size == SWEEP_SIZE:
+    for size in SIZES if only != "inputs" else ():
+        if size == SWEEP_SIZE and results["inputs"]:
             point = next(p for p in results["inputs"] if p["inputs"] == 3)
             results["sizes"].append({**point, "x": point["parameters"]})
         else:
@@ -84,8 +87,8 @@ def plot(results: dict, path: str) -> None:
             ax.set_ylabel(title)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle("Linear merge of bf16 Llama-shaped models, 2 shared cores (medians, fresh processes, warm cache)",
-                 fontsize=10)
+    fig.suptitle("Linear merge of bf16 Llama-shaped models on 2 shared cores (fresh processes; inputs read from "
+                 "the page cache where they fit)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", default="docs")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--only", choices=["sizes", "inputs"], help="measure one sweep; keep the other's numbers")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.out, "scaling.json")
@@ -103,7 +107,11 @@ def main() -> None:
         with open(data) as f:
             results = json.load(f)
     else:
-        results = measure(args.work, args.rounds)
+        previous = None
+        if args.only:
+            with open(data) as f:
+                previous = json.load(f)
+        results = measure(args.work, args.rounds, args.only or "", previous)
         with open(data, "w") as f:
             json.dump(results, f, indent=2)
     plot(results, os.path.join(args.out, "scaling.png"))
