@@ -149,6 +149,7 @@ def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.de
         shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address)
     write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
     write_run_settings(partial, settings)
+    pending.finish()
     commit_partial(partial, out)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)

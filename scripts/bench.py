@@ -73,8 +73,8 @@ def spec_text(method: str, work: str, shape: LlamaShape, inputs: int) -> str:
                 f"        layer_range: [0, {shape.layers}]\n      - model: {work}/ft-a\n"
                 f"        layer_range: [0, {shape.layers}]\n" + gradients)
     if method == "slerp_models":   # the same slerp with `models:` (whole models; no layer slices needed)
-        return f"merge_method: slerp\nbase_model: {work}/base\nmodels:\n  - model: {work}/base\n  - model: {work}/ft-a\n" \
-               + gradients
+        return (f"merge_method: slerp\nbase_model: {work}/base\nmodels:\n  - model: {work}/base\n"
+                f"  - model: {work}/ft-a\n" + gradients)
     raise SystemExit(f"unknown method {method}")
 
 

@@ -61,14 +61,14 @@ def interrupted(monkeypatch, spec: str, out: Path, calls: int) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(module, "STRATEGY", replace(LINEAR, fn=fn))
         with pytest.raises(KeyboardInterrupt):
-            run_merge(spec, out, max_shard_size=SHARD, progress=False)
+            run_merge(spec, out, max_shard_size=SHARD, progress=False, validate=False)
 
 
 @pytest.fixture
 def reference(models_bf16, tmp_path) -> dict[str, bytes]:
     """The uninterrupted merge's files (the output folder's name is the same in every test: the card says it)."""
     out = tmp_path / "ref" / "merged"
-    run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False)
+    run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, validate=False)
     return folder_bytes(out)
 
 
@@ -87,7 +87,7 @@ def test_merge_killed_mid_way_resumes_to_identical_bytes(models_bf16, tmp_path, 
             return linear.linear(*args, **kwargs)
 
         linear.STRATEGY = replace(linear.STRATEGY, fn=slow)
-        run_merge({str(spec)!r}, {str(out)!r}, max_shard_size={SHARD!r}, progress=False)
+        run_merge({str(spec)!r}, {str(out)!r}, max_shard_size={SHARD!r}, progress=False, validate=False)
         """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
@@ -103,7 +103,7 @@ def test_merge_killed_mid_way_resumes_to_identical_bytes(models_bf16, tmp_path, 
     partial = Path(str(out) + ".partial")
     kept = {r["file"]: (partial / r["file"]).stat().st_mtime_ns for r in recorded}
 
-    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume")
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
     assert result.exit_code == 0, result.output
     assert f"{len(shards)} shard(s); {len(recorded)} kept from the interrupted run" in result.stdout
     assert folder_bytes(out) == reference
@@ -119,7 +119,8 @@ def test_interrupted_merge_keeps_journal_of_finished_shards_only(models_bf16, tm
     for record in recorded:   # each recorded shard is complete: the reference's bytes
         assert (Path(str(out) + ".partial") / record["file"]).read_bytes() == reference[record["file"]]
         assert record["size"] == len(reference[record["file"]])
-    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, resume=True)
+    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, resume=True,
+                       validate=False)
     assert result.resumed_shards == len(recorded) and folder_bytes(out) == reference
 
 
@@ -131,7 +132,8 @@ def test_a_corrupted_shard_is_computed_again(models_bf16, tmp_path, reference, c
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 1
     damaged.write_bytes(bytes(data))
-    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, resume=True)
+    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, resume=True,
+                       validate=False)
     assert result.resumed_shards == len(recorded) - 1
     assert f"{recorded[1]} changed after it was recorded as finished; computing it again" in caplog.text
     assert folder_bytes(out) == reference
@@ -142,7 +144,7 @@ def test_resume_of_a_different_merge_is_refused(models_bf16, tmp_path, cli, monk
     interrupted(monkeypatch, spec_text(models_bf16), out, 10)
     other = write_spec(tmp_path / "other.yaml", spec_text(models_bf16, weight=0.4))
     started = json.loads((Path(str(out) + ".partial") / JOURNAL).read_text().splitlines()[0])["started"]
-    result = cli("run", other, "-o", out, "--max-shard-size", SHARD, "--resume")
+    result = cli("run", other, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {out}.partial: the partial output belongs to a different merge (started {started} from a spec): "
@@ -150,8 +152,8 @@ def test_resume_of_a_different_merge_is_refused(models_bf16, tmp_path, cli, monk
         "Hint: resume with exactly the same spec, inputs and options, or run without --resume to start over "
         "(the partial folder is replaced)\n")
     # A different shard size is a different layout: refused too. Without --resume the partial is replaced.
-    assert cli("run", other, "-o", out, "--max-shard-size", "8kB", "--resume").exit_code == 2
-    assert cli("run", other, "-o", out, "--max-shard-size", SHARD, "--quiet").exit_code == 0
+    assert cli("run", other, "-o", out, "--max-shard-size", "8kB", "--resume", "--no-validate").exit_code == 2
+    assert cli("run", other, "-o", out, "--max-shard-size", SHARD, "--quiet", "--no-validate").exit_code == 0
 
 
 def test_partial_without_journal_is_refused_and_resume_without_partial_just_merges(models_bf16, tmp_path, cli,
@@ -161,12 +163,28 @@ def test_partial_without_journal_is_refused_and_resume_without_partial_just_merg
     partial = Path(str(out) + ".partial")
     partial.mkdir(parents=True)
     (partial / "model-00001-of-00039.safetensors").write_bytes(b"junk")
-    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume")
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {partial}: cannot resume: the partial folder has no readable journal of finished shards "
         f"({JOURNAL})\nHint: run without --resume to start over (the partial folder is replaced)\n")
     (partial / "model-00001-of-00039.safetensors").unlink()
     partial.rmdir()
-    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--quiet")
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--quiet", "--no-validate")
     assert result.exit_code == 0 and folder_bytes(out) == reference
+
+
+def test_crash_after_the_last_shard_resumes_with_every_shard_kept(models_bf16, tmp_path, reference, monkeypatch):
+    """Killed after all shards were written but before the output was renamed into place."""
+    import mergekit_lite.api as api
+
+    out = tmp_path / "run" / "merged"
+    with monkeypatch.context() as patch:
+        patch.setattr(api, "write_run_settings", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, validate=False)
+    shards = [name for name in reference if name.endswith(".safetensors")]
+    assert len(journal_lines(out)) == 1 + len(shards)
+    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, resume=True,
+                       validate=False)
+    assert result.resumed_shards == len(shards) and folder_bytes(out) == reference

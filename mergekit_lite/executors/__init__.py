@@ -59,8 +59,12 @@ class PendingOutput:
                                 ray_address)
         else:
             write_shards(self.plan, todo, self.partial, self.device, progress, on_shard=self.journal.record)
-        self.journal.remove()
         return written_shards(self.plan, self.layout, time.perf_counter() - started)
+
+    def finish(self) -> None:
+        """Remove the journal: the last step before the partial folder is renamed into place (a crash before
+        this still resumes with every shard kept)."""
+        self.journal.remove()
 
 
 def open_output(plan: MergePlan, partial: str, *, max_shard_size: int, device: torch.device,
