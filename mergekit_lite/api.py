@@ -14,6 +14,7 @@ import torch
 from .devices import resolve_device
 from .dtypes import parse_dtype
 from .errors import Interrupted, OutputError, UsageError
+from .executors import check_executor
 from .outdir import LEFTOVER, OutputLock, check_free_space, check_output, commit_partial, start_partial
 from .plan import MergePlan, plan_merge
 from .run_settings import RunSettings, settings_for, write_run_settings
@@ -43,14 +44,16 @@ class MergeResult:
     summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
     validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run)
     pushed: Optional["PushResult"] = None   # with push_to_hub: where the model went
+    resumed_shards: int = 0   # shards an interrupted run had finished, verified and kept (--resume)
 
     def __str__(self) -> str:
         from .units import format_size
 
         if self.dry_run:
             return f"Would write {self.tensors} tensors ({format_size(self.bytes)}) to {self.path}."
-        return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s)) into {self.path} "
-                f"in {self.seconds:.1f} s.")
+        resumed = f"; {self.resumed_shards} kept from the interrupted run" if self.resumed_shards else ""
+        return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s){resumed}) into "
+                f"{self.path} in {self.seconds:.1f} s.")
 
 
 def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
@@ -67,7 +70,8 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
               overwrite: bool = False, dry_run: bool = False, seed: int = 0,
               strategies: Iterable[Strategy] = (), progress: bool = True, validate: bool = True,
               allow_pickle: bool = False, allow_nonfinite: bool = False, push_to_hub: Optional[str] = None,
-              private: bool = False) -> MergeResult:
+              private: bool = False, resume: bool = False, executor: str = "local",
+              ray_address: Optional[str] = None) -> MergeResult:
     """Merge the models a spec describes into the folder ``out``.
 
     ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``strategies`` adds merge methods
@@ -78,6 +82,8 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     ``allow_nonfinite``: merge inputs that hold NaN or Inf instead of refusing them.
     ``push_to_hub="org/name"`` then uploads the result (see hub_push.push_to_hub; ``private`` applies to a
     new repo), unless its validation failed; ``result.pushed`` says where it went.
+    ``resume`` continues an interrupted merge of the same spec from its partial folder (resume.py);
+    ``executor="ray"`` computes the shards on a Ray cluster (executors/).
     Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt) saying what was left behind.
     """
     started = time.perf_counter()
@@ -94,6 +100,7 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     except ValueError as exc:
         raise UsageError(str(exc), where="--max-shard-size") from None
     compute_device = resolve_device(device)
+    check_executor(executor, ray_address)
     strategies = list(strategies)
     merge_plan = make_plan(spec, dtype=dtype, out_dtype=out_dtype, seed=seed, strategies=strategies,
                            allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
@@ -112,7 +119,8 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
                                summary=describe_plan(merge_plan, out, shard_bytes) +
                                (f"\nThen push to the Hub repo {push_to_hub}." if push_to_hub else ""))
         with OutputLock(out):   # held until validated: a second run cannot replace OUT under the validation
-            result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started, settings)
+            result = _execute(merge_plan, out, shard_bytes, compute_device, progress, started, settings,
+                              RunOptions(resume, executor, ray_address))
             if validate:
                 from .validation import validate as validate_output
 
@@ -136,29 +144,41 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], *, max_shard_size: U
     return result
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How the shards are computed: continuing an interrupted run, and where (executors/)."""
+
+    resume: bool = False
+    executor: str = "local"
+    ray_address: Optional[str] = None
+
+
 def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, progress: bool,
-             started: float, settings: RunSettings) -> MergeResult:
-    from .engine import write_tensors
+             started: float, settings: RunSettings, run: RunOptions = RunOptions()) -> MergeResult:
+    from .executors import open_output
     from .outfiles import write_companions
     from .progress import byte_progress
 
-    partial = start_partial(out)
+    partial = start_partial(out, keep=run.resume)
     try:
+        pending = open_output(merge_plan, partial, max_shard_size=shard_bytes, device=device, resume=run.resume)
         with byte_progress(merge_plan.total_bytes, enabled=progress) as advance:
-            shards = write_tensors(merge_plan, partial, max_shard_size=shard_bytes, device=device, progress=advance)
+            shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address)
         try:
             write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
             write_run_settings(partial, settings)
         except OSError as exc:
             raise OutputError(f"cannot write {os.path.basename(exc.filename or '') or 'a file'}: {exc.strerror}",
                               file=partial, hint=f"free some disk space and run again ({LEFTOVER})") from None
+        pending.finish()
     except KeyboardInterrupt:
-        raise Interrupted(f"{out} was not written; the unfinished files are in {partial} ({LEFTOVER})") from None
+        raise Interrupted(f"{out} was not written; finished shards stay in {partial}: run the same command with "
+                          "--resume to continue") from None
     commit_partial(partial, out)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)
     return MergeResult(os.path.abspath(out), len(merge_plan.jobs), shards.total_size, seconds, len(shards.files),
-                       warnings=merge_plan.warnings)
+                       warnings=merge_plan.warnings, resumed_shards=len(pending.done))
 
 
 def _dtype(name: Optional[str], where: str) -> Optional[torch.dtype]:

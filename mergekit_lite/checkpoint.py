@@ -63,6 +63,16 @@ class Checkpoint:
                 self._fds[path] = os.open(path, os.O_RDONLY)
             return self._fds[path]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for Ray workers) without its open descriptors, which are reopened on the first read."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        state["_fds"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():

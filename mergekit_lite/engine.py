@@ -1,18 +1,22 @@
 """The merge loop: read the inputs of one output tensor, merge on the device, cast, write. Repeat.
 
-One module owns the loop, the device and the dtypes. A background thread reads (and on the CPU converts to
-float32) the next inputs while the current one is merged, within a byte budget, so the disk and both cores
-are busy together. Element-wise strategies (linear, task arithmetic) get large tensors in row blocks, so a
-1 GB embedding costs a few block-sized buffers rather than several copies of itself.
+One module owns the loop, the device and the dtypes. Three threads work at once (pipeline.py): a reader
+loads the next pieces within a byte budget, the main thread merges, a writer puts finished pieces into
+their shards. Element-wise strategies (linear, task arithmetic) get large tensors in row blocks of at most
+PIECE_ELEMENTS (the unit of reading and writing), and on the CPU each row block is merged in cache-sized
+blocks of BLOCK_ELEMENTS: converting the inputs to float32, the strategy's passes and the cast back all
+happen while the block is in cache, so memory traffic is about one read of the inputs and one write of the
+result. A shard is an independent unit of work (``write_shard``): the local executor runs them in one
+pipeline, Ray runs them on other nodes (executors/).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
-import queue
-import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -22,13 +26,18 @@ from .dtypes import compute_dtype, itemsize
 from .errors import ModelError, StrategyError
 from .memory import reuse_freed_memory
 from .nonfinite import check_inputs, check_result
+from .pipeline import Reader, WriteBehind
 from .plan import MergePlan, TensorJob
 from .strategy import TensorContext
-from .writer import Entry, ShardWriter, plan_shards, shard_filenames
+from .writer import Entry, ShardPlan, ShardRecord, ShardWriter, file_order, plan_output
 
 # Row blocks of element-wise merges hold at most this many elements (32 MB per float32 input): measured on
 # 3 x 1B linear, peak RSS fell from 1.8 GiB (whole 32k x 2k embeddings) to 0.7 GiB at the same speed.
 PIECE_ELEMENTS = 1 << 23
+# Cache-sized blocks of element-wise arithmetic on the CPU (1 MB per float32 input). Measured for 3-input
+# linear on 128M elements: 12.6 ns per element converting whole row blocks to float32 first, 1.8 ns with
+# 256K-element blocks; 16K blocks pay Python overhead (5.0 ns), 4M blocks fall out of cache (8.2 ns).
+BLOCK_ELEMENTS = 1 << 18
 Rows = Optional[tuple[int, int]]
 
 
@@ -48,6 +57,7 @@ class _Piece:
 
     job: TensorJob
     rows: Rows
+    blocked: bool = False    # merged in cache-sized blocks from raw inputs (element-wise, on the CPU)
 
     @property
     def numel(self) -> int:
@@ -57,52 +67,107 @@ class _Piece:
     def job_numel(self) -> int:
         return math.prod(self.job.shape)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.job.shape if self.rows is None else (self.rows[1] - self.rows[0], *self.job.shape[1:])
+
+
+def output_layout(plan: MergePlan, max_shard_size: int) -> list[ShardPlan]:
+    """The output files and the tensors in each, in plan order: known before anything is computed."""
+    return plan_output([Entry(j.name, j.dtype, j.shape) for j in plan.jobs], max_shard_size)
+
+
+def written_shards(plan: MergePlan, layout: Sequence[ShardPlan], seconds: float = 0.0) -> WrittenShards:
+    return WrittenShards([s.file for s in layout], {e.name: s.file for s in layout for e in s.entries},
+                         sum(j.nbytes for j in plan.jobs), seconds)
+
 
 def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: torch.device,
                   progress: Optional[Callable[[int], None]] = None) -> WrittenShards:
     """Compute every planned tensor into shards in ``folder``."""
     started = time.perf_counter()
+    layout = output_layout(plan, max_shard_size)
+    write_shards(plan, layout, folder, device, progress)
+    return written_shards(plan, layout, time.perf_counter() - started)
+
+
+def write_shard(plan: MergePlan, shard: ShardPlan, path: str, device: torch.device) -> ShardRecord:
+    """Compute one output shard into the file ``path``: the unit of work of every executor."""
+    records: list[ShardRecord] = []
+    write_shards(plan, [shard], os.path.dirname(path) or ".", device, on_shard=records.append,
+                 paths={shard.file: path})
+    return records[0]
+
+
+def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, device: torch.device,
+                 progress: Optional[Callable[[int], None]] = None,
+                 on_shard: Optional[Callable[[ShardRecord], None]] = None,
+                 paths: Optional[dict[str, str]] = None) -> None:
+    """Compute ``shards`` into ``folder`` in one pipeline (reading runs ahead across shard boundaries).
+
+    Each shard's tensors are computed in the order they are stored, so its CRC-32 is computed on the way;
+    ``on_shard`` gets each shard's record once the shard is complete and flushed (from the writer thread).
+    """
     jobs = {job.name: job for job in plan.jobs}
-    shards = plan_shards([Entry(j.name, j.dtype, j.shape) for j in plan.jobs], max_shard_size)
-    files = shard_filenames(len(shards))
-    ordered = [jobs[e.name] for shard in shards for e in shard]
-    owner = {e.name: i for i, shard in enumerate(shards) for e in shard}
-    pieces = [p for job in ordered for p in split(job, (job.strategy or plan.strategy).elementwise)]
-    writers: dict[int, ShardWriter] = {}
-    with reuse_freed_memory():
-        reader = _Prefetcher(pieces, device, check=not plan.allow_nonfinite)
+    blocked = device.type == "cpu"
+    order = [(shard, jobs[e.name]) for shard in shards for e in file_order(shard.entries)]
+    pieces = [(shard, p) for shard, job in order
+              for p in split(job, (job.strategy or plan.strategy).elementwise, blocked)]
+    writers: dict[str, ShardWriter] = {}
+    with _merge_session(device):
+        reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite), lambda p: _loaded_bytes(p, device))
+        behind = WriteBehind(on_shard)
         try:
-            for piece, loaded in reader:
+            for (shard, piece), (_, loaded) in zip(pieces, reader):
                 job = piece.job
-                index = owner[job.name]
-                if index not in writers:
-                    writers[index] = ShardWriter(os.path.join(folder, files[index]), shards[index])
-                prepared = loaded if device.type == "cpu" else prepare_inputs(job, loaded, device, piece.rows,
-                                                                              check=not plan.allow_nonfinite)
-                writers[index].write(job.name, merge_prepared(plan, job, prepared, piece.rows), piece.rows)
-                del loaded, prepared
-                reader.done(piece)
+                result = _compute(plan, piece, loaded, device)
+                del loaded
+                if shard.file not in writers:
+                    path = (paths or {}).get(shard.file) or os.path.join(folder, shard.file)
+                    writers[shard.file] = ShardWriter(path, shard.entries)
+                behind.put(writers[shard.file], job.name, result, piece.rows)
+                del result
                 if progress is not None:
                     progress(piece.numel * itemsize(job.dtype))
-                if writers[index].complete:
-                    writers.pop(index).close()
+            behind.finish()
         except BaseException:
-            for writer in writers.values():
-                writer.abort()
+            behind.abort()
             raise
         finally:
             reader.stop()
-    return WrittenShards(files, {name: files[i] for name, i in owner.items()},
-                         sum(j.nbytes for j in ordered), time.perf_counter() - started)
 
 
-def split(job: TensorJob, elementwise: bool) -> list[_Piece]:
-    """Row blocks of at most PIECE_ELEMENTS elements for element-wise merges; else the whole tensor."""
+@contextmanager
+def _merge_session(device: torch.device) -> Iterator[None]:
+    """For the length of a merge: freed memory stays in the heap (memory.py), no cyclic garbage collection
+    (2-4% of a 1B merge was the collector walking torch's objects; the loop makes no cycles), and on the
+    CPU one torch thread, because the other core reads and writes (intra-op threads on a busy 2-core box
+    made block arithmetic 4-10x slower, waiting at each op's barrier)."""
+    threads = torch.get_num_threads()
+    collecting = gc.isenabled()
+    gc.disable()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with reuse_freed_memory():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        if collecting:
+            gc.enable()
+
+
+def split(job: TensorJob, elementwise: bool, blocked: bool = False) -> list[_Piece]:
+    """Row blocks of at most PIECE_ELEMENTS elements for element-wise merges; else the whole tensor.
+
+    ``blocked``: element-wise pieces are merged in cache-sized blocks from their raw inputs (CPU only).
+    """
     numel = math.prod(job.shape)
+    blocked = blocked and elementwise and not job.copy
     if not elementwise or job.copy or len(job.shape) < 2 or numel <= PIECE_ELEMENTS:
-        return [_Piece(job, None)]
+        return [_Piece(job, None, blocked)]
     step = max(1, PIECE_ELEMENTS // math.prod(job.shape[1:]))
-    return [_Piece(job, (start, min(start + step, job.shape[0]))) for start in range(0, job.shape[0], step)]
+    return [_Piece(job, (start, min(start + step, job.shape[0])), blocked) for start in range(0, job.shape[0], step)]
 
 
 def read_sources(job: TensorJob, rows: Rows = None) -> list[torch.Tensor]:
@@ -147,6 +212,16 @@ def merge_prepared(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor],
                                  where=f"tensor '{job.name}'", file=source.checkpoint.label,
                                  hint="the models disagree on a buffer such as position_ids; fix one checkpoint")
         return first
+    shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+    result = _run_strategy(plan, job, tensors, shape)
+    written = result.to(job.merge_dtype).to(job.dtype)
+    if not plan.allow_nonfinite:
+        check_result(job, (job.strategy or plan.strategy).name, result, written, rows)
+    return written.cpu()
+
+
+def _run_strategy(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The strategy on prepared inputs (the base last, when the job has one); the result's shape checked."""
     base = tensors.pop() if job.base is not None else None
     ctx = TensorContext(job.name, job.layer, job.t, plan.seed)
     strategy = job.strategy or plan.strategy
@@ -155,83 +230,75 @@ def merge_prepared(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor],
     except (RuntimeError, ValueError) as exc:
         raise StrategyError(f"{strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
                             hint="this is likely a bug in the strategy; re-run with --debug and report it") from exc
-    del tensors, base
-    shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
-    if tuple(result.shape) != shape:
+    if tuple(result.shape) != tuple(shape):
         raise StrategyError(f"{strategy.name} returned shape {list(result.shape)}, planned {list(shape)}",
                             where=f"tensor '{job.name}'")
-    written = result.to(job.merge_dtype).to(job.dtype)
-    if not plan.allow_nonfinite:
-        check_result(job, strategy.name, result, written, rows)
-    return written.cpu()
+    return result
 
 
-class _Prefetcher:
-    """Reads (and, on the CPU, converts to float32) the next pieces' inputs in a background thread, within
-    a byte budget.
+def merge_blocks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], shape: tuple[int, ...],
+                 rows: Rows = None) -> torch.Tensor:
+    """An element-wise merge of raw (stored-dtype) CPU inputs, in cache-sized blocks; the result in job.dtype.
 
-    The budget is the largest piece's loaded bytes plus a little (at most 256 MiB) so that, while the
-    largest piece is merged, only small ones are read ahead. Positional reads and torch conversions release
-    the GIL, so this overlaps with the main thread's merge arithmetic and writes.
+    Per block: each input is rounded to the load dtype when set and converted to float32 into a reused
+    scratch buffer, the strategy runs on 1-D views, and its result is cast into the output. The operations
+    on each element are those of ``merge_prepared``, so the bytes are the same.
     """
-
-    def __init__(self, pieces: Sequence[_Piece], device: torch.device, check: bool = True):
-        self._pieces = list(pieces)
-        self._device = device
-        self._check = check
-        self._convert = device.type == "cpu"
-        self._cost = {id(p): _loaded_bytes(p, self._convert) for p in self._pieces}
-        largest = max(self._cost.values(), default=0)
-        self._budget = largest + min(largest, 256 << 20)
-        self._used = 0
-        self._cond = threading.Condition()
-        self._queue: queue.Queue = queue.Queue()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="mergekit-lite-reader", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        for piece in self._pieces:
-            cost = self._cost[id(piece)]
-            with self._cond:
-                while not self._stopped and self._used and self._used + cost > self._budget:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                self._used += cost
-            try:
-                job = piece.job
-                raw = read_sources(job, piece.rows)
-                item = (piece, prepare_inputs(job, raw, self._device, piece.rows, check=self._check)
-                        if self._convert else raw)
-            except BaseException as exc:  # handed to the main thread, which raises it
-                self._queue.put(exc)
-                return
-            self._queue.put(item)
-
-    def __iter__(self) -> Iterator[tuple[_Piece, list[torch.Tensor]]]:
-        for _ in self._pieces:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def done(self, piece: _Piece) -> None:
-        with self._cond:
-            self._used -= self._cost[id(piece)]
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
+    check = not plan.allow_nonfinite
+    if check:
+        check_inputs(job, raw, rows)
+    out = torch.empty(shape, dtype=job.dtype)
+    flat_out = out.view(-1)                                    # (numel,)
+    offset = rows[0] * math.prod(job.shape[1:]) if rows is not None else 0
+    flats = [tensor.reshape(-1) for tensor in raw]             # (numel,) each, stored dtype
+    numel = flat_out.numel()
+    size = min(BLOCK_ELEMENTS, numel)
+    scratch = [torch.empty(size, dtype=compute_dtype(job.load_dtype or t.dtype)) for t in flats]
+    for start in range(0, numel, BLOCK_ELEMENTS):
+        end = min(start + BLOCK_ELEMENTS, numel)
+        inputs = [_to_compute(buffer[: end - start], flat[start:end], job.load_dtype)
+                  for buffer, flat in zip(scratch, flats)]
+        result = _run_strategy(plan, job, inputs, (end - start,))
+        if job.merge_dtype != job.dtype:     # rounded twice, as merge_prepared does (e.g. bf16, then f16)
+            result = result.to(job.merge_dtype)
+        flat_out[start:end].copy_(result)    # the (last) cast, in the same pass as the copy
+        if check:
+            check_result(job, (job.strategy or plan.strategy).name, result, flat_out[start:end], None,
+                         offset=offset + start)
+        del inputs, result
+    return out
 
 
-def _loaded_bytes(piece: _Piece, converted: bool) -> int:
-    """Bytes a piece's inputs occupy once loaded: raw, or converted to the compute dtype."""
+def _to_compute(buffer: torch.Tensor, block: torch.Tensor, load_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if load_dtype is not None and load_dtype != block.dtype:
+        block = block.to(load_dtype)          # mergekit rounds inputs to the spec dtype first
+    return buffer.copy_(block)
+
+
+def _compute(plan: MergePlan, piece: _Piece, loaded: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One piece's output, on the CPU in the written dtype."""
+    if piece.blocked:
+        return merge_blocks(plan, piece.job, loaded, piece.shape, piece.rows)
+    prepared = loaded if device.type == "cpu" else prepare_inputs(piece.job, loaded, device, piece.rows,
+                                                                  check=not plan.allow_nonfinite)
+    return merge_prepared(plan, piece.job, prepared, piece.rows)
+
+
+def _load(piece: _Piece, device: torch.device, check: bool) -> list[torch.Tensor]:
+    """A piece's inputs as the main thread wants them: raw for blocked merges and off-CPU devices (moved and
+    converted there), converted to float32 here otherwise (in the reader thread, off the computing core)."""
     job = piece.job
+    raw = read_sources(job, piece.rows)
+    return raw if piece.blocked or device.type != "cpu" else prepare_inputs(job, raw, device, piece.rows,
+                                                                            check=check)
+
+
+def _loaded_bytes(piece: _Piece, device: torch.device) -> int:
+    """Bytes a piece's inputs occupy once loaded (``_load``): raw, or converted to the compute dtype."""
+    job = piece.job
+    converted = not piece.blocked and not job.copy and device.type == "cpu"
     total = 0
     for source in job.sources:
-        dtype = source.info.dtype if not converted or job.copy else compute_dtype(job.load_dtype or source.info.dtype)
+        dtype = compute_dtype(job.load_dtype or source.info.dtype) if converted else source.info.dtype
         total += piece.numel * itemsize(dtype)
     return total

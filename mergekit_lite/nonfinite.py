@@ -66,10 +66,11 @@ def check_inputs(job: Any, tensors: Sequence[torch.Tensor], rows: Optional[tuple
 
 
 def check_result(job: Any, strategy_name: str, merged: torch.Tensor, written: torch.Tensor,
-                 rows: Optional[tuple[int, int]]) -> None:
+                 rows: Optional[tuple[int, int]], offset: int = 0) -> None:
     """Raise a StrategyError when finite inputs gave NaN or Inf: in the arithmetic (``merged``, float32), or in
-    the cast to the written dtype (``written``)."""
-    offset = rows[0] * math.prod(job.shape[1:]) if rows is not None else 0
+    the cast to the written dtype (``written``). ``offset``: flat index of ``merged`` in the whole tensor, when
+    it is a block of it rather than rows."""
+    offset = rows[0] * math.prod(job.shape[1:]) if rows is not None else offset
     where = f"tensor '{job.name}'"
     counts = count_nonfinite(merged)
     if counts is None:

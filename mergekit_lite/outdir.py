@@ -18,7 +18,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are n
     fcntl = None  # type: ignore[assignment]
 
 
-LEFTOVER = "the next run of this merge deletes them; delete them yourself to free the space now"
+LEFTOVER = ("the next run of this merge deletes them, or continues from the finished shards with --resume; "
+            "delete them yourself to free the space now")
 
 
 def partial_path(out: str) -> str:
@@ -126,13 +127,14 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def start_partial(out: str) -> str:
-    """Create a fresh ``OUT.partial`` folder (a leftover from an interrupted run is removed)."""
+def start_partial(out: str, keep: bool = False) -> str:
+    """Create a fresh ``OUT.partial`` folder (a leftover from an interrupted run is removed, unless ``keep``:
+    ``--resume`` continues from it, see resume.py)."""
     partial = partial_path(out)
     try:
-        if os.path.exists(partial):
+        if os.path.exists(partial) and not keep:
             shutil.rmtree(partial)
-        os.makedirs(partial)
+        os.makedirs(partial, exist_ok=keep)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder: {exc.strerror}", file=partial,
                           hint="check that the parent folder exists and is writable") from None
@@ -143,7 +145,7 @@ def commit_partial(partial: str, out: str) -> None:
     """Make the finished output appear under its name in one rename (replacing an old one if allowed)."""
     old = None
     try:
-        _fsync_dir(partial)
+        fsync_dir(partial)
         if os.path.exists(out):
             if os.listdir(out):
                 old = os.path.abspath(out).rstrip(os.sep) + ".old"
@@ -153,7 +155,7 @@ def commit_partial(partial: str, out: str) -> None:
             else:
                 os.rmdir(out)
         os.rename(partial, out)
-        _fsync_dir(os.path.dirname(os.path.abspath(out)))
+        fsync_dir(os.path.dirname(os.path.abspath(out)))
     except OSError as exc:
         raise OutputError(f"cannot move the finished output into place: {exc.strerror}", file=out,
                           hint=f"the complete result is in {partial}") from None
@@ -161,7 +163,7 @@ def commit_partial(partial: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

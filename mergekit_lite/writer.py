@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from .direct_io import DirectStream
 from .dtypes import itemsize
 from .errors import OutputError
 from .safetensors_format import build_header, tensor_bytes, write_from
@@ -54,28 +56,86 @@ def shard_filenames(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output file and the tensors planned into it: an independent unit of work (any process may write it)."""
+
+    file: str
+    entries: tuple[Entry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard as written: its size and CRC-32 (of the whole file), for resuming."""
+
+    file: str
+    size: int
+    crc32: int
+
+
+def plan_output(entries: Sequence[Entry], max_bytes: int) -> list[ShardPlan]:
+    """The output files and their tensors, from the plan alone."""
+    shards = plan_shards(entries, max_bytes)
+    return [ShardPlan(file, tuple(shard)) for file, shard in zip(shard_filenames(len(shards)), shards)]
+
+
+def file_order(entries: Sequence[Entry]) -> list[Entry]:
+    """The order tensors are stored in a shard: largest itemsize first (stable), which keeps every tensor
+    naturally aligned after the 8-byte-padded header, as the safetensors library itself writes them."""
+    return sorted(entries, key=lambda e: -itemsize(e.dtype))
+
+
+def file_crc32(path: str, chunk: int = 64 << 20) -> int:
+    """CRC-32 of a whole file (zlib's, as zip and cksum-like tools compute it)."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(chunk)
+        view = memoryview(buffer)
+        while True:
+            got = f.readinto(buffer)
+            if not got:
+                return crc
+            crc = zlib.crc32(view[:got], crc)
+
+
 class ShardWriter:
     """One output safetensors file: tensors written into their planned places, the header last.
 
-    Until ``close`` writes the header, the file starts with eight zero bytes (a header length of 0), which
-    every safetensors reader rejects: a shard cut short by a full disk, a crash or Ctrl-C can never be
-    loaded as if it were complete, with zeros where tensors are missing."""
+    Until ``close`` writes the header, the file starts with zero bytes (a header length of 0), which every
+    safetensors reader rejects: a shard cut short by a full disk, a crash or Ctrl-C can never be loaded as if
+    it were complete, with zeros where tensors are missing. The stream below carries those zeros in the
+    header's place, while its CRC-32 is taken over the real header, so the CRC is the finished file's.
 
-    def __init__(self, path: str, entries: Sequence[Entry], metadata: dict[str, str] | None = None):
-        # Largest itemsize first keeps every tensor naturally aligned (the header is padded to 8 bytes),
-        # which is the order the safetensors library itself writes.
-        ordered = sorted(entries, key=lambda e: -itemsize(e.dtype))
-        header, offsets = build_header([(e.name, e.dtype, e.shape) for e in ordered], metadata)
+    Tensors arriving in file order (the engine's order) form one sequential stream: it goes to the disk
+    with O_DIRECT where the filesystem allows (direct_io.py), and its CRC-32 is computed on the way. Any
+    other order still works: from the first out-of-order write on, bytes go through the page cache to their
+    offsets, and the CRC is computed by reading the file back on close.
+    """
+
+    def __init__(self, path: str, entries: Sequence[Entry], metadata: dict[str, str] | None = None,
+                 direct: bool = True):
+        header, offsets = build_header([(e.name, e.dtype, e.shape) for e in file_order(entries)], metadata)
         self.path = path
         self._entries = {e.name: e for e in entries}
         self._offsets = offsets
-        self._header = header
         self._missing = {e.name: e.nbytes for e in entries}   # bytes not yet written, per tensor
         self.size = len(header) + sum(e.nbytes for e in entries)
+        self._crc: Optional[int] = 0
+        self._streamed = 0                     # the sequential stream covers bytes [0, _streamed)
+        self._direct: Optional[DirectStream] = None
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, self.size)
+            if direct:
+                self._direct = DirectStream.open(path)
+            self._header = header
+            self._append(memoryview(bytes(len(header))), crc_of=memoryview(header))
         except OSError as exc:
+            self.abort()
             raise OutputError(f"cannot write: {exc.strerror}", file=path,
                               hint="check free disk space and permissions of the output folder") from None
 
@@ -90,33 +150,66 @@ class ShardWriter:
             raise AssertionError(f"{name}: planned {entry.dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor_bytes(tensor)
         try:
-            write_from(self._fd, offset, data)
+            if self._crc is not None and offset == self._streamed:
+                self._append(data)
+            else:
+                self._leave_stream()
+                write_from(self._fd, offset, data)
         except OSError as exc:
             raise OutputError(f"cannot write tensor '{name}': {exc.strerror}", file=self.path,
                               hint="free some disk space and run again (the unfinished files are left where they are; "
                                    "the next run of this merge deletes them)") from None
         self._missing[name] -= len(data)
 
+    def _append(self, data: memoryview, crc_of: Optional[memoryview] = None) -> None:
+        self._crc = zlib.crc32(data if crc_of is None else crc_of, self._crc)
+        if self._direct is not None:
+            self._direct.append(data)
+        else:
+            write_from(self._fd, self._streamed, data)
+        self._streamed += len(data)
+
+    def _leave_stream(self) -> None:
+        """Out-of-order writes follow: flush the stream and write through the page cache from now on."""
+        self._crc = None
+        if self._direct is not None:
+            direct, self._direct = self._direct, None
+            try:
+                direct.finish()    # zero padding past the stream lands where nothing was written yet
+            finally:
+                direct.close()
+
     @property
     def complete(self) -> bool:
         return not any(self._missing.values())
 
-    def close(self) -> None:
+    def close(self) -> ShardRecord:
         """Flush to disk. A shard is complete only when every planned byte was written."""
         if not self.complete:
             raise AssertionError(f"{self.path}: tensors not fully written: "
                                  f"{sorted(n for n, left in self._missing.items() if left)[:3]}")
         try:
-            write_from(self._fd, 0, memoryview(self._header))
+            if self._direct is not None:
+                self._direct.finish()
+                os.ftruncate(self._fd, self.size)    # drop the last block's padding
+            write_from(self._fd, 0, memoryview(self._header))   # last: the shard is now loadable
             os.fsync(self._fd)
         except OSError as exc:
             raise OutputError(f"cannot write the header: {exc.strerror}", file=self.path,
                               hint="free some disk space and run again") from None
         finally:
-            os.close(self._fd)
+            self.abort()
+        crc = self._crc if self._crc is not None and self._streamed == self.size else file_crc32(self.path)
+        return ShardRecord(os.path.basename(self.path), self.size, crc)
 
     def abort(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        """Close the file as it is (an interrupted merge leaves it incomplete in the partial folder)."""
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

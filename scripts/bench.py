@@ -1,20 +1,27 @@
 """Side-by-side benchmark: mergekit_lite vs mergekit 0.1.5 on the same YAML, in one run.
 
-Builds synthetic Llama-shaped bf16 checkpoints (a base and two fine-tunes, several shards each), then runs
+Builds synthetic Llama-shaped bf16 checkpoints (a base and fine-tunes of it, several shards each), then runs
 each method with both tools, alternating (A B A B) so both see the same machine state, with a warm page
 cache. Each run is a fresh process, timed as a whole: wall time, CPU time (user + system) and peak RSS.
-Also measures the I/O floor: reading every input once and writing an output-sized file with fsync.
+Ours runs with --no-validate (mergekit does not check its output); `--validate` adds a line with it.
+
+Also measures the I/O floor in the same run: reading every input once (warm cache) plus writing an
+output-sized file, both through the page cache with fsync and with O_DIRECT; the ratio uses the faster
+(stricter) of the two. And the memory bound of the issue: (inputs + 2) x the largest tensor in float32
++ 300 MB.
 
 Usage:
   python scripts/bench.py                       # 3 x ~1B, linear and task_arithmetic, 2 rounds
   python scripts/bench.py --size small --methods linear,ties --rounds 3
-Prints a Markdown table (paste it into the README) with ratios ours / mergekit.
+  python scripts/bench.py --size bigvocab --methods linear --no-mergekit   # largest tensor 1 GiB in float32
+Prints a Markdown table (paste it into the README) with ratios ours / mergekit; --json FILE saves the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -24,35 +31,57 @@ import time
 
 import torch
 
-from mergekit_lite.synthetic import BENCH_1B, LlamaShape, parameter_count, write_model
+from mergekit_lite.direct_io import DirectStream
+from mergekit_lite.synthetic import BENCH_1B, LlamaShape, parameter_count, tensor_shapes, write_model
 
 SIZES = {
     "tiny": LlamaShape(hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=4096),
     "small": LlamaShape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=32000),  # ~125M
+    "0.5b": LlamaShape(hidden=1536, intermediate=6144, layers=12, heads=24, kv_heads=8, vocab=32000),  # ~0.5B
     "1b": BENCH_1B,                                                                                    # ~1B
+    "3b": LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=32000),   # ~3B
+    # Largest tensor 1 GiB in float32: a 131072-token vocabulary (embeddings and lm_head, 128K x 2048).
+    "bigvocab": LlamaShape(hidden=2048, intermediate=8192, layers=2, heads=32, kv_heads=8, vocab=131072),
 }
-SPECS = {
-    "linear": "merge_method: linear\nmodels:\n  - model: {w}/base\n    parameters: {{weight: 0.5}}\n"
-              "  - model: {w}/ft-a\n    parameters: {{weight: 0.3}}\n  - model: {w}/ft-b\n"
-              "    parameters: {{weight: 0.2}}\ndtype: bfloat16\n",
-    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {w}/base\nmodels:\n  - model: {w}/ft-a\n"
-                       "    parameters: {{weight: 0.7}}\n  - model: {w}/ft-b\n    parameters: {{weight: 0.5}}\n"
-                       "dtype: bfloat16\n",
-    "ties": "merge_method: ties\nbase_model: {w}/base\nmodels:\n  - model: {w}/ft-a\n"
-            "    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {w}/ft-b\n"
-            "    parameters: {{weight: 0.5, density: 0.5}}\nparameters: {{normalize: true}}\ndtype: bfloat16\n",
-    "dare_ties": "merge_method: dare_ties\nbase_model: {w}/base\nmodels:\n  - model: {w}/ft-a\n"
-                 "    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {w}/ft-b\n"
-                 "    parameters: {{weight: 0.5, density: 0.5}}\nparameters: {{normalize: true}}\ndtype: bfloat16\n",
-    "slerp": "merge_method: slerp\nbase_model: {w}/base\nslices:\n  - sources:\n      - model: {w}/base\n"
-             "        layer_range: [0, {layers}]\n      - model: {w}/ft-a\n        layer_range: [0, {layers}]\n"
-             "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n"
-             "      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: bfloat16\n",
-    # The same slerp with `models:` (whole models; no layer slices needed).
-    "slerp_models": "merge_method: slerp\nbase_model: {w}/base\nmodels:\n  - model: {w}/base\n  - model: {w}/ft-a\n"
-                    "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
-                    "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: bfloat16\n",
-}
+FINETUNES = "abcdefg"   # ft-a ... ft-g: up to 8 inputs with the base
+WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def models_for(inputs: int) -> list[str]:
+    return ["base"] + [f"ft-{c}" for c in FINETUNES[: inputs - 1]]
+
+
+def spec_text(method: str, work: str, shape: LlamaShape, inputs: int) -> str:
+    """The method's spec over ``inputs`` models (the base counts as one)."""
+    names = models_for(inputs)
+    weights = WEIGHTS if inputs == 3 else [round(1 / inputs, 4)] * inputs
+    if method == "linear":
+        entries = "".join(f"  - model: {work}/{n}\n    parameters: {{weight: {w}}}\n" for n, w in zip(names, weights))
+        return f"merge_method: linear\nmodels:\n{entries}dtype: bfloat16\n"
+    if method == "task_arithmetic":
+        entries = "".join(f"  - model: {work}/{n}\n    parameters: {{weight: {w}}}\n"
+                          for n, w in zip(names[1:], (0.7, 0.5, 0.4, 0.3, 0.3, 0.2, 0.2)))
+        return f"merge_method: task_arithmetic\nbase_model: {work}/base\nmodels:\n{entries}dtype: bfloat16\n"
+    if method in ("ties", "dare_ties"):
+        entries = "".join(f"  - model: {work}/{n}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for n in names[1:])
+        return (f"merge_method: {method}\nbase_model: {work}/base\nmodels:\n{entries}"
+                "parameters: {normalize: true}\ndtype: bfloat16\n")
+    gradients = ("parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n"
+                 "      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: bfloat16\n")
+    if method == "slerp":
+        return (f"merge_method: slerp\nbase_model: {work}/base\nslices:\n  - sources:\n      - model: {work}/base\n"
+                f"        layer_range: [0, {shape.layers}]\n      - model: {work}/ft-a\n"
+                f"        layer_range: [0, {shape.layers}]\n" + gradients)
+    if method == "slerp_models":   # the same slerp with `models:` (whole models; no layer slices needed)
+        return (f"merge_method: slerp\nbase_model: {work}/base\nmodels:\n  - model: {work}/base\n"
+                f"  - model: {work}/ft-a\n" + gradients)
+    raise SystemExit(f"unknown method {method}")
+
+
+def method_inputs(method: str, inputs: int) -> int:
+    return 2 if method.startswith("slerp") else inputs
+
+
 # Runs a command and reports its wall time, CPU time and peak RSS (the child's, from getrusage).
 TIMER = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
          "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE); "
@@ -61,21 +90,24 @@ TIMER = ("import resource, subprocess, sys, time, json; t = time.perf_counter();
          "'rss_gib': r.ru_maxrss / 2**20, 'err': p.stderr.decode()[-2000:]}))")
 
 
-def build_models(work: str, shape: LlamaShape) -> None:
+def build_models(work: str, shape: LlamaShape, inputs: int) -> None:
+    """The base and fine-tunes in ``work`` (kept between runs; rebuilt when the shape changes)."""
     marker = os.path.join(work, "models.json")
     wanted = json.dumps(shape.__dict__, sort_keys=True)
-    if os.path.exists(marker) and open(marker).read() == wanted:
-        return
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    if not (os.path.exists(marker) and open(marker).read() == wanted):
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        with open(marker, "w") as f:
+            f.write(wanted)
     shard = 500_000_000 if parameter_count(shape) > 200e6 else 100_000_000
-    for name, delta in (("base", None), ("ft-a", 1), ("ft-b", 2)):
+    for i, name in enumerate(models_for(inputs)):
+        folder = os.path.join(work, name)
+        if os.path.exists(os.path.join(folder, "config.json")):
+            continue
         started = time.perf_counter()
-        write_model(os.path.join(work, name), shape, dtype=torch.bfloat16, seed=0, delta_seed=delta,
-                    delta_scale=0.002, max_shard_size=shard)
+        write_model(folder, shape, dtype=torch.bfloat16, seed=0, delta_seed=i or None, delta_scale=0.002,
+                    max_shard_size=shard)
         print(f"built {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    with open(marker, "w") as f:
-        f.write(wanted)
 
 
 def timed(cmd: list[str]) -> dict:
@@ -86,76 +118,139 @@ def timed(cmd: list[str]) -> dict:
     return result
 
 
-def io_floor(work: str, out_bytes: int) -> float:
-    """Seconds to read every input file once (warm cache) and write an output-sized file with fsync."""
-    started = time.perf_counter()
+def io_floor(work: str, names: list[str], out_bytes: int) -> dict[str, float]:
+    """Seconds to read every input file once (warm cache), and to write an output-sized file: through the
+    page cache with fsync, and with O_DIRECT (as mergekit_lite writes shards)."""
     buf = bytearray(64 << 20)
-    for name in ("base", "ft-a", "ft-b"):
+    started = time.perf_counter()
+    for name in names:
         folder = os.path.join(work, name)
         for f in sorted(os.listdir(folder)):
             if f.endswith(".safetensors"):
                 with open(os.path.join(folder, f), "rb", buffering=0) as fh:
                     while fh.readinto(buf):
                         pass
+    read = time.perf_counter() - started
     target = os.path.join(work, "floor.bin")
+    started = time.perf_counter()
     with open(target, "wb", buffering=0) as fh:
         left = out_bytes
         while left > 0:
             left -= fh.write(memoryview(buf)[: min(len(buf), left)])
         os.fsync(fh.fileno())
+    buffered = time.perf_counter() - started
     os.remove(target)
-    return time.perf_counter() - started
+    started = time.perf_counter()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    stream = DirectStream.open(target)
+    if stream is not None:
+        left = out_bytes
+        while left > 0:
+            step = min(len(buf), left)
+            stream.append(memoryview(buf)[:step])
+            left -= step
+        stream.finish()
+        stream.close()
+        os.ftruncate(fd, out_bytes)
+    os.fsync(fd)
+    os.close(fd)
+    direct = time.perf_counter() - started if stream is not None else math.inf
+    os.remove(target)
+    return {"read": read, "write_buffered": buffered, "write_direct": direct}
+
+
+def rss_bound_gib(shape: LlamaShape, inputs: int) -> float:
+    """The issue's memory bound: (inputs + 2) x the largest tensor in float32 + 300 MB."""
+    largest = max(math.prod(dims) for _, dims in tensor_shapes(shape)) * 4
+    return ((inputs + 2) * largest + 300e6) / 2**30
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, inputs: int = 3,
+                  mergekit: bool = True, ours_args: tuple[str, ...] = (), validate: bool = False) -> dict:
+    """Build the models, measure the floor, run every method with both tools alternating; medians."""
+    shape = SIZES[size]
+    work = os.path.abspath(os.path.join(work_root, size))
+    build_models(work, shape, max(inputs, max(method_inputs(m, inputs) for m in methods)))
+    mergekit_cmd = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) or shutil.which("mergekit-yaml")
+    merge = [sys.executable, "-m", "mergekit_lite", "run"]
+    report = {"size": size, "parameters": parameter_count(shape), "inputs": inputs, "rounds": rounds,
+              "cores": os.cpu_count(), "torch": torch.__version__, "load_before": load_average(), "methods": {}}
+    out_bytes = parameter_count(shape) * 2
+    floors = [io_floor(work, models_for(inputs), out_bytes) for _ in range(2)]
+    report["floor"] = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+    tools = {"ours": [*merge, "--no-validate", *ours_args]}
+    if validate:
+        tools["ours+validate"] = [*merge, *ours_args]
+    if mergekit and mergekit_cmd:
+        tools["mergekit"] = [mergekit_cmd]
+    out = os.path.join(work, "out")
+    for method in methods:
+        spec = os.path.join(work, f"{method}-{inputs}.yaml")
+        with open(spec, "w") as f:
+            f.write(spec_text(method, work, shape, method_inputs(method, inputs)))
+        runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+        for _ in range(rounds):
+            for tool, cmd in tools.items():
+                shutil.rmtree(out, ignore_errors=True)
+                extra = ["-o", out, "--quiet"] if tool.startswith("ours") else [out]
+                runs[tool].append(timed([*cmd, spec, *extra]))
+                shutil.rmtree(out, ignore_errors=True)
+        report["methods"][method] = {tool: {m: statistics.median(r[m] for r in rs) for m in ("wall", "cpu", "rss_gib")}
+                                     for tool, rs in runs.items()}
+        report["methods"][method]["rss_bound_gib"] = rss_bound_gib(shape, method_inputs(method, inputs))
+    report["load_after"] = load_average()
+    return report
+
+
+def print_table(report: dict) -> None:
+    floor = report["floor"]
+    strict = floor["read"] + min(floor["write_buffered"], floor["write_direct"])
+    print(f"\n{report['size']}: {report['inputs']} inputs x {report['parameters'] / 1e6:.0f}M parameters, bf16, "
+          f"{report['cores']} cores, torch {report['torch']}, median of {report['rounds']} alternating runs; "
+          f"load average {report['load_before']} before, {report['load_after']} after.\n"
+          f"I/O floor: read inputs {floor['read']:.1f} s + write output {floor['write_buffered']:.1f} s "
+          f"(page cache + fsync) or {floor['write_direct']:.1f} s (O_DIRECT) = {strict:.1f} s (the faster)\n")
+    print("| method | ours: wall s / CPU s / peak RSS GiB | mergekit 0.1.5: wall s / CPU s / peak RSS GiB "
+          "| wall ratio | ours / I/O floor | RSS bound GiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for method, result in report["methods"].items():
+        ours, theirs = result["ours"], result.get("mergekit")
+        cells = [method, f"{ours['wall']:.1f} / {ours['cpu']:.1f} / {ours['rss_gib']:.2f}"]
+        if theirs:
+            cells += [f"{theirs['wall']:.1f} / {theirs['cpu']:.1f} / {theirs['rss_gib']:.2f}",
+                      f"1/{theirs['wall'] / ours['wall']:.1f}"]
+        else:
+            cells += ["-", "-"]
+        cells += [f"{ours['wall'] / strict:.2f}x", f"{result['rss_bound_gib']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+        if "ours+validate" in result:
+            v = result["ours+validate"]
+            print(f"| {method}, ours with validation | {v['wall']:.1f} / {v['cpu']:.1f} / {v['rss_gib']:.2f} "
+                  f"| | | {v['wall'] / strict:.2f}x | |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="1b")
+    parser.add_argument("--inputs", type=int, default=3, help="models merged, the base included (2 to 8)")
     parser.add_argument("--methods", default="linear,task_arithmetic")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", default="bench_work")
     parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--validate", action="store_true", help="also time ours with the default validation")
     parser.add_argument("--ours-args", default="", help="extra arguments for `merge run`")
+    parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
-    shape = SIZES[args.size]
-    work = os.path.abspath(os.path.join(args.work, args.size))
-    build_models(work, shape)
-    out_bytes = parameter_count(shape) * 2
-    mergekit = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) or shutil.which("mergekit-yaml")
-    merge = [sys.executable, "-m", "mergekit_lite", "run"]
-    rows = []
-    floors = [io_floor(work, out_bytes) for _ in range(2)]
-    for method in args.methods.split(","):
-        spec = os.path.join(work, f"{method}.yaml")
-        with open(spec, "w") as f:
-            f.write(SPECS[method].format(w=work, layers=shape.layers))
-        runs: dict[str, list[dict]] = {"ours": [], "mergekit": []}
-        for _ in range(args.rounds):
-            out = os.path.join(work, "out")
-            shutil.rmtree(out, ignore_errors=True)
-            runs["ours"].append(timed([*merge, spec, "-o", out, "--quiet", *args.ours_args.split()]))
-            if mergekit and not args.no_mergekit:
-                shutil.rmtree(out, ignore_errors=True)
-                runs["mergekit"].append(timed([mergekit, spec, out]))
-            shutil.rmtree(out, ignore_errors=True)
-        rows.append((method, {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "cpu", "rss_gib")}
-                              for k, v in runs.items() if v}))
-    floor = statistics.median(floors)
-    print(f"\n{args.size}: 3 inputs x {parameter_count(shape) / 1e6:.0f}M parameters, bf16, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, median of {args.rounds} alternating runs; "
-          f"I/O floor (read inputs + write output with fsync): {floor:.1f} s\n")
-    print("| method | ours: wall s / CPU s / peak RSS GiB | mergekit 0.1.5: wall s / CPU s / peak RSS GiB "
-          "| wall ratio | RSS ratio | ours / I/O floor |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for method, result in rows:
-        ours, theirs = result["ours"], result.get("mergekit")
-        cells = [method, f"{ours['wall']:.1f} / {ours['cpu']:.1f} / {ours['rss_gib']:.2f}"]
-        if theirs:
-            cells += [f"{theirs['wall']:.1f} / {theirs['cpu']:.1f} / {theirs['rss_gib']:.2f}",
-                      f"{ours['wall'] / theirs['wall']:.2f}", f"{ours['rss_gib'] / theirs['rss_gib']:.2f}"]
-        else:
-            cells += ["-", "-", "-"]
-        cells.append(f"{ours['wall'] / floor:.1f}x")
-        print("| " + " | ".join(cells) + " |")
+    report = run_benchmark(args.size, args.methods.split(","), args.rounds, args.work, args.inputs,
+                           not args.no_mergekit, tuple(args.ours_args.split()), args.validate)
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import click
 
 from .. import __version__
@@ -31,4 +33,7 @@ for command in (run, fold, methods, validate, push):
 
 
 def main() -> None:
+    # A command runs once and exits: importing torch triggers enough cyclic garbage collections to cost
+    # about 0.2 s of CPU (measured), and a merge creates no reference cycles worth collecting.
+    gc.disable()
     cli(prog_name="merge")

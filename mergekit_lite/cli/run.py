@@ -26,10 +26,17 @@ from .validate import print_verdict
 @click.option("--push-to-hub", default=None, metavar="ORG/NAME",
               help="Upload the result to this Hub repo when it is written and validated.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted merge of the same spec from OUT.partial (finished shards are verified "
+                   "and kept).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Compute shards in this process, or as tasks on a Ray cluster (the [ray] extra).")
+@click.option("--ray-address", default=None, help="Ray cluster to use (auto, host:6379, ray://host:10001); "
+                                                  "default: start a local one.")
 @common_options
 def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: str | None, device: str,
         overwrite: bool, dry_run: bool, seed: int, no_validate: bool, allow_pickle: bool, allow_nonfinite: bool,
-        push_to_hub: str | None, private: bool,
+        push_to_hub: str | None, private: bool, resume: bool, executor: str, ray_address: str | None,
         quiet: bool) -> None:
     """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT."""
     from ..api import run_merge
@@ -37,7 +44,8 @@ def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: 
     result = run_merge(spec, out, max_shard_size=max_shard_size, dtype=dtype, out_dtype=out_dtype, device=device,
                        overwrite=overwrite, dry_run=dry_run, seed=seed, progress=not quiet and not dry_run,
                        validate=not no_validate, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                       push_to_hub=push_to_hub, private=private)
+                       push_to_hub=push_to_hub, private=private, resume=resume, executor=executor,
+                       ray_address=ray_address)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:

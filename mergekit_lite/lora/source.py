@@ -145,6 +145,16 @@ class LoraSource:
                 tensor = step.apply(tensor, unmerged)
         return tensor.contiguous()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for Ray workers) without the lock and the cached fold."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        state["_cached"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         self.base.close()
         for adapter in self.adapters:

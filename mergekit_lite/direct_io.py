@@ -1,0 +1,90 @@
+"""Writing a file front to back with O_DIRECT, past the page cache.
+
+Profiled on 3 x 1B bf16 linear (2-core VM), the kernel copying the output into freshly allocated page-cache
+pages was a third of all CPU samples; writing 1.97 GB that way took 3.3-4.8 s of CPU and 7.9-9.6 s of wall
+with the fsync, while the same bytes written with O_DIRECT from one reused aligned buffer took 0.10-0.16 s
+of CPU and 1.4-1.5 s of wall. O_DIRECT needs the buffer, the file offset and the length aligned to the
+device's block size, so bytes are gathered in an aligned staging buffer (an anonymous mmap is
+page-aligned) and written in whole chunks; the unaligned tail is padded with zeros, and the caller then
+truncates the file to its size. The price: the written file is not left in the page cache, so the first
+read of the output afterwards comes from the disk.
+
+Where O_DIRECT is not supported (tmpfs, macOS, some network filesystems) ``DirectStream.open`` returns None
+and the caller writes through the page cache as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from typing import Optional
+
+ALIGN = 4096            # a multiple of every common logical block size (512, 4096)
+CHUNK = 8 << 20         # bytes gathered before each write
+
+
+class DirectStream:
+    """Appends bytes to a file from offset 0 with O_DIRECT, in aligned chunks."""
+
+    def __init__(self, fd: int, chunk: int = CHUNK):
+        self._fd = fd
+        self._buffer = mmap.mmap(-1, chunk)
+        self._view = memoryview(self._buffer)
+        self._filled = 0        # bytes staged in the buffer
+        self._offset = 0        # file offset of the buffer's first byte (always aligned)
+
+    @classmethod
+    def open(cls, path: str) -> Optional["DirectStream"]:
+        """An O_DIRECT stream on ``path`` (which exists), or None where the filesystem refuses O_DIRECT."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | flag)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise
+        stream = cls(fd)
+        try:   # some filesystems accept the flag and refuse the first write: probe with one zero block
+            with stream._view[:ALIGN] as block:
+                os.pwrite(fd, block, 0)
+        except OSError as exc:
+            stream.close()
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise
+        return stream
+
+    def append(self, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            take = min(len(data) - done, len(self._buffer) - self._filled)
+            self._view[self._filled:self._filled + take] = data[done:done + take]
+            self._filled += take
+            done += take
+            if self._filled == len(self._buffer):
+                self._write(self._filled)
+
+    def finish(self) -> None:
+        """Write what is staged, padded with zeros to a whole block (the caller truncates the file)."""
+        if self._filled:
+            padded = -(-self._filled // ALIGN) * ALIGN
+            self._view[self._filled:padded] = bytes(padded - self._filled)
+            self._write(padded)
+
+    def _write(self, length: int) -> None:
+        done = 0
+        while done < length:
+            with self._view[done:length] as chunk:   # released even on error, so close() can unmap
+                done += os.pwrite(self._fd, chunk, self._offset + done)
+        self._offset += length
+        self._filled = 0
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        finally:
+            self._view.release()
+            self._buffer.close()

@@ -1,0 +1,124 @@
+"""`--executor ray`: shards computed as Ray tasks (a local Ray instance with 2 workers) give the same bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import write_spec
+from mergekit_lite import run_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = "30kB"   # the tiny models' output in 15 shards: 15 tasks over 2 workers
+
+
+def spec_text(root: Path) -> str:
+    return textwrap.dedent(f"""\
+        merge_method: task_arithmetic
+        base_model: {root}/base
+        models:
+          - model: {root}/ft-a
+            parameters: {{weight: 0.7}}
+          - model: {root}/ft-b
+            parameters: {{weight: [0.2, 0.6]}}
+        dtype: bfloat16
+        """)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance with 2 CPUs (so 2 task workers) for this module; its address for other drivers."""
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_output(models_bf16, tmp_path) -> dict[str, bytes]:
+    out = tmp_path / "local" / "merged"
+    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, validate=False)
+    assert result.shards == 15
+    return folder_bytes(out)
+
+
+def test_ray_executor_writes_the_same_bytes_as_local(ray_cluster, models_bf16, tmp_path, local_output):
+    import ray
+
+    out = tmp_path / "ray" / "merged"
+    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, executor="ray",
+                       validate=False)
+    assert result.shards == 15 and folder_bytes(out) == local_output
+    workers = {node["NodeID"] for node in ray.nodes()}
+    assert len(workers) == 1 and ray.cluster_resources()["CPU"] == 2
+
+
+def test_cli_connects_to_a_running_cluster(ray_cluster, models_bf16, tmp_path, local_output):
+    """A second driver process joins the cluster by address, as on a real cluster's head node."""
+    spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
+    out = tmp_path / "ray" / "merged"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(spec), "-o", str(out), "--quiet",
+                           "--no-validate", "--max-shard-size", SHARD,
+                           "--executor", "ray", "--ray-address", ray_cluster],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert folder_bytes(out) == local_output
+
+
+def test_a_plan_pickles_for_ray_tasks_lora_folds_included(tmp_path, monkeypatch):
+    """What Ray sends each task: the plan, pickled (no open files or locks); a shard written from the copy
+    is the same as one written from the original."""
+    import pickle
+
+    import torch
+
+    from mergekit_lite import make_plan
+    from mergekit_lite.engine import output_layout, write_shard
+    from mergekit_lite.lora.synthetic import write_demo_adapters
+    from mergekit_lite.synthetic import LlamaShape, write_demo_models
+
+    shape = LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256)
+    write_demo_models(str(tmp_path / "demo" / "models"), shape, max_shard_size=60_000)
+    write_demo_adapters(str(tmp_path / "demo" / "adapters"), shape)
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan((ROOT / "merge_configs" / "lora_fold.yaml").read_text())
+    copy = pickle.loads(pickle.dumps(plan))
+    try:
+        (source,) = plan.checkpoints.values()
+        shard = next(s for s in output_layout(plan, 40_000) if any(e.name in source.recipes for e in s.entries))
+        write_shard(plan, shard, str(tmp_path / "a.safetensors"), torch.device("cpu"))
+        write_shard(copy, shard, str(tmp_path / "b.safetensors"), torch.device("cpu"))
+        assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    finally:
+        plan.close()
+        copy.close()
+
+
+def test_executor_usage_errors(cli, models_bf16, tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
+    result = cli("run", spec, "-o", tmp_path / "out", "--ray-address", "auto")
+    assert result.exit_code == 2
+    assert result.stderr == "error: --ray-address: --ray-address needs --executor ray\n"
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    result = cli("run", spec, "-o", tmp_path / "out", "--executor", "ray")
+    assert result.exit_code == 2
+    assert result.stderr == ("error: --executor: --executor ray needs Ray, which is not installed\n"
+                             "Hint: install the extra: pip install 'mergekit-lite[ray]'\n")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
