@@ -24,6 +24,7 @@ import torch
 RESCALE_EPS = 1e-7   # below this L1 norm (before or after pruning) mergekit skips the rescale
 _ROW = 1024          # L1 norms are summed in rows of this width: one thread per row, whatever the thread count
 _RADIX_MIN = 1 << 16  # below this many entries torch.kthvalue is as fast as the radix select
+_DRAW_CHUNK = 1 << 20   # random draws are made (and compared) this many at a time: no float32 copy of a tensor
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0   # which int16 of a float32 holds its top 16 bits
 
 
@@ -56,8 +57,11 @@ def random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.
     """DARE: keep each entry independently with probability ``density``."""
     if density >= 1:
         return delta
-    draws = torch.rand(delta.shape, generator=generator, device=delta.device)   # (*shape,) uniform [0, 1)
-    return _apply(delta, draws < density, rescale, l1_norm)
+    keep = torch.empty(delta.numel(), dtype=torch.bool, device=delta.device)
+    for start in range(0, keep.numel(), _DRAW_CHUNK):   # uniform [0, 1) draws, a chunk at a time
+        chunk = keep[start:start + _DRAW_CHUNK]
+        torch.lt(torch.rand(chunk.numel(), generator=generator, device=delta.device), density, out=chunk)
+    return _apply(delta, keep.view(delta.shape), rescale, l1_norm)
 
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,

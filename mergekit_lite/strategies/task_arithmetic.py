@@ -63,7 +63,7 @@ def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[t
         mixed.div_(divisor)
     if params["lambda"] != 1:
         mixed.mul_(params["lambda"])
-    return base + mixed
+    return mixed.add_(base)   # = base + mixed, bit for bit (addition commutes), without another tensor
 
 
 def _sign_vote(deltas: list[Optional[torch.Tensor]], weights: list[torch.Tensor], mixed: torch.Tensor,
