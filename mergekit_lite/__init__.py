@@ -1,7 +1,7 @@
 """mergekit_lite: merge language models and fold LoRA adapters, streamed tensor by tensor.
 
-``from mergekit_lite import load_spec, run_merge, validate``. Heavy modules (torch, the Hub client) load on first
-use, so importing the package is instant.
+``from mergekit_lite import load_spec, run_merge, validate, push_to_hub``. Heavy modules (torch, the Hub
+client) load on first use, so importing the package is instant.
 """
 
 __version__ = "0.1.0"
@@ -14,11 +14,15 @@ _EXPORTS = {
     "MergeResult": "mergekit_lite.api",
     "validate": "mergekit_lite.validation",
     "ValidationReport": "mergekit_lite.validation",
+    "fold_lora": "mergekit_lite.lora.api",
     "Strategy": "mergekit_lite.strategy",
     "Param": "mergekit_lite.strategy",
     "TensorContext": "mergekit_lite.strategy",
     "MergeError": "mergekit_lite.errors",
     "SpecError": "mergekit_lite.errors",
+    "HubError": "mergekit_lite.errors",
+    "push_to_hub": "mergekit_lite.hub_push",
+    "PushResult": "mergekit_lite.hub_push",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import ModelError
-from .safetensors_format import TensorInfo, read_header, read_into
+from .safetensors_format import TensorInfo, read_header, read_into, refuse_duplicates
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -29,8 +29,16 @@ class Checkpoint:
     folder: str                     # absolute local folder
     tensors: dict[str, TensorInfo]
     config: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)     # about this input, for the merge's warnings
+    card_notes: list[str] = field(default_factory=list)   # facts the output's model card should state
+    commit: Optional[str] = None    # the Hub commit the files came from (None for a local folder)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """Every folder this input reads (an output inside any of them is refused)."""
+        return (self.folder,)
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Read one tensor (or the block of its rows [start, end)) into a new CPU tensor of its stored dtype."""
@@ -68,8 +76,12 @@ class Checkpoint:
             pass
 
 
-def open_checkpoint(folder: str, label: Optional[str] = None) -> Checkpoint:
-    """Read the tensor table and config of a model folder. No tensor data is read."""
+def open_checkpoint(folder: str, label: Optional[str] = None, *, allow_pickle: bool = False) -> Checkpoint:
+    """Read the tensor table and config of a model folder. No tensor data is read.
+
+    Pickle checkpoints (``pytorch_model.bin``) are refused unless ``allow_pickle``; then they are loaded
+    with ``torch.load(weights_only=True)`` only, and only when the folder has no safetensors weights.
+    """
     label = label or folder
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
@@ -77,30 +89,45 @@ def open_checkpoint(folder: str, label: Optional[str] = None) -> Checkpoint:
         raise ModelError(what, file=label, hint="give the folder that holds config.json and *.safetensors")
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.exists(index_path):
-        tensors = _read_sharded(folder, index_path)
+        tensors = _read_sharded(folder, contained_path(folder, INDEX_FILE, label))
     elif os.path.exists(os.path.join(folder, SINGLE_FILE)):
-        tensors, _ = read_header(os.path.join(folder, SINGLE_FILE))
+        tensors, _ = read_header(contained_path(folder, SINGLE_FILE, label))
+    elif allow_pickle and _pickle_weights(folder):
+        from .pickled import open_pickled
+
+        return open_pickled(folder, label, read_config(folder))
     else:
         raise _no_weights_error(folder, label)
     return Checkpoint(label, folder, tensors, read_config(folder))
 
 
-def _read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
+def read_index(index_path: str) -> dict[str, str]:
+    """The weight_map of a shard index (safetensors or pickle): tensor name -> shard file name, as written."""
+    unique = refuse_duplicates(lambda key: ModelError(f"the index lists '{key}' twice", file=index_path,
+                                                      hint="the index is corrupt; download it again"))
     try:
         with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read the shard index: {exc}", file=index_path,
+            index = json.load(f, object_pairs_hook=unique)
+    except OSError as exc:
+        raise ModelError(f"cannot read the shard index: {exc.strerror}", file=index_path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelError(f"the shard index is not valid JSON ({why})", file=index_path,
                          hint="the index is corrupt; download it again") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ModelError("the index has no weight_map of tensor name -> shard file", file=index_path)
+        raise ModelError("the index has no weight_map of tensor name -> shard file", file=index_path,
+                         hint="the index is corrupt; download it again")
+    return weight_map
+
+
+def _read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
     by_shard: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
+    for name, shard in read_index(index_path).items():
         by_shard.setdefault(shard, []).append(name)
     tensors: dict[str, TensorInfo] = {}
     for shard, names in by_shard.items():
-        path = _shard_path(folder, shard, index_path)
+        path = shard_path(folder, shard, index_path)
         found, _ = read_header(path)
         for name in names:
             if name not in found:
@@ -114,20 +141,52 @@ def _read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _shard_path(folder: str, shard: str, index_path: str) -> str:
+def shard_path(folder: str, shard: str, index_path: str) -> str:
     """Resolve a shard name, refusing anything that leaves the model folder (path traversal)."""
+    if "\0" in shard or not shard.strip():
+        raise ModelError(f"shard name {shard!r} is not a file name", file=index_path,
+                         hint="the index is corrupt; download it again")
     if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
         raise ModelError(f"shard name '{shard}' points outside the model folder", file=index_path,
                          hint="refusing it: shard names must be plain file names inside the folder")
     path = os.path.join(folder, shard)
-    real_folder = os.path.realpath(folder)
-    if os.path.commonpath([os.path.realpath(path), real_folder]) != real_folder:
+    if not _stays_inside(folder, path):
         raise ModelError(f"shard '{shard}' is a link that leaves the model folder", file=index_path,
                          hint="refusing it: copy the real file into the folder")
     if not os.path.isfile(path):
         raise ModelError(f"the index names shard '{shard}', which does not exist", file=index_path,
                          hint="the download is incomplete; download the missing shard again")
     return path
+
+
+def contained_path(folder: str, name: str, label: str) -> str:
+    """``folder/name``, refusing a symlink that leads out of the model folder (a crafted folder could make a
+    merge read, and copy into its output, any file the user can read)."""
+    path = os.path.join(folder, name)
+    if not _stays_inside(folder, path):
+        raise ModelError(f"{name} is a link that leaves the model folder", file=label,
+                         hint="refusing it: copy the real file into the folder")
+    return path
+
+
+def _stays_inside(folder: str, path: str) -> bool:
+    """Whether ``path``, links resolved, is inside the folder's link root (see _link_root)."""
+    root = _link_root(folder)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
+
+
+def _link_root(folder: str) -> str:
+    """Where a model folder's links may lead: the folder itself, or for a snapshot in the Hugging Face cache
+    (``models--org--name/snapshots/<commit>/``, whose files link to ``../../blobs/``) that repo's cache folder."""
+    real = os.path.realpath(folder)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        return os.path.dirname(parent)
+    return real
+
+
+def _pickle_weights(folder: str) -> bool:
+    return any(name.endswith(PICKLE_SUFFIXES) for name in os.listdir(folder))
 
 
 def _no_weights_error(folder: str, label: str) -> ModelError:
@@ -139,8 +198,9 @@ def _no_weights_error(folder: str, label: str) -> ModelError:
     if pickles:
         return ModelError(f"only pickle checkpoints found ({', '.join(pickles[:3])}); they are refused because "
                           "loading a pickle can run arbitrary code", file=label,
-                          hint="convert the model to safetensors (transformers: "
-                               "model.save_pretrained(dir, safe_serialization=True)) or use a safetensors revision")
+                          hint="use a safetensors version of the model, or, if you trust its source, pass "
+                               "--allow-pickle "
+                               "(loads tensors only, with torch.load(weights_only=True), which refuses code)")
     others = [n for n in names if n.endswith(".safetensors")]
     if others:
         return ModelError(f"no {SINGLE_FILE} or {INDEX_FILE}; found {', '.join(others[:3])}", file=label,
@@ -153,11 +213,14 @@ def read_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         return {}
+    contained_path(folder, "config.json", folder)
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read config.json: {exc}", file=path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ModelError(f"cannot read config.json: {why}", file=path,
+                         hint="the file is corrupt; download it again") from None
     if not isinstance(config, dict):
         raise ModelError("config.json is not a JSON object", file=path)
     return config

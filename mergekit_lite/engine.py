@@ -21,6 +21,7 @@ import torch
 from .dtypes import compute_dtype, itemsize
 from .errors import ModelError, StrategyError
 from .memory import reuse_freed_memory
+from .nonfinite import check_inputs, check_result
 from .plan import MergePlan, TensorJob
 from .strategy import TensorContext
 from .writer import Entry, ShardWriter, plan_shards, shard_filenames
@@ -69,14 +70,15 @@ def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: 
     pieces = [p for job in ordered for p in split(job, (job.strategy or plan.strategy).elementwise)]
     writers: dict[int, ShardWriter] = {}
     with reuse_freed_memory():
-        reader = _Prefetcher(pieces, device)
+        reader = _Prefetcher(pieces, device, check=not plan.allow_nonfinite)
         try:
             for piece, loaded in reader:
                 job = piece.job
                 index = owner[job.name]
                 if index not in writers:
                     writers[index] = ShardWriter(os.path.join(folder, files[index]), shards[index])
-                prepared = loaded if device.type == "cpu" else prepare_inputs(job, loaded, device)
+                prepared = loaded if device.type == "cpu" else prepare_inputs(job, loaded, device, piece.rows,
+                                                                              check=not plan.allow_nonfinite)
                 writers[index].write(job.name, merge_prepared(plan, job, prepared, piece.rows), piece.rows)
                 del loaded, prepared
                 reader.done(piece)
@@ -113,12 +115,14 @@ def read_sources(job: TensorJob, rows: Rows = None) -> list[torch.Tensor]:
 
 def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One whole output tensor from its raw inputs (in ``job.sources`` order), on ``device``, back on the CPU."""
-    return merge_prepared(plan, job, prepare_inputs(job, raw, device))
+    return merge_prepared(plan, job, prepare_inputs(job, raw, device, check=not plan.allow_nonfinite))
 
 
-def prepare_inputs(job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def prepare_inputs(job: TensorJob, raw: list[torch.Tensor], device: torch.device, rows: Rows = None, *,
+                   check: bool = True) -> list[torch.Tensor]:
     """Move raw inputs to ``device`` and convert them to the compute dtype (float32), one at a time so each
-    raw buffer is dropped as soon as it is converted. Non-float tensors (copied, not merged) pass through."""
+    raw buffer is dropped as soon as it is converted. Non-float tensors (copied, not merged) pass through.
+    ``check``: refuse an input holding NaN or Inf (a ModelError naming it; --allow-nonfinite turns it off)."""
     if job.copy:
         return raw
     tensors = []
@@ -128,6 +132,8 @@ def prepare_inputs(job: TensorJob, raw: list[torch.Tensor], device: torch.device
             tensor = tensor.to(job.load_dtype)   # mergekit rounds inputs to the spec dtype first
         tensors.append(tensor.to(compute_dtype(tensor.dtype)))
         del tensor
+    if check:
+        check_inputs(job, tensors, rows)
     return tensors
 
 
@@ -154,7 +160,10 @@ def merge_prepared(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor],
     if tuple(result.shape) != shape:
         raise StrategyError(f"{strategy.name} returned shape {list(result.shape)}, planned {list(shape)}",
                             where=f"tensor '{job.name}'")
-    return result.to(job.merge_dtype).to(job.dtype).cpu()
+    written = result.to(job.merge_dtype).to(job.dtype)
+    if not plan.allow_nonfinite:
+        check_result(job, strategy.name, result, written, rows)
+    return written.cpu()
 
 
 class _Prefetcher:
@@ -166,9 +175,10 @@ class _Prefetcher:
     the GIL, so this overlaps with the main thread's merge arithmetic and writes.
     """
 
-    def __init__(self, pieces: Sequence[_Piece], device: torch.device):
+    def __init__(self, pieces: Sequence[_Piece], device: torch.device, check: bool = True):
         self._pieces = list(pieces)
         self._device = device
+        self._check = check
         self._convert = device.type == "cpu"
         self._cost = {id(p): _loaded_bytes(p, self._convert) for p in self._pieces}
         largest = max(self._cost.values(), default=0)
@@ -192,7 +202,8 @@ class _Prefetcher:
             try:
                 job = piece.job
                 raw = read_sources(job, piece.rows)
-                item = (piece, prepare_inputs(job, raw, self._device) if self._convert else raw)
+                item = (piece, prepare_inputs(job, raw, self._device, piece.rows, check=self._check)
+                        if self._convert else raw)
             except BaseException as exc:  # handed to the main thread, which raises it
                 self._queue.put(exc)
                 return

@@ -59,6 +59,17 @@ class HubError(MergeError):
     """The Hugging Face Hub refused or failed a request."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), saying what it left behind. The CLI prints it on one line and exits with 130."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+    def __str__(self) -> str:
+        return self.what
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or "" when nothing is close."""
     close = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=0.6)

@@ -1,62 +1,115 @@
 """Turning the spec's model references into opened checkpoints: local folders first, then downloads.
 
-Every reference is checked before anything is downloaded, so a typo in the third model is reported
-before the first model's gigabytes arrive.
+Every reference is checked before anything is downloaded (local folders exist; Hub repos and revisions
+exist, are readable and hold safetensors), so a typo in the third model is reported before the first
+model's gigabytes arrive.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MergeError, SpecError
 from .references import ModelPath, ModelRef
 from .spec import Spec
 
+if TYPE_CHECKING:  # hub_pull is imported only when a spec names a Hub repo
+    from .hub_pull import HubInput
 
-def local_folder(path: ModelPath, where: str) -> Optional[str]:
+Resolved = dict[ModelPath, "HubInput"]
+
+
+def local_folder(path: ModelPath, where: str, what: str = "model folder") -> Optional[str]:
     """The folder of a local reference; a SpecError if it names a missing local path; None for Hub ids."""
     if path.revision is None and os.path.exists(path.path):
         return path.path
     if path.repo_id is None:
-        raise SpecError(f"model folder '{path.path}' not found", where=where,
+        raise SpecError(f"{what} '{path.path}' not found", where=where,
                         hint="check the path (relative paths are relative to the current directory)")
     return None
 
 
-def fetch(path: ModelPath, where: str) -> str:
+def resolve_hub_inputs(refs: list[tuple[ModelRef, str]]) -> Resolved:
+    """Resolve every Hub reference (models and adapters) to a commit and a file list; downloads nothing."""
+    paths = [(path, where, kind) for ref, where in refs
+             for path, kind in ((ref.model, "model"), *((a.path, "adapter") for a in ref.adapters))
+             if local_folder(path, where) is None]
+    if not paths:
+        return {}
+    from .hub_pull import resolve_all
+
+    return resolve_all(paths)
+
+
+def fetch(path: ModelPath, where: str, hub: Optional[Resolved] = None,
+          patterns: Optional[tuple[str, ...]] = None) -> str:
+    """The local folder of ``path``: as it is, or downloaded (resolved in ``hub``, else resolved now)."""
     folder = local_folder(path, where)
     if folder is not None:
         return folder
-    from .hub import download
+    from .hub_pull import MODEL_PATTERNS, download, resolve
 
-    return download(path, where)
+    item = hub[path] if hub and path in hub else resolve(path, where, tuple(patterns or MODEL_PATTERNS))
+    return download(item)
 
 
-def open_inputs(spec: Spec) -> dict[ModelRef, Checkpoint]:
-    """Open every model the spec references, keyed by reference. Errors name the YAML path."""
+def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None, allow_pickle: bool = False) -> Checkpoint:
+    """Open one reference: a checkpoint, or for ``base+adapter`` the base with its adapters folded in on read
+    (mergekit_lite.lora.source.LoraSource, which has the Checkpoint interface). ``allow_pickle``: a local model
+    or adapter with only pickle weights is loaded with torch.load(weights_only=True) (Hub downloads never
+    fetch pickles)."""
+    base = open_checkpoint(fetch(ref.model, where, hub), label=str(ref.model), allow_pickle=allow_pickle)
+    if hub and ref.model in hub:
+        base.commit = hub[ref.model].commit
+    if not ref.adapters:
+        return base
+    from .hub_pull import ADAPTER_PATTERNS
+    from .lora.adapter import open_adapter
+    from .lora.source import open_source
+
+    adapters = []
+    try:
+        for adapter in ref.adapters:
+            opened = open_adapter(fetch(adapter.path, where, hub, ADAPTER_PATTERNS), str(adapter.path), allow_pickle)
+            adapters.append((opened, adapter.weight, adapter.check_base))
+        return open_source(str(ref), base, ref.model, adapters, ref.tied_embeddings)
+    except BaseException:
+        base.close()
+        for opened, _, _ in adapters:
+            opened.close()
+        raise
+
+
+def open_inputs(spec: Spec, allow_pickle: bool = False) -> dict[ModelRef, Checkpoint]:
+    """Open every model the spec references, keyed by reference. Errors name the YAML path.
+
+    ``allow_pickle``: a model with only pickle weights is loaded with torch.load(weights_only=True)."""
     refs = spec.references()
     for ref, where in refs:  # fail on missing local folders before any download starts
         try:
             local_folder(ref.model, where)
-            if ref.adapter is not None:
-                local_folder(ref.adapter, where)
+            for adapter in ref.adapters:
+                local_folder(adapter.path, where, "adapter folder")
         except MergeError as exc:
             exc.file = spec.file
             raise
-    opened: dict[ModelRef, Checkpoint] = {}
+    try:
+        hub = resolve_hub_inputs(refs)  # every Hub reference checked before the first download
+    except MergeError as exc:
+        exc.file = exc.file or spec.file
+        raise
+    checkpoints: dict[ModelRef, Checkpoint] = {}
     for ref, where in refs:
         try:
-            if ref.adapter is not None:
-                raise SpecError(f"'{ref}': LoRA adapter references (base+adapter) are not supported yet",
-                                hint="fold the adapter with peft's merge_and_unload() and reference the result")
-            checkpoint = open_checkpoint(fetch(ref.model, where), label=str(ref.model))
+            checkpoint = open_reference(ref, where, hub, allow_pickle)
         except MergeError as exc:
-            if exc.where is None:
-                exc.where = where
+            exc.where = where if exc.where is None else f"{where}: {exc.where}"   # the YAML path, then the tensor
             if exc.file is None:
                 exc.file = spec.file
+            for opened in checkpoints.values():
+                opened.close()
             raise
-        opened[ref] = checkpoint
-    return opened
+        checkpoints[ref] = checkpoint
+    return checkpoints

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .dtypes import dtype_name, itemsize
 from .errors import ModelError, SpecError
-from .params import resolve
+from .params import resolve, source_of
 from .references import ModelRef
 from .spec import Parameters, Spec
 from .strategy import ParamProblem, Strategy
@@ -114,13 +114,32 @@ def resolve_params(strategy: Strategy, shared: Sequence[Parameters], inputs: Seq
 def _located(problem: ParamProblem, strategy: Strategy, shared: Sequence[Parameters], inputs: Sequence[Input],
              input_names: Sequence[str], name: str) -> SpecError:
     """The check's problem as a spec error at the YAML path of the first blamed parameter the spec sets."""
-    model = inputs[problem.model] if problem.model is not None else None
-    levels = ((model.parameters,) if model is not None else ()) + tuple(shared)
+    if problem.model is None:   # a problem of the whole tensor: name every YAML path involved
+        return SpecError(f"for tensor '{name}', {problem.message}",
+                         where=_sources(strategy, problem.blame, shared, inputs, name, input_names),
+                         hint=problem.hint or f"see `merge methods {strategy.name}`")
+    model = inputs[problem.model]
+    levels = (model.parameters,) + tuple(shared)
     where = next((level[p].where for p in problem.blame for level in levels if p in level), "parameters")
-    tensor = input_names[problem.model] if problem.model is not None else name
-    of = f" of {model.where} ({model.checkpoint.label})" if model is not None else ""
-    return SpecError(f"{problem.message} for tensor '{tensor}'{of}", where=where,
-                     hint=f"see `merge methods {strategy.name}`")
+    return SpecError(f"{problem.message} for tensor '{input_names[problem.model]}' of {model.where} "
+                     f"({model.checkpoint.label})", where=where,
+                     hint=problem.hint or f"see `merge methods {strategy.name}`")
+
+
+def _sources(strategy: Strategy, names: Sequence[str], shared: Sequence[Parameters], inputs: Sequence[Input],
+             name: str, input_names: Sequence[str]) -> str:
+    """The YAML paths that set parameters ``names`` for one tensor ('normalize (default)' when unset)."""
+    paths: list[str] = []
+    for param in (strategy.param(n) for n in names):
+        if param is None:
+            continue
+        if param.per_model:
+            found = [source_of(param.name, (m.parameters, *shared), own) for m, own in zip(inputs, input_names)]
+        else:
+            found = [source_of(param.name, shared, name)]
+        default = str(param.default).lower() if param.type is bool else param.default
+        paths += [path or f"{param.name} (default {default})" for path in found]
+    return ", ".join(dict.fromkeys(paths))
 
 
 def make_job(name: str, inputs: tuple[Source, ...], base: Optional[Source], first: Source, params: dict[str, Any],
@@ -159,8 +178,12 @@ def make_job(name: str, inputs: tuple[Source, ...], base: Optional[Source], firs
 
 def shape_hint(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
     if ("embed" in name or "lm_head" in name or "wte" in name) and got[1:] == want[1:] and got[:1] != want[:1]:
-        return (f"the vocabulary sizes differ ({got[0]} vs {want[0]}): merge models that share a tokenizer, "
-                "or resize the embeddings of one model first")
+        return (f"the vocabularies differ ({got[0]} vs {want[0]} tokens) and embeddings are merged row by row. "
+                "Merge models that share a tokenizer; or, if the first "
+                f"{min(got[0], want[0])} tokens are the same in both (the extra rows are tokens added at the end), "
+                f"truncate the larger model's embeddings and lm_head to {min(got[0], want[0])} rows first. "
+                "tokenizer_source only chooses which tokenizer is copied: remapping tokens by their text "
+                "(mergekit's tokenizer_source: union) is not supported")
     return "the models have different architectures or sizes; merge models of one architecture and size"
 
 

@@ -11,7 +11,6 @@ glibc this is a no-op.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -23,8 +22,8 @@ DEFAULT_THRESHOLD = 128 * 1024
 def _libc() -> Optional[ctypes.CDLL]:
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    try:   # the process's own symbols: find_library("c") would run `ldconfig -p` in a subprocess on every merge
+        libc = ctypes.CDLL(None)
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None

@@ -1,14 +1,24 @@
-"""The output folder's safety rules: never overwrite without asking, never inside an input, and never a
-folder that looks complete when it is not (everything is written to ``OUT.partial`` and renamed at the end).
+"""The output folder's safety rules: never overwrite without asking, never inside an input, never a
+folder that looks complete when it is not (everything is written to ``OUT.partial`` and renamed at the end),
+never two merges writing one folder at once (``OUT.lock``), and not a run that cannot fit on the disk.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .errors import OutputError, UsageError
+from .units import format_size
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not serialized
+    fcntl = None  # type: ignore[assignment]
+
+
+LEFTOVER = "the next run of this merge deletes them; delete them yourself to free the space now"
 
 
 def partial_path(out: str) -> str:
@@ -32,6 +42,84 @@ def check_output(out: str, inputs: Iterable[str], overwrite: bool) -> None:
         if _inside(source, target):
             raise UsageError(f"the output folder contains input model folder {folder}", file=out,
                              hint="choose an output path that does not hold an input (it may be replaced)")
+
+
+def check_free_space(out: str, needed: int) -> None:
+    """Refuse a run whose tensors cannot fit in the free space of OUT's filesystem (a leftover ``OUT.partial``,
+    which the run deletes first, counts as free). Checked before any tensor is read."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        free = shutil.disk_usage(existing).free + _folder_bytes(partial_path(out))
+    except OSError:
+        return
+    if needed > free:
+        raise OutputError(f"the merged tensors need {format_size(needed)} but only {format_size(free)} is free there",
+                          file=out, hint="free some disk space, or write the output elsewhere with -o")
+
+
+def _folder_bytes(folder: str) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+class OutputLock:
+    """``OUT.lock``, exclusively locked (flock) for the whole run: a second merge writing the same OUT is
+    refused at once rather than interleaving its shards with the first one's. The kernel drops the lock when
+    its process dies, so a lock file left by a killed run never blocks the next one."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = os.path.abspath(out).rstrip(os.sep) + ".lock"
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "OutputLock":
+        if fcntl is None:
+            return self
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._fd = self._lock()
+        except OSError as exc:
+            raise OutputError(f"cannot create the lock file: {exc.strerror}", file=self.path,
+                              hint="check that the output's parent folder is writable") from None
+        return self
+
+    def _lock(self) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(f"another merge (process {holder}) is writing this output now", file=self.out,
+                                  hint="wait for it to finish, or write to another output path with -o") from None
+            try:   # the previous holder may have deleted the file between our open and our lock: retry
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)    # while still holding the lock (see _lock's retry)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -7,14 +7,25 @@ import os
 import shutil
 
 from .card import card_text
+from .checkpoint import contained_path
 from .engine import WrittenShards
 from .plan import MergePlan
+from .references import ModelPath
 from .writer import INDEX_NAME
 
 # Copied from the tokenizer source as they are: tokenizer, chat template and generation defaults.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def check_tokenizer_files(plan: MergePlan) -> None:
+    """Refuse a tokenizer file that is a link out of its model folder before the merge starts: copied into the
+    output (and perhaps published), it could carry any file the user can read."""
+    if plan.tokenizer_folder:
+        for filename in TOKENIZER_FILES:
+            if os.path.lexists(os.path.join(plan.tokenizer_folder, filename)):
+                contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)
 
 
 def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: str) -> None:
@@ -26,15 +37,25 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
     if plan.tokenizer_folder:
         for filename in TOKENIZER_FILES:
             source = os.path.join(plan.tokenizer_folder, filename)
-            if os.path.isfile(source):
+            if os.path.isfile(contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)):
                 shutil.copyfile(source, os.path.join(folder, filename))
     _write_text(os.path.join(folder, "mergekit_config.yml"), plan.spec.text.rstrip() + "\n")
     spec = plan.spec
-    models = [m.ref.model for m in spec.models or ()] or [s.ref.model for p in spec.slices or () for s in p.sources]
-    base = spec.base_model.model if spec.base_model else None
+    models = [m.ref for m in spec.models or ()] or [s.ref for p in spec.slices or () for s in p.sources]
+    base = spec.base_model
     card = card_text(name, plan.strategy.title, plan.strategy.paper, [m for m in models if m != base], base,
-                     spec.text, notes=tuple(plan.card_notes))
+                     spec.text, notes=tuple(plan.card_notes), commits=_commits(plan))
     _write_text(os.path.join(folder, "README.md"), card)
+
+
+def _commits(plan: MergePlan) -> dict[ModelPath, str]:
+    """The Hub commit each input model was read at (a LoRA source, base+adapter, answers with its base's)."""
+    commits = {}
+    for ref, source in plan.checkpoints.items():
+        commit = getattr(getattr(source, "base", source), "commit", None)
+        if commit:
+            commits[ref.model] = commit
+    return commits
 
 
 def _write_text(path: str, text: str) -> None:

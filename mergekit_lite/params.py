@@ -18,16 +18,35 @@ from .strategy import Param
 
 def evaluate(raw: Any, tensor_name: str, t: float, param: Param, where: str) -> Optional[Any]:
     """The value of one setting for a tensor at depth ``t`` (0..1), or None when no filter matches."""
+    found = _select(raw, tensor_name, where)
+    if found is None:
+        return None
+    value, path = found
+    return _gradient(value, t, param, path) if isinstance(value, list) else param.coerce(value, path)
+
+
+def _select(raw: Any, tensor_name: str, where: str) -> Optional[tuple[Any, str]]:
+    """(the scalar or gradient a setting gives this tensor, its YAML path), or None when no filter matches."""
     if isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, list):
-        return param.coerce(raw, where)
-    if not isinstance(raw[0], dict):
-        return _gradient(raw, t, param, where)
-    for i, entry in enumerate(raw):
+        entries = [(raw, f"{where}.value")]
+    elif isinstance(raw, list) and raw and isinstance(raw[0], dict):
+        entries = [(entry, f"{where}[{i}].value") for i, entry in enumerate(raw)]
+    else:
+        return raw, where
+    for entry, path in entries:
         flt = entry["filter"]
         if flt is None or flt == "*" or flt in tensor_name:
-            return evaluate(entry["value"], tensor_name, t, param, f"{where}[{i}].value")
+            return entry["value"], path
+    return None
+
+
+def source_of(name: str, levels: Sequence[Parameters], tensor_name: str) -> Optional[str]:
+    """The YAML path of the setting that gives parameter ``name`` its value for a tensor (None: the default)."""
+    for level in levels:
+        setting = level.get(name)
+        found = _select(setting.raw, tensor_name, setting.where) if setting is not None else None
+        if found is not None:
+            return found[1]
     return None
 
 

@@ -22,6 +22,7 @@ from .dtypes import dtype_name
 from .errors import MergeError, SpecError, did_you_mean
 from .inputs import open_inputs
 from .jobs import Dtypes, Layout, Source, TensorJob  # noqa: F401  (Source, TensorJob: re-exported)
+from .layout import TIED_OUTPUT_EMBEDDINGS
 from .params import check_setting
 from .references import ModelRef
 from .registry import get_strategy, known_parameters
@@ -45,6 +46,7 @@ class MergePlan:
     seed: int = 0
     warnings: list[str] = field(default_factory=list)
     card_notes: list[str] = field(default_factory=list)   # facts a user of the output should read
+    allow_nonfinite: bool = False        # merge inputs holding NaN/Inf (and let the output hold them)
 
     @property
     def total_bytes(self) -> int:
@@ -56,8 +58,12 @@ class MergePlan:
 
 
 def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Optional[torch.dtype] = None,
-               out_dtype: Optional[torch.dtype] = None, seed: int = 0) -> MergePlan:
-    """Check the spec against its strategy and inputs and plan every output tensor. Reads headers only."""
+               out_dtype: Optional[torch.dtype] = None, seed: int = 0, allow_pickle: bool = False,
+               allow_nonfinite: bool = False) -> MergePlan:
+    """Check the spec against its strategy and inputs and plan every output tensor. Reads headers only.
+
+    ``allow_pickle``: models with pickle weights only are loaded with torch.load(weights_only=True);
+    ``allow_nonfinite``: inputs holding NaN or Inf are merged (the output may hold them too)."""
     strategies = list(strategies)
     strategy = get_strategy(spec.merge_method, strategies, file=spec.file)
     layout = _layout(spec, strategy)
@@ -69,7 +75,7 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
     warnings = _check_parameter_names(spec, declared, strategies)
     for message in warnings:
         log.warning(message)
-    checkpoints = open_inputs(spec)
+    checkpoints = open_inputs(spec, allow_pickle)
     try:
         planned = layout.plan(spec, strategy, checkpoints, Dtypes(dtype or spec.dtype, out_dtype or spec.out_dtype),
                               strategies)
@@ -86,9 +92,41 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
         raise
     reference = planned.reference
     tokenizer = spec.tokenizer_source
+    try:
+        _check_tokenizer_vocab(spec, checkpoints, planned.jobs)
+    except SpecError:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+        raise
     tokenizer_folder = checkpoints[tokenizer].folder if isinstance(tokenizer, ModelRef) else reference.folder
+    for checkpoint in checkpoints.values():   # e.g. a LoRA fold's notes (lora/source.py); already logged
+        warnings += checkpoint.warnings
+        notes += [note for note in checkpoint.card_notes if note not in notes]
     return MergePlan(spec, strategy, checkpoints, planned.jobs, config, reference, tokenizer_folder, seed, warnings,
-                     card_notes=notes)
+                     card_notes=notes, allow_nonfinite=allow_nonfinite)
+
+
+def _check_tokenizer_vocab(spec: Spec, checkpoints: dict[ModelRef, Checkpoint], jobs: list[TensorJob]) -> None:
+    """A tokenizer copied from a model with more token embeddings than the output would emit ids the merged
+    model cannot embed (an index error at inference, or a silently wrong token)."""
+    source = spec.tokenizer_source
+    if not isinstance(source, ModelRef):
+        return
+    output = _vocab_rows({job.name: job.shape for job in jobs})
+    copied = _vocab_rows({name: info.shape for name, info in checkpoints[source].tensors.items()})
+    if output is not None and copied is not None and copied > output:
+        raise spec.error(f"{source} has {copied} token embeddings but the merged model has {output}, so its "
+                         "tokenizer can produce ids the merged model cannot embed", where="tokenizer_source",
+                         hint="use the tokenizer of a model with the merged models' vocabulary (tokenizer_source: "
+                              "base, or one of them)")
+
+
+def _vocab_rows(shapes: dict[str, tuple[int, ...]]) -> Optional[int]:
+    """Rows of the token embedding (or of lm_head), when a known name is present."""
+    for name in (*TIED_OUTPUT_EMBEDDINGS[OUTPUT_EMBEDDING], OUTPUT_EMBEDDING):
+        if name in shapes and len(shapes[name]) == 2:
+            return shapes[name][0]
+    return None
 
 
 def _layout(spec: Spec, strategy: Strategy) -> Layout:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -45,9 +46,18 @@ class TensorInfo:
 
 
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header. Returns ({name: TensorInfo}, metadata)."""
+    """Parse and check a safetensors header. Returns ({name: TensorInfo}, metadata).
+
+    Every way a file can be broken or hostile ends in a ModelError naming the file (and the tensor): a
+    short or empty file, a header length beyond the file, JSON that is invalid, nested too deeply or has
+    duplicate names, an unknown dtype, a shape that does not match its byte range, byte ranges that
+    overlap, leave gaps or run past the end of the file. Nothing else is raised for any input bytes.
+    """
     try:
-        size = os.path.getsize(path)
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise ModelError("is not a regular file", file=path, hint="give the model's safetensors files themselves")
+        size = info.st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -59,58 +69,106 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                                  file=path, hint="the file is truncated or not safetensors; download it again")
             raw = f.read(header_len)
     except OSError as exc:
-        raise ModelError(f"cannot read: {exc.strerror}", file=path) from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"header is not valid JSON ({exc})", file=path,
-                         hint="the file is corrupt or not safetensors; download it again") from None
-    if not isinstance(header, dict):
-        raise ModelError("header is not a JSON object", file=path, hint="the file is not safetensors")
+        raise ModelError(f"cannot read: {exc.strerror}", file=path) from None
+    header = _parse_json(raw, path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
-        raise ModelError("__metadata__ is not a JSON object", file=path)
+        raise ModelError("__metadata__ is not a JSON object", file=path, hint="the file is not safetensors")
     data_start = 8 + header_len
-    tensors = {name: _tensor_info(path, name, entry, data_start) for name, entry in header.items()}
+    tensors = {name: _tensor_info(path, name, entry, data_start, size) for name, entry in header.items()}
     _check_tiling(path, tensors.values(), data_start, size)
     return tensors, metadata
 
 
-def _tensor_info(path: str, name: str, entry: object, data_start: int) -> TensorInfo:
+def refuse_duplicates(error: Callable[[str], ModelError]) -> Callable[[list], dict]:
+    """A ``json`` object_pairs_hook: a key written twice (which json.loads would silently resolve to the last
+    value) raises ``error(key)``. A set keeps it linear on a header with millions of keys."""
+    def hook(pairs: list) -> dict:
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise error(key)
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
+def _parse_json(raw: bytes, path: str) -> dict:
+    unique = refuse_duplicates(lambda name: ModelError(f"header lists tensor '{name}' twice", file=path,
+                                                       hint="the file is corrupt or was crafted; download it again"))
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"header is not valid JSON ({exc})", file=path,
+                         hint="the file is corrupt or not safetensors; download it again") from None
+    except RecursionError:
+        raise ModelError("header JSON is nested too deeply", file=path,
+                         hint="the file is corrupt or was crafted; download it again") from None
+    if not isinstance(header, dict):
+        raise ModelError("header is not a JSON object", file=path, hint="the file is not safetensors")
+    return header
+
+
+def _tensor_info(path: str, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    where = f"tensor '{name}'"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise ModelError("header entry must have exactly dtype, shape and data_offsets", where=f"tensor '{name}'",
-                         file=path)
+        raise ModelError("header entry must have exactly dtype, shape and data_offsets", where=where, file=path)
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in SAFETENSORS_TO_TORCH:
-        raise ModelError(f"dtype {code!r} is not supported", where=f"tensor '{name}'", file=path,
+    if not isinstance(code, str) or code not in SAFETENSORS_TO_TORCH:
+        raise ModelError(f"dtype {code!r} is not supported", where=where, file=path,
                          hint="supported: " + ", ".join(SAFETENSORS_TO_TORCH))
     if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**53 for d in shape)):
-        raise ModelError(f"shape {shape!r} is not a list of non-negative integers", where=f"tensor '{name}'",
-                         file=path)
+        raise ModelError(f"shape {_short(shape)} is not a list of non-negative integers", where=where, file=path)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
             and offsets[0] <= offsets[1]):
-        raise ModelError(f"data_offsets {offsets!r} are not [begin, end]", where=f"tensor '{name}'", file=path)
+        raise ModelError(f"data_offsets {_short(offsets)} are not [begin, end]", where=where, file=path)
+    if data_start + offsets[1] > size:
+        raise ModelError(f"data_offsets {offsets} end {data_start + offsets[1] - size} bytes beyond the end of the "
+                         f"file ({size} bytes)", where=where, file=path,
+                         hint="the file is truncated; download it again")
     dtype = SAFETENSORS_TO_TORCH[code]
-    nbytes = math.prod(shape) * itemsize(dtype)
+    nbytes = _bounded_bytes(shape, itemsize(dtype), size)
     if nbytes != offsets[1] - offsets[0]:
-        raise ModelError(f"shape {shape} of {code} needs {nbytes} bytes but data_offsets span "
-                         f"{offsets[1] - offsets[0]}", where=f"tensor '{name}'", file=path,
+        needs = f"{nbytes} bytes" if nbytes <= size else "more bytes than the file has"
+        raise ModelError(f"shape {_short(shape)} of {code} needs {needs} but data_offsets span "
+                         f"{offsets[1] - offsets[0]}", where=where, file=path,
                          hint="the file is corrupt; download it again")
     return TensorInfo(name, dtype, tuple(shape), os.path.abspath(path), data_start + offsets[0], nbytes)
+
+
+def _bounded_bytes(shape: list[int], item: int, limit: int) -> int:
+    """prod(shape) * item, stopping as soon as it exceeds ``limit`` (a crafted shape of a million huge
+    dimensions would otherwise cost a multiplication of million-digit numbers)."""
+    if 0 in shape:
+        return 0
+    total = item
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return limit + 1
+    return total
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_tiling(path: str, tensors: Iterable[TensorInfo], data_start: int, size: int) -> None:
     """Offsets must cover the data block exactly once, as the safetensors library requires."""
     end = data_start
+    previous = None
     for info in sorted(tensors, key=lambda t: (t.start, t.nbytes)):
         if info.start != end:
-            what = "overlaps the previous tensor" if info.start < end else "leaves a gap before it"
-            raise ModelError(f"data {what}", where=f"tensor '{info.name}'", file=path,
-                             hint="the file is corrupt; download it again")
+            what = (f"data overlaps tensor '{previous}'" if info.start < end
+                    else f"data leaves a gap of {info.start - end} bytes before it")
+            raise ModelError(what, where=f"tensor '{info.name}'", file=path,
+                             hint="the file is corrupt or was crafted; download it again")
         end = info.start + info.nbytes
+        previous = info.name
     if end != size:
-        raise ModelError(f"data block ends at byte {end} but the file has {size} bytes", file=path,
-                         hint="the file is truncated or has trailing data; download it again")
+        raise ModelError(f"{size - end} bytes of trailing data after the last tensor (the tensors end at byte {end})",
+                         file=path, hint="the file is corrupt or was crafted; download it again")
 
 
 def read_into(fd: int, offset: int, buffer: memoryview) -> None:

@@ -18,6 +18,7 @@ import yaml
 from .dtypes import parse_dtype
 from .errors import SpecError, did_you_mean
 from .references import ModelRef, parse_reference
+from .safe_yaml import HINT, MAX_SPEC_BYTES, load_yaml
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
@@ -108,28 +109,24 @@ def load_spec(source: Union[str, os.PathLike, dict, Spec]) -> Spec:
     if isinstance(source, Spec):
         return source
     if isinstance(source, dict):
-        return parse_spec(source, text=yaml.safe_dump(source, sort_keys=False), file=None)
+        try:
+            text = yaml.safe_dump(source, sort_keys=False)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"the spec cannot be written as YAML: {exc}", hint=HINT) from None
+        return parse_spec(source, text=text, file=None)
     text_or_path = os.fspath(source)
     if "\n" not in text_or_path and (os.path.exists(text_or_path) or text_or_path.endswith((".yaml", ".yml"))):
         try:
             with open(text_or_path, encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(MAX_SPEC_BYTES + 1)
         except OSError as exc:
             raise SpecError(f"cannot read the spec: {exc.strerror}", file=text_or_path,
                             hint="check the path of the YAML file") from None
-        return parse_spec(_parse_yaml(text, text_or_path), text=text, file=text_or_path)
-    return parse_spec(_parse_yaml(text_or_path, None), text=text_or_path, file=None)
-
-
-def _parse_yaml(text: str, file: Optional[str]) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"not valid YAML: {problem}", where=where, file=file,
-                        hint="check indentation and quoting around that line") from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"the spec is not UTF-8 text (byte {exc.start})", file=text_or_path,
+                            hint="check that this is the YAML file of the merge") from None
+        return parse_spec(load_yaml(text, text_or_path), text=text, file=text_or_path)
+    return parse_spec(load_yaml(text_or_path, None), text=text_or_path, file=None)
 
 
 def parse_spec(data: Any, *, text: str = "", file: Optional[str] = None) -> Spec:
@@ -292,6 +289,8 @@ def _is_gradient(value: Any) -> bool:
 def _dtype(node: dict, key: str, fail) -> Optional[torch.dtype]:
     if node.get(key) is None:
         return None
+    if not isinstance(node[key], str):
+        raise fail(f"{key} must be a name such as bfloat16, got {type(node[key]).__name__}", where=key)
     try:
         return parse_dtype(node[key])
     except ValueError as exc:

@@ -25,6 +25,7 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+FLOAT32_MAX = 3.4028234663852886e38
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -73,9 +74,14 @@ class Param:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise SpecError(f"{self.name} must be a number, got {value!r}", where=where) from None
+            raise SpecError(f"{self.name} must be a number, got {_short(value)}", where=where) from None
+        except OverflowError:   # an integer literal with hundreds of digits
+            number = math.inf
         if not math.isfinite(number):
-            raise SpecError(f"{self.name} must be a finite number, got {value!r}", where=where)
+            raise SpecError(f"{self.name} must be a finite number, got {_short(value)}", where=where)
+        if self.type is float and abs(number) > FLOAT32_MAX:
+            raise SpecError(f"{self.name} = {number:g} is beyond float32's range (+-{FLOAT32_MAX:.4g})", where=where,
+                            hint="merges compute in float32, where this value would be infinite")
         if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
             raise SpecError(f"{self.name} = {number:g} is outside {self.range_text()}", where=where,
                             hint=self.description)
@@ -84,6 +90,32 @@ class Param:
                 raise SpecError(f"{self.name} must be a whole number, got {value!r}", where=where)
             return int(number)
         return number
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class ParamProblem:
+    """What a strategy's ``check`` found wrong with one tensor's resolved parameters. ``blame`` names the
+    parameters involved, so the error can give the YAML paths that set them for that tensor."""
+
+    message: str
+    blame: tuple[str, ...] = ()
+    hint: Optional[str] = None
+    model: Optional[int] = None   # per-model parameters: the index of the input at fault (its YAML path is named)
+
+
+def weights_sum_check(params: dict[str, Any]) -> Optional[ParamProblem]:
+    """``normalize`` divides by the sum of the per-model weights: a zero sum would make NaN and Inf."""
+    weights = params["weight"]
+    if params["normalize"] and abs(sum(weights)) < 1e-8:
+        terms = " + ".join(f"{w:g}" for w in weights)
+        return ParamProblem(f"the weights sum to {sum(weights):g} ({terms}), so normalize cannot divide by them",
+                       ("weight", "normalize"), hint="change a weight, or set normalize: false")
+    return None
 
 
 @dataclass(frozen=True)
@@ -105,19 +137,6 @@ class TensorContext:
         gen = torch.Generator(device=device)
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         return gen
-
-
-@dataclass(frozen=True)
-class ParamProblem:
-    """What a strategy's ``check`` found wrong with the parameters resolved for one tensor.
-
-    ``blame`` lists parameter names in order of preference: the error points at the YAML path of the
-    first one the spec sets (for ``model``, the input's index, when the parameters are per model).
-    """
-
-    message: str
-    blame: tuple[str, ...] = ()
-    model: Optional[int] = None
 
 
 # inputs, base, context, **params -> merged tensor

@@ -55,7 +55,11 @@ def shard_filenames(count: int) -> list[str]:
 
 
 class ShardWriter:
-    """One output safetensors file: header written on open, tensors written into their planned places."""
+    """One output safetensors file: tensors written into their planned places, the header last.
+
+    Until ``close`` writes the header, the file starts with eight zero bytes (a header length of 0), which
+    every safetensors reader rejects: a shard cut short by a full disk, a crash or Ctrl-C can never be
+    loaded as if it were complete, with zeros where tensors are missing."""
 
     def __init__(self, path: str, entries: Sequence[Entry], metadata: dict[str, str] | None = None):
         # Largest itemsize first keeps every tensor naturally aligned (the header is padded to 8 bytes),
@@ -65,12 +69,12 @@ class ShardWriter:
         self.path = path
         self._entries = {e.name: e for e in entries}
         self._offsets = offsets
+        self._header = header
         self._missing = {e.name: e.nbytes for e in entries}   # bytes not yet written, per tensor
         self.size = len(header) + sum(e.nbytes for e in entries)
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, self.size)
-            write_from(self._fd, 0, memoryview(header))
         except OSError as exc:
             raise OutputError(f"cannot write: {exc.strerror}", file=path,
                               hint="check free disk space and permissions of the output folder") from None
@@ -89,7 +93,8 @@ class ShardWriter:
             write_from(self._fd, offset, data)
         except OSError as exc:
             raise OutputError(f"cannot write tensor '{name}': {exc.strerror}", file=self.path,
-                              hint="check free disk space; the partial output was left for inspection") from None
+                              hint="free some disk space and run again (the unfinished files are left where they are; "
+                                   "the next run of this merge deletes them)") from None
         self._missing[name] -= len(data)
 
     @property
@@ -102,9 +107,11 @@ class ShardWriter:
             raise AssertionError(f"{self.path}: tensors not fully written: "
                                  f"{sorted(n for n, left in self._missing.items() if left)[:3]}")
         try:
+            write_from(self._fd, 0, memoryview(self._header))
             os.fsync(self._fd)
         except OSError as exc:
-            raise OutputError(f"cannot flush: {exc.strerror}", file=self.path, hint="check free disk space") from None
+            raise OutputError(f"cannot write the header: {exc.strerror}", file=self.path,
+                              hint="free some disk space and run again") from None
         finally:
             os.close(self._fd)
 

@@ -12,6 +12,13 @@ from safetensors import safe_open
 
 from mergekit_lite.synthetic import LlamaShape, write_model
 
+# No test reaches the real Hugging Face Hub. huggingface_hub's calls home (telemetry and its agent registry,
+# update checks) are off, and a Hub call a test makes by mistake goes to a closed local port. Tests of the Hub
+# start the fake Hub of tests/fakehub.py and run the CLI in a subprocess pointed at it (tests/hubcli.py).
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_UPDATE_CHECK"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead and noise on a shared 2-core box
 
 SHAPE = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
@@ -80,3 +87,13 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
     import hf_models as hf
 
     return hf.build(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    """A Hub-compatible server on 127.0.0.1 (tests/fakehub.py), with its Xet store under tmp_path."""
+    from fakehub_routes import serve
+
+    hub = serve(tmp_path / "xet-cas")
+    yield hub
+    hub.stop()

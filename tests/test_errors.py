@@ -75,8 +75,11 @@ def test_vocab_mismatch_names_the_fix(cli, models_f32, tmp_path):
                                               f"  - model: {models_f32}/ft-a\n  - model: {wide}\n")
     check(cli("run", spec, "-o", tmp_path / "out"), 1,
           f"error: {wide}: tensor 'model.embed_tokens.weight': shape [260, 64] != [256, 64] in {models_f32}/ft-a\n"
-          "Hint: the vocabulary sizes differ (260 vs 256): merge models that share a tokenizer, "
-          "or resize the embeddings of one model first")
+          "Hint: the vocabularies differ (260 vs 256 tokens) and embeddings are merged row by row. Merge models that "
+          "share a tokenizer; or, if the first 256 tokens are the same in both (the extra rows are tokens added at "
+          "the end), truncate the larger model's embeddings and lm_head to 256 rows first. tokenizer_source only "
+          "chooses which tokenizer is copied: remapping tokens by their text (mergekit's tokenizer_source: union) "
+          "is not supported")
 
 
 def test_output_inside_an_input(cli, models_f32, tmp_path):
@@ -167,8 +170,9 @@ def test_pickle_checkpoints_are_refused(cli, tmp_path):
                                               "    parameters: {weight: 1}\n")
     check(cli("run", spec, "-o", tmp_path / "out"), 1,
           f"error: {folder}: models[0].model: only pickle checkpoints found (pytorch_model.bin); they are refused "
-          "because loading a pickle can run arbitrary code\nHint: convert the model to safetensors (transformers: "
-          "model.save_pretrained(dir, safe_serialization=True)) or use a safetensors revision")
+          "because loading a pickle can run arbitrary code\nHint: use a safetensors version of the model, or, if you "
+          "trust its source, pass --allow-pickle (loads tensors only, with torch.load(weights_only=True), which "
+          "refuses code)")
 
 
 def test_debug_shows_the_traceback(cli, tmp_path):

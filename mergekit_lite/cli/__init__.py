@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .fold import fold
 from .methods import methods
+from .push import push
 from .run import run
 from .validate import validate
 
@@ -17,12 +19,14 @@ def cli() -> None:
 
     \b
     merge run SPEC.yaml -o OUT      run a (mergekit-compatible) merge spec
+    merge fold BASE ADAPTER -o OUT  fold PEFT LoRA adapters into their base model
     merge methods [NAME]            list the merge methods and their parameters
     merge validate OUT              check a merged model against its spec
+    merge push OUT --repo ORG/NAME  publish a merged model to the Hugging Face Hub
     """
 
 
-for command in (run, methods, validate):
+for command in (run, fold, methods, validate, push):
     cli.add_command(command)
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import click
 
-from ..errors import MergeError
+from ..errors import Interrupted, MergeError
 
 
 class _Formatter(logging.Formatter):
@@ -46,10 +46,10 @@ def common_options(fn: Callable) -> Callable:
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug:
                 raise
-            click.echo("interrupted: nothing complete was written (a partial folder may remain)", err=True)
+            click.echo(f"interrupted: {exc if isinstance(exc, Interrupted) else 'nothing was written'}", err=True)
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

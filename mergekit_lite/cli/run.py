@@ -20,17 +20,28 @@ from .validate import print_verdict
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random methods (DARE, DELLA).")
 @click.option("--no-validate", is_flag=True, help="Skip checking the output after writing it (merge validate).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load models that have only pickle weights (*.bin), with torch.load(weights_only=True).")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that hold NaN or Inf instead of refusing them.")
+@click.option("--push-to-hub", default=None, metavar="ORG/NAME",
+              help="Upload the result to this Hub repo when it is written and validated.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @common_options
 def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: str | None, device: str,
-        overwrite: bool, dry_run: bool, seed: int, no_validate: bool, quiet: bool) -> None:
+        overwrite: bool, dry_run: bool, seed: int, no_validate: bool, allow_pickle: bool, allow_nonfinite: bool,
+        push_to_hub: str | None, private: bool,
+        quiet: bool) -> None:
     """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT."""
     from ..api import run_merge
 
     result = run_merge(spec, out, max_shard_size=max_shard_size, dtype=dtype, out_dtype=out_dtype, device=device,
                        overwrite=overwrite, dry_run=dry_run, seed=seed, progress=not quiet and not dry_run,
-                       validate=not no_validate)
+                       validate=not no_validate, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                       push_to_hub=push_to_hub, private=private)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:
         click.echo(str(result))
     print_verdict(result.validation, quiet)
+    if result.pushed is not None and not quiet:
+        click.echo(str(result.pushed))

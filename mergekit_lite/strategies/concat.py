@@ -9,11 +9,11 @@ axis, and the config changes are decided by the concat layout (widening.py); thi
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..strategy import Param, Strategy, TensorContext
+from ..strategy import Param, Strategy, TensorContext, weights_sum_check
 from ..widening import CONCAT_LAYOUT
 
 
@@ -37,12 +37,6 @@ def concat(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: Te
     return torch.cat(pieces, dim=axis)
 
 
-def _check(params: dict[str, Any]) -> Optional[str]:
-    if params["normalize"] and abs(sum(params["weight"])) < 1e-12:
-        return "the weights sum to 0, so they cannot be normalized; set normalize: false or change a weight"
-    return None
-
-
 STRATEGY = Strategy(
     name="concat",
     fn=concat,
@@ -51,10 +45,10 @@ STRATEGY = Strategy(
             "the models' layers.",
     base="optional",
     min_inputs=2,
-    check=_check,
+    check=weights_sum_check,
     layout=CONCAT_LAYOUT,
     params=(
-        Param("weight", float, "this model's share of each widened layer's output", per_model=True),
+        Param("weight", float, "this model's share of each widened layer's output", per_model=True, min=0),
         Param("normalize", bool, "divide the weights by their sum, so the output is a weighted average",
               default=True),
         Param("attention", bool, "also widen attention by heads (false: attention is merged by the fallback)",

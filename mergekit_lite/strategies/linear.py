@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..strategy import Param, Strategy, TensorContext
+from ..strategy import Param, Strategy, TensorContext, weights_sum_check
 
 
 def linear(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext, *,
@@ -33,6 +33,7 @@ STRATEGY = Strategy(
     elementwise=True,
     paper="https://arxiv.org/abs/2203.05482",
     base="input",
+    check=weights_sum_check,   # normalize by a zero sum would write NaN/Inf (mergekit does)
     params=(
         Param("weight", float, "how much this model contributes", per_model=True),
         Param("normalize", bool, "divide by the sum of the weights, so weights need not sum to 1",

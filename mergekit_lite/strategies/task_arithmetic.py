@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..strategy import Param, ParamProblem, Strategy, TensorContext
+from ..strategy import Param, ParamProblem, Strategy, TensorContext, weights_sum_check
 from . import sparsifiers
 
 
@@ -152,8 +152,20 @@ def _check_della(params: dict[str, Any]) -> Optional[ParamProblem]:
     for i, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
         if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
             return ParamProblem(f"density +/- epsilon must lie strictly inside (0, 1), got density "
-                                f"{density:g} and epsilon {epsilon:g}", ("epsilon", "density"), i)
+                                f"{density:g} and epsilon {epsilon:g}", ("epsilon", "density"), model=i)
     return None
+
+
+def _check(p: Preset):
+    """della's probability band; and without the sign vote, normalize divides by the weight sum, which must
+    not be zero (mergekit would quietly skip the division there)."""
+    checks = ([_check_della] if p.sparsifier == "della_magprune" else []) + \
+        ([weights_sum_check] if p.consensus is None else [])
+
+    def check(params: dict[str, Any]) -> Optional[ParamProblem]:
+        return next((problem for c in checks if (problem := c(params)) is not None), None)
+
+    return check if checks else None
 
 
 PRESETS = (
@@ -185,6 +197,6 @@ STRATEGIES = [
              # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,
              # L1 norms, a random stream drawn for the tensor's shape).
              elementwise=p.sparsifier is None and p.consensus is None,
-             check=_check_della if p.sparsifier == "della_magprune" else None)
+             check=_check(p))
     for p in PRESETS
 ]

@@ -36,10 +36,13 @@ __all__ = ["validate", "ValidationReport", "CheckResult", "Finding"]
 
 def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, Spec, None] = None,
              device: str = "auto", full: bool = False, forward: bool = True, *,
-             strategies: Iterable[Strategy] = ()) -> ValidationReport:
+             strategies: Iterable[Strategy] = (), allow_pickle: bool = False,
+             allow_nonfinite: bool = False) -> ValidationReport:
     """Check the merged model in ``out`` and return a report (``report.passed``, ``print(report)``,
     ``report.to_json()``). Raises MergeError only when ``out`` is no folder, the device is unusable, or a
-    ``spec`` passed explicitly cannot be read; everything wrong with the output is in the report."""
+    ``spec`` passed explicitly cannot be read; everything wrong with the output is in the report.
+    ``allow_pickle``: sources with pickle weights only are read (torch.load(weights_only=True));
+    ``allow_nonfinite``: NaN and Inf in the output (and the sources) are counted but do not fail."""
     started = time.perf_counter()
     compute = resolve_device(device)
     folder = read_output(os.fspath(out))
@@ -52,20 +55,26 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
     spec_obj, spec_label, problem = _spec(folder.path, spec)
     plan = None
     if spec_obj is not None:
-        plan, problem = _plan(spec_obj, settings, list(strategies))
+        plan, problem = _plan(spec_obj, settings, list(strategies), allow_pickle, allow_nonfinite)
     try:
         from . import forward as forward_check
         from . import recompute
         from .finite import check_finite
         from .structure import check_structure
 
-        checks = [check_structure(folder, plan, problem, extra), check_finite(folder, compute)]
+        checks = [check_structure(folder, plan, problem, extra),
+                  check_finite(folder, compute, allowed=allow_nonfinite)]
         if plan is None:
             checks.append(CheckResult("recompute", SKIPPED, problem or "no spec",
                                       numbers=recompute.empty_numbers(full=full)))
         else:
             checks.append(recompute.check_recompute(folder, plan, compute, full, settings.device))
-        if forward:
+        nonfinite = checks[1].numbers["nan"] + checks[1].numbers["inf"]
+        if forward and allow_nonfinite and nonfinite:
+            checks.append(CheckResult("forward", SKIPPED, f"the weights hold {nonfinite} NaN/Inf values "
+                                      "(--allow-nonfinite), so the logits would say nothing",
+                                      numbers=forward_check.empty_numbers()))
+        elif forward:
             checks.append(forward_check.check_forward(folder, spec_obj, plan, compute))
         else:
             checks.append(CheckResult("forward", SKIPPED, "not requested", numbers=forward_check.empty_numbers()))
@@ -91,12 +100,13 @@ def _spec(folder: str, spec: Union[str, os.PathLike, dict, Spec, None]
         return None, path, f"cannot read {SPEC_FILE}: {exc.what}"
 
 
-def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy]):
+def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy], allow_pickle: bool,
+          allow_nonfinite: bool):
     from ..api import make_plan
 
     try:
         return make_plan(spec, dtype=settings.dtype, out_dtype=settings.out_dtype, seed=settings.seed,
-                    strategies=strategies), None
+                         strategies=strategies, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite), None
     except MergeError as exc:
         where = ": ".join(part for part in (exc.where, exc.what) if part)
         return None, f"cannot plan the merge from the spec ({where})"

@@ -16,7 +16,9 @@ from .report import CheckResult, Finding, outcome
 from .stream import CHUNK_BYTES, TensorReader, unravel
 
 
-def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = CHUNK_BYTES) -> CheckResult:
+def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = CHUNK_BYTES,
+                 allowed: bool = False) -> CheckResult:
+    """``allowed`` (--allow-nonfinite): NaN and Inf are counted and reported in the summary, but pass."""
     started = time.perf_counter()
     failures: list[Finding] = []
     tensors = values = nan = inf = 0
@@ -35,6 +37,10 @@ def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = 
     numbers = {"tensors": tensors, "values": values, "nan": nan, "inf": inf, "tensors_nonfinite": len(failures),
                "chunk_bytes": chunk_bytes}
     summary = f"{tensors} float tensors, {values:,} values: no NaN or Inf"
+    if allowed and failures:
+        summary = (f"{tensors} float tensors, {values:,} values: {nan} NaN and {inf} Inf in {len(failures)} tensor(s), "
+                   "allowed (--allow-nonfinite)")
+        failures = []
     return outcome("finite", failures, summary, numbers, time.perf_counter() - started)
 
 

@@ -23,7 +23,7 @@ import torch
 from ..errors import MergeError
 from ..inputs import fetch
 from ..plan import MergePlan
-from ..references import ModelRef
+from ..references import ModelPath, ModelRef
 from ..spec import Spec
 from ..strategy import TensorContext
 from ..units import format_size
@@ -31,7 +31,7 @@ from .folder import OutputFolder
 from .report import SKIPPED, CheckResult, Finding, number, outcome
 
 MEMORY_MARGIN = 1.25        # float32 weights plus activations, buffers and the allocator's slack
-ADAPTER_PATTERNS = ["adapter_config.json", "*.safetensors"]
+ADAPTER_PATTERNS = ("adapter_config.json", "*.safetensors")
 
 
 @dataclass(frozen=True)
@@ -114,25 +114,18 @@ def input_models(spec: Optional[Spec], plan: Optional[MergePlan]) -> list[InputM
 
 def _resolve(ref: ModelRef, where: str, plan: Optional[MergePlan]) -> InputModel:
     try:
-        opened = plan.checkpoints.get(ref) if plan is not None and ref.adapter is None else None
+        opened = plan.checkpoints.get(ref) if plan is not None and not ref.adapters else None
         folder = opened.folder if opened is not None else fetch(ref.model, where)
-        adapters: tuple[tuple[str, float], ...] = ()
-        if ref.adapter is not None:
-            adapters = ((_adapter_folder(ref, where), 1.0),)
+        adapters = tuple((_adapter_folder(adapter.path, where), adapter.weight) for adapter in ref.adapters)
         return InputModel(str(ref), folder, adapters)
     except MergeError as exc:
         return InputModel(str(ref), None, problem=exc.what)
 
 
-def _adapter_folder(ref: ModelRef, where: str) -> str:
-    from ..inputs import local_folder
+def _adapter_folder(path: ModelPath, where: str) -> str:
+    from ..inputs import fetch
 
-    folder = local_folder(ref.adapter, where)
-    if folder is not None:
-        return folder
-    from ..hub import download
-
-    return download(ref.adapter, where, patterns=ADAPTER_PATTERNS)
+    return fetch(path, where, patterns=ADAPTER_PATTERNS)
 
 
 def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan]) -> bool:

@@ -1,0 +1,48 @@
+"""``merge fold BASE ADAPTER [ADAPTER ...] -o OUT``: LoRA adapters folded into their base, as a model folder."""
+
+from __future__ import annotations
+
+import click
+
+from .common import common_options
+
+
+@click.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--weight", "weights", multiple=True, type=float,
+              help="How much of each adapter's change to apply; once per adapter, in order (default 1 each).")
+@click.option("--tied-embeddings", type=click.Choice(["untie", "shared"]), default="untie", show_default=True,
+              help="Base ties lm_head to its embeddings: untie writes lm_head separately (computes what "
+                   "base+adapter computed); shared folds into the one shared tensor, as peft does.")
+@click.option("--no-check-base", is_flag=True,
+              help="Fold even if an adapter's config names another base model.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest output shard in bytes; accepts 500MB, 2GiB, ...")
+@click.option("--out-dtype", default=None, help="Precision to write (default: the base's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load a base or adapter that has only pickle weights, with torch.load(weights_only=True).")
+@click.option("--allow-nonfinite", is_flag=True, help="Fold inputs that hold NaN or Inf instead of refusing them.")
+@common_options
+def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], tied_embeddings: str,
+         no_check_base: bool, max_shard_size: str, out_dtype: str | None, device: str, overwrite: bool,
+         dry_run: bool, allow_pickle: bool, allow_nonfinite: bool, quiet: bool) -> None:
+    """Fold the PEFT LoRA ADAPTERS into BASE (local folders or Hub ids org/name[@revision]) and write OUT.
+
+    Several adapters are folded in order into the same base, each scaled by its --weight. The result equals
+    peft's merge_and_unload() with the adapters active; OUT/mergekit_config.yml replays it with `merge run`.
+    """
+    from ..lora.api import fold_lora
+
+    result = fold_lora(base, list(adapters), out, list(weights) or None, tied_embeddings=tied_embeddings,
+                       check_base=not no_check_base, max_shard_size=max_shard_size, out_dtype=out_dtype,
+                       device=device, overwrite=overwrite, dry_run=dry_run, progress=not quiet and not dry_run,
+                       allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    if dry_run:
+        click.echo(result.summary)
+    elif not quiet:
+        click.echo(str(result).replace("Merged", "Folded", 1))

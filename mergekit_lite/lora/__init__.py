@@ -1,0 +1,7 @@
+"""Folding PEFT LoRA adapters into base weights as they are read, bit for bit as peft's merge_and_unload().
+
+``config.py`` reads adapter_config.json (scaling, patterns, refusals), ``adapter.py`` the adapter's tensor
+table and key grammar, ``fold.py`` is the arithmetic, ``identity.py`` checks the adapter was made for the
+base, ``source.py`` makes ``base+adapter`` a checkpoint any merge can read, ``api.py`` is ``fold_lora`` and
+the fold spec, ``synthetic.py`` writes small adapters without peft (demo and tests).
+"""

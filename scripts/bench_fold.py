@@ -1,0 +1,121 @@
+"""Benchmark: folding a LoRA adapter into a sharded base, mergekit_lite vs peft's merge_and_unload, side by side.
+
+Usage: python scripts/bench_fold.py [--size medium|small] [--runs 2] [--work bench_work/fold]
+
+Builds (once) a synthetic bf16 Llama base in 1 GB shards and a rank-16 rsLoRA adapter on every projection,
+then alternates the two tools (A B A B), each in a fresh process timed as a whole (wall seconds, peak RSS
+from the kernel's ru_maxrss of the child), and checks that both wrote the same tensors bit for bit.
+peft: AutoModelForCausalLM.from_pretrained(base, dtype=bfloat16), PeftModel.from_pretrained(model, adapter),
+merge_and_unload(), save_pretrained(out). mergekit_lite: merge fold base adapter -o out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from mergekit_lite.lora.synthetic import DEMO_ADAPTERS, write_adapter  # noqa: E402
+from mergekit_lite.synthetic import BENCH_1B, LlamaShape, parameter_count, write_model  # noqa: E402
+
+SIZES = {"medium": BENCH_1B, "small": LlamaShape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4,
+                                                  vocab=32000)}
+PEFT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])
+"""
+
+
+def timed(command: list[str]) -> tuple[float, float, float]:
+    """Run a command in a child process: wall seconds, CPU seconds and peak RSS in GiB of that child alone
+    (from wait4). CPU seconds matter on a shared machine, where wall time depends on the neighbours."""
+    env = {**os.environ, "PYTHONPATH": REPO, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
+    with tempfile.TemporaryFile() as log:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            log.seek(0)
+            raise SystemExit(f"{command[:4]} failed:\n{log.read().decode(errors='replace')[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20
+
+
+def same_tensors(a: str, b: str) -> bool:
+    from safetensors import safe_open
+
+    def tensors(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(folder, name), "pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+
+    import torch
+
+    theirs = dict(tensors(b))
+    ours = 0
+    for key, tensor in tensors(a):
+        ours += 1
+        if key not in theirs or not torch.equal(tensor, theirs.pop(key)):
+            print(f"  differs: {key}")
+            return False
+    return not theirs and ours > 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", choices=SIZES, default="medium")
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--work", default=os.path.join("bench_work", "fold"))
+    args = parser.parse_args()
+    shape = SIZES[args.size]
+    base = os.path.join(args.work, f"base-{args.size}")
+    adapter = os.path.join(args.work, f"adapter-{args.size}")
+    if not os.path.exists(os.path.join(base, "config.json")):
+        print(f"writing a {parameter_count(shape) / 1e9:.2f}B-parameter bf16 base to {base} ...")
+        import torch
+
+        write_model(base, shape, dtype=torch.bfloat16, max_shard_size=1_000_000_000)
+    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        write_adapter(adapter, shape, DEMO_ADAPTERS["code"], base_model=base)
+    shards = sum(name.endswith(".safetensors") for name in os.listdir(base))
+    largest = 2 * max(shape.vocab * shape.hidden, shape.intermediate * shape.hidden)
+    print(f"base: {parameter_count(shape) / 1e9:.2f}B parameters, bf16, {shards} shards, largest tensor "
+          f"{largest / 2**20:.0f} MiB; adapter: rank 16 rsLoRA on all 7 projections of {shape.layers} layers")
+    tools = {
+        "mergekit_lite fold": lambda out: [sys.executable, "-m", "mergekit_lite", "fold", base, adapter, "-o", out,
+                                           "--quiet", "--overwrite"],
+        "peft merge_and_unload": lambda out: [sys.executable, "-c", PEFT, base, adapter, out],
+    }
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tools}
+    for run in range(args.runs):
+        for name, command in tools.items():
+            out = os.path.join(args.work, "out-" + name.split()[0])
+            shutil.rmtree(out, ignore_errors=True)
+            wall, cpu, peak = timed(command(out))
+            results[name].append((wall, cpu, peak))
+            print(f"  run {run + 1}: {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {peak:.2f} GiB")
+    exact = same_tensors(os.path.join(args.work, "out-mergekit_lite"), os.path.join(args.work, "out-peft"))
+    print(f"\n| tool ({args.size}, {parameter_count(shape) / 1e9:.2f}B bf16) | wall s | CPU s | peak RSS GiB |")
+    print("| --- | --- | --- | --- |")
+    for name, runs in results.items():
+        wall, cpu, peak = (statistics.median(r[i] for r in runs) for i in range(3))
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {max(r[2] for r in runs):.2f} |")
+    print(f"\nsame tensors bit for bit: {exact}")
+
+
+if __name__ == "__main__":
+    main()

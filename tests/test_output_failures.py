@@ -1,0 +1,161 @@
+"""When the environment fails a merge: a full disk, a second merge into the same folder, Ctrl-C. Each gets one
+clear message and exit code, and never leaves anything that looks like a finished output."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import SafetensorError, safe_open
+
+from hostile_cases import Models, build_models, leftover_problems, linear_spec
+from mergekit_lite.outdir import OutputLock
+
+ROOT = Path(__file__).resolve().parent.parent
+LEFTOVER = "the next run of this merge deletes them; delete them yourself to free the space now"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Models:
+    return build_models(tmp_path_factory.mktemp("tiny"))
+
+
+def assert_only_partial(out: Path) -> None:
+    assert leftover_problems(out) == []
+    shards = list(Path(f"{out}.partial").glob("*.safetensors"))
+    with pytest.raises(SafetensorError):   # the shard being written when the run stopped
+        safe_open(str(max(shards, key=os.path.getmtime)), framework="pt")
+
+
+def test_disk_full_while_writing_tensors(cli, tiny, tmp_path, monkeypatch):
+    """A write hook: after 10 kB of tensor data, every write fails with ENOSPC, as on a full disk."""
+    real_pwrite, written = os.pwrite, [0]
+
+    def pwrite(fd, data, offset):
+        if written[0] > 10_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written[0] += len(data)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    spec = linear_spec(tmp_path, tiny.a, tiny.b)
+    out = tmp_path / "out"
+    result = cli("run", spec, "-o", out, "--quiet", "--max-shard-size", "8kB")
+    shard = sorted(Path(f"{out}.partial").glob("*.safetensors"))[-1]
+    failed = result.stderr.split("tensor '")[1].split("'")[0]
+    assert (result.exit_code, result.stderr) == (1, (
+        f"error: {shard}: cannot write tensor '{failed}': No space left on device\nHint: free some disk space and run "
+        "again (the unfinished files are left where they are; the next run of this merge deletes them)\n"))
+    assert_only_partial(out)
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 kB filesystem (tmpfs; needs root, else the test is skipped)."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "64k")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_not_enough_space_is_refused_before_reading(cli, tiny, small_disk, tmp_path):
+    spec = linear_spec(tmp_path, tiny.a, tiny.a, tiny.b, tiny.b)
+    out = small_disk / "out"
+    (small_disk / "filler").write_bytes(b"\0" * 48 * 1024)
+    result = cli("run", spec, "-o", out, "--quiet")
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    assert (result.exit_code, result.stderr) == (1, (
+        f"error: {out}: the merged tensors need 22.85 kB but only {free / 1000:.2f} kB is free there\n"
+        "Hint: free some disk space, or write the output elsewhere with -o\n"))
+    assert sorted(os.listdir(small_disk)) == ["filler"]
+
+
+def test_disk_that_fills_up_during_the_merge(cli, tiny, small_disk, tmp_path, monkeypatch):
+    """Real ENOSPC from the kernel: the free-space check passes, then another writer takes the space (here the
+    check is skipped, as if the disk filled up in between)."""
+    import mergekit_lite.api
+
+    monkeypatch.setattr(mergekit_lite.api, "check_free_space", lambda out, needed: None)
+    (small_disk / "filler").write_bytes(b"\0" * 56 * 1024)
+    spec = linear_spec(tmp_path, tiny.a, tiny.b)
+    out = small_disk / "out"
+    result = cli("run", spec, "-o", out, "--quiet", "--max-shard-size", "4kB")
+    assert result.exit_code == 1
+    message, hint = result.stderr.splitlines()
+    assert message.startswith(f"error: {out}.partial/model-000") and message.endswith(": No space left on device")
+    assert hint in ("Hint: free some disk space and run again (the unfinished files are left where they are; "
+                    "the next run of this merge deletes them)", "Hint: free some disk space and run again")
+    assert_only_partial(out)
+    (small_disk / "filler").unlink()
+    result = cli("run", spec, "-o", out, "--quiet", "--no-validate")
+    assert result.exit_code == 0 and not Path(f"{out}.partial").exists()
+
+
+def test_a_second_merge_into_the_same_output_is_refused(cli, tiny, tmp_path):
+    spec = linear_spec(tmp_path, tiny.a, tiny.b)
+    out = tmp_path / "out"
+    partial = Path(f"{out}.partial")
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"the other run's work")
+    with OutputLock(str(out)):
+        result = cli("run", spec, "-o", out, "--quiet")
+    assert (result.exit_code, result.stderr) == (1, (
+        f"error: {out}: another merge (process {os.getpid()}) is writing this output now\n"
+        "Hint: wait for it to finish, or write to another output path with -o\n"))
+    assert (partial / "model.safetensors").read_bytes() == b"the other run's work"
+    assert not out.exists() and not Path(f"{out}.lock").exists()
+
+
+def _start_paused(tiny: Models, tmp_path: Path, out: Path) -> subprocess.Popen:
+    spec = linear_spec(tmp_path, tiny.a, tiny.b, name="paused.yaml")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_merge.py"), str(tmp_path), "run",
+                                str(spec), "-o", str(out), "--quiet", "--no-validate"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    while not (tmp_path / "paused").exists():   # waits for a state, not for a time
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    return process
+
+
+def test_two_processes_merging_into_one_output(cli, tiny, tmp_path):
+    out = tmp_path / "out"
+    first = _start_paused(tiny, tmp_path, out)
+    try:
+        spec = linear_spec(tmp_path, tiny.b, tiny.a)
+        second = subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(spec), "-o", str(out), "--quiet"],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert (second.returncode, second.stderr) == (1, (
+            f"error: {out}: another merge (process {first.pid}) is writing this output now\n"
+            "Hint: wait for it to finish, or write to another output path with -o\n"))
+    finally:
+        (tmp_path / "go").touch()
+    assert first.wait(timeout=120) == 0, first.communicate()
+    assert not Path(f"{out}.partial").exists() and not Path(f"{out}.lock").exists()
+    from mergekit_lite import validate
+
+    assert validate(out, device="cpu", forward=False).passed
+
+
+def test_sigint_mid_merge(tiny, tmp_path):
+    out = tmp_path / "out"
+    process = _start_paused(tiny, tmp_path, out)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stdout, stderr) == (130, "", (
+        f"interrupted: {out} was not written; the unfinished files are in {out}.partial ({LEFTOVER})\n"))
+    assert sorted(os.listdir(tmp_path)) == ["out.partial", "paused", "paused.yaml"]
+    assert_only_partial(out)
