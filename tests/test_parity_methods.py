@@ -8,6 +8,7 @@ import torch
 
 from conftest import read_folder
 from test_mergekit_parity import assert_same, both
+from test_random_methods import wide_models  # noqa: F401  (fixture)
 from test_sparsifiers import stable_mergekit_sort  # noqa: F401  (fixture)
 
 pytest.importorskip("mergekit")
@@ -168,3 +169,20 @@ def test_bf16_arithmetic_within_two_ulps(models_bf16, tmp_path, spec):
     """Without dtype: float32, mergekit computes model_stock and nuslerp in bfloat16; we compute in float32
     and round once. On these models the results differ by at most 2 bfloat16 ulps at the tensor's scale."""
     compare(spec.format(root=models_bf16).replace("dtype: float32", ""), tmp_path, max_ulp=2)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_radix_select_path_bit_exact(stable_mergekit_sort, wide_models, tmp_path, method):
+    """Embeddings of 131072 entries take the radix-select path (the tiny models' tensors do not)."""
+    spec = f"""
+merge_method: {method}
+base_model: {wide_models}/base
+models:
+  - model: {wide_models}/ft-a
+    parameters: {{weight: 0.7, density: 0.35}}
+  - model: {wide_models}/ft-b
+    parameters: {{weight: 0.4, density: [0.6, 0.2]}}
+parameters: {{gamma: 0.03}}
+dtype: float32
+"""
+    compare(spec, tmp_path)

@@ -32,7 +32,7 @@ def sample(kind: str, n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["distinct", "bf16 deltas", "few values"])
-@pytest.mark.parametrize("n", [1, 7, 300, 70_000])   # 70_000 takes the radix-select path
+@pytest.mark.parametrize("n", [1, 7, 300, 40_000])   # 40_000 takes the radix-select path
 def test_rank_window_is_a_stable_sort_window(kind, n):
     values = sample(kind, n, seed=n)
     g = torch.Generator().manual_seed(1)
