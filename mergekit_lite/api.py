@@ -172,8 +172,7 @@ def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.de
                               file=partial, hint=f"free some disk space and run again ({LEFTOVER})") from None
         pending.finish()
     except KeyboardInterrupt:
-        raise Interrupted(f"{out} was not written; finished shards stay in {partial}: run the same command with "
-                          "--resume to continue") from None
+        raise Interrupted(f"{out} was not written; the unfinished files are in {partial} ({LEFTOVER})") from None
     commit_partial(partial, out)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)

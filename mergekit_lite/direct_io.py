@@ -9,8 +9,10 @@ page-aligned) and written in whole chunks; the unaligned tail is padded with zer
 truncates the file to its size. The price: the written file is not left in the page cache, so the first
 read of the output afterwards comes from the disk.
 
-Where O_DIRECT is not supported (tmpfs, macOS, some network filesystems) ``DirectStream.open`` returns None
-and the caller writes through the page cache as before.
+Where O_DIRECT is not supported (older tmpfs, macOS, some network filesystems) ``DirectStream.open`` returns
+None and the caller writes through the page cache as before. Some filesystems accept the flag on open and
+refuse the first write (EINVAL): the stream then clears O_DIRECT on its descriptor and goes on through the
+page cache, so no probe write is needed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import errno
 import mmap
 import os
 from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no O_DIRECT either
+    fcntl = None  # type: ignore[assignment]
 
 ALIGN = 4096            # a multiple of every common logical block size (512, 4096)
 CHUNK = 8 << 20         # bytes gathered before each write
@@ -33,12 +40,13 @@ class DirectStream:
         self._view = memoryview(self._buffer)
         self._filled = 0        # bytes staged in the buffer
         self._offset = 0        # file offset of the buffer's first byte (always aligned)
+        self.on_disk = 0        # bytes handed to the kernel so far: after a failed write, where it failed
 
     @classmethod
     def open(cls, path: str) -> Optional["DirectStream"]:
         """An O_DIRECT stream on ``path`` (which exists), or None where the filesystem refuses O_DIRECT."""
         flag = getattr(os, "O_DIRECT", 0)
-        if not flag:
+        if not flag or fcntl is None:
             return None
         try:
             fd = os.open(path, os.O_WRONLY | flag)
@@ -46,16 +54,7 @@ class DirectStream:
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 return None
             raise
-        stream = cls(fd)
-        try:   # some filesystems accept the flag and refuse the first write: probe with one zero block
-            with stream._view[:ALIGN] as block:
-                os.pwrite(fd, block, 0)
-        except OSError as exc:
-            stream.close()
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return None
-            raise
-        return stream
+        return cls(fd)
 
     def append(self, data: memoryview) -> None:
         done = 0
@@ -78,9 +77,22 @@ class DirectStream:
         done = 0
         while done < length:
             with self._view[done:length] as chunk:   # released even on error, so close() can unmap
-                done += os.pwrite(self._fd, chunk, self._offset + done)
+                try:
+                    done += os.pwrite(self._fd, chunk, self._offset + done)
+                except OSError as exc:
+                    if not (exc.errno == errno.EINVAL and self.on_disk == 0 and self._drop_direct()):
+                        raise
+            self.on_disk = self._offset + done
         self._offset += length
         self._filled = 0
+
+    def _drop_direct(self) -> bool:
+        """The filesystem took O_DIRECT on open but refuses direct writes: continue through the page cache."""
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
 
     def close(self) -> None:
         try:

@@ -132,6 +132,8 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
             behind.finish()
         except BaseException:
             behind.abort()
+            for writer in writers.values():   # also those not yet handed to the writer thread
+                writer.abort()
             raise
         finally:
             reader.stop()

@@ -7,6 +7,7 @@ not grow with the shard size (mergekit holds a whole shard, 5 GB by default, in 
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import zlib
@@ -18,9 +19,11 @@ import torch
 from .direct_io import DirectStream
 from .dtypes import itemsize
 from .errors import OutputError
+from .outdir import LEFTOVER
 from .safetensors_format import build_header, tensor_bytes, write_from
 
 INDEX_NAME = "model.safetensors.index.json"
+_FULL_HINT = f"free some disk space and run again ({LEFTOVER})"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class ShardWriter:
         self._missing = {e.name: e.nbytes for e in entries}   # bytes not yet written, per tensor
         self.size = len(header) + sum(e.nbytes for e in entries)
         self._crc: Optional[int] = 0
+        self._finished = False
         self._streamed = 0                     # the sequential stream covers bytes [0, _streamed)
         self._direct: Optional[DirectStream] = None
         try:
@@ -137,7 +141,8 @@ class ShardWriter:
         except OSError as exc:
             self.abort()
             raise OutputError(f"cannot write: {exc.strerror}", file=path,
-                              hint="check free disk space and permissions of the output folder") from None
+                              hint=_FULL_HINT if exc.errno == errno.ENOSPC else
+                              "check the permissions of the output folder") from None
 
     def write(self, name: str, tensor: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> None:
         """Write a whole tensor, or the block of its rows [start, end), into its planned place."""
@@ -156,10 +161,17 @@ class ShardWriter:
                 self._leave_stream()
                 write_from(self._fd, offset, data)
         except OSError as exc:
-            raise OutputError(f"cannot write tensor '{name}': {exc.strerror}", file=self.path,
-                              hint="free some disk space and run again (the unfinished files are left where they are; "
-                                   "the next run of this merge deletes them)") from None
+            raise self._write_error(exc, name) from None
         self._missing[name] -= len(data)
+
+    def _write_error(self, exc: OSError, name: Optional[str] = None) -> OutputError:
+        """The tensor whose bytes did not reach the disk: ``name``, or where the staged O_DIRECT stream failed
+        (its bytes may belong to tensors handed over earlier)."""
+        if self._direct is not None:
+            failed_at = max(self._direct.on_disk, len(self._header))
+            name = next(n for n, start in sorted(self._offsets.items(), key=lambda item: -item[1])
+                        if start <= failed_at)
+        return OutputError(f"cannot write tensor '{name}': {exc.strerror}", file=self.path, hint=_FULL_HINT)
 
     def _append(self, data: memoryview, crc_of: Optional[memoryview] = None) -> None:
         self._crc = zlib.crc32(data if crc_of is None else crc_of, self._crc)
@@ -172,12 +184,15 @@ class ShardWriter:
     def _leave_stream(self) -> None:
         """Out-of-order writes follow: flush the stream and write through the page cache from now on."""
         self._crc = None
-        if self._direct is not None:
+        if self._direct is None:
+            return
+        try:
+            self._direct.finish()    # zero padding past the stream lands where nothing was written yet
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        finally:
             direct, self._direct = self._direct, None
-            try:
-                direct.finish()    # zero padding past the stream lands where nothing was written yet
-            finally:
-                direct.close()
+            direct.close()
 
     @property
     def complete(self) -> bool:
@@ -190,26 +205,34 @@ class ShardWriter:
                                  f"{sorted(n for n, left in self._missing.items() if left)[:3]}")
         try:
             if self._direct is not None:
-                self._direct.finish()
+                try:
+                    self._direct.finish()
+                except OSError as exc:
+                    raise self._write_error(exc) from None
                 os.ftruncate(self._fd, self.size)    # drop the last block's padding
             write_from(self._fd, 0, memoryview(self._header))   # last: the shard is now loadable
             os.fsync(self._fd)
+            self._finished = True
         except OSError as exc:
-            raise OutputError(f"cannot write the header: {exc.strerror}", file=self.path,
-                              hint="free some disk space and run again") from None
+            raise OutputError(f"cannot write the header: {exc.strerror}", file=self.path, hint=_FULL_HINT) from None
         finally:
             self.abort()
         crc = self._crc if self._crc is not None and self._streamed == self.size else file_crc32(self.path)
         return ShardRecord(os.path.basename(self.path), self.size, crc)
 
     def abort(self) -> None:
-        """Close the file as it is (an interrupted merge leaves it incomplete in the partial folder)."""
+        """Close the file. An unfinished shard is cut to zero bytes: it frees the space at once (a full disk),
+        no reader can take it for a finished one, and no sparse holes are left to fault on when mapped (on a
+        full tmpfs, reading a hole through mmap is a SIGBUS). A resumed run recomputes it."""
         direct, self._direct = self._direct, None
         if direct is not None:
             direct.close()
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             try:
-                os.close(fd)
+                if not self._finished:
+                    os.ftruncate(fd, 0)
             except OSError:
                 pass
+            finally:
+                os.close(fd)

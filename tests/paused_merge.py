@@ -1,6 +1,6 @@
 """`merge ...` that pauses in the middle of writing tensors, for tests that act on a run in progress.
 
-Usage: python tests/paused_merge.py PAUSE_DIR run SPEC -o OUT ...  After the second tensor is merged it
+Usage: python tests/paused_merge.py PAUSE_DIR run SPEC -o OUT ...  When the second piece is about to be merged it
 creates PAUSE_DIR/paused and waits (interruptibly) until PAUSE_DIR/go exists. Only tests use this.
 """
 
@@ -13,7 +13,7 @@ from mergekit_lite.cli import main
 
 pause_dir = sys.argv.pop(1)
 merged = 0
-original = engine.merge_prepared
+original = engine._compute
 
 
 def paused(*args, **kwargs):
@@ -26,5 +26,5 @@ def paused(*args, **kwargs):
     return original(*args, **kwargs)
 
 
-engine.merge_prepared = paused
+engine._compute = paused
 main()

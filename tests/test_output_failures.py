@@ -18,7 +18,9 @@ from hostile_cases import Models, build_models, leftover_problems, linear_spec
 from mergekit_lite.outdir import OutputLock
 
 ROOT = Path(__file__).resolve().parent.parent
-LEFTOVER = "the next run of this merge deletes them; delete them yourself to free the space now"
+LEFTOVER = ("the next run of this merge deletes them, or continues from the finished shards with --resume; "
+            "delete them yourself to free the space now")
+FULL = f"Hint: free some disk space and run again ({LEFTOVER})"
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,11 @@ def assert_only_partial(out: Path) -> None:
 
 
 def test_disk_full_while_writing_tensors(cli, tiny, tmp_path, monkeypatch):
-    """A write hook: after 10 kB of tensor data, every write fails with ENOSPC, as on a full disk."""
+    """A write hook: a disk with 10 kB free; a write that does not fit fails with ENOSPC, as on a full disk."""
     real_pwrite, written = os.pwrite, [0]
 
     def pwrite(fd, data, offset):
-        if written[0] > 10_000:
+        if written[0] + len(data) > 10_000:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written[0] += len(data)
         return real_pwrite(fd, data, offset)
@@ -47,12 +49,20 @@ def test_disk_full_while_writing_tensors(cli, tiny, tmp_path, monkeypatch):
     spec = linear_spec(tmp_path, tiny.a, tiny.b)
     out = tmp_path / "out"
     result = cli("run", spec, "-o", out, "--quiet", "--max-shard-size", "8kB")
-    shard = sorted(Path(f"{out}.partial").glob("*.safetensors"))[-1]
-    failed = result.stderr.split("tensor '")[1].split("'")[0]
-    assert (result.exit_code, result.stderr) == (1, (
-        f"error: {shard}: cannot write tensor '{failed}': No space left on device\nHint: free some disk space and run "
-        "again (the unfinished files are left where they are; the next run of this merge deletes them)\n"))
-    assert_only_partial(out)
+    message, hint = result.stderr.splitlines()
+    assert ": cannot write tensor '" in message, result.stderr
+    shard, failed = message.removeprefix("error: ").split(": cannot write tensor '")
+    failed, reason = failed.split("': ")
+    assert (result.exit_code, reason, hint) == (1, "No space left on device", FULL)
+    # the tensor named is one planned into the shard named, and that shard is the one left unfinished
+    from mergekit_lite import make_plan
+    from mergekit_lite.engine import output_layout
+
+    layout = {s.file: [e.name for e in s.entries] for s in output_layout(make_plan(spec), 8000)}
+    assert Path(shard).parent == Path(f"{out}.partial") and failed in layout[Path(shard).name]
+    with pytest.raises(SafetensorError):
+        safe_open(shard, framework="pt")
+    assert leftover_problems(out) == []
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
@@ -96,8 +106,7 @@ def test_disk_that_fills_up_during_the_merge(cli, tiny, small_disk, tmp_path, mo
     assert result.exit_code == 1
     message, hint = result.stderr.splitlines()
     assert message.startswith(f"error: {out}.partial/model-000") and message.endswith(": No space left on device")
-    assert hint in ("Hint: free some disk space and run again (the unfinished files are left where they are; "
-                    "the next run of this merge deletes them)", "Hint: free some disk space and run again")
+    assert hint == FULL
     assert_only_partial(out)
     (small_disk / "filler").unlink()
     result = cli("run", spec, "-o", out, "--quiet", "--no-validate")
