@@ -131,8 +131,13 @@ def start_partial(out: str, keep: bool = False) -> str:
     """Create a fresh ``OUT.partial`` folder (a leftover from an interrupted run is removed, unless ``keep``:
     ``--resume`` continues from it, see resume.py)."""
     partial = partial_path(out)
+    if keep and os.path.islink(partial):
+        raise UsageError("cannot resume: the partial folder is a symbolic link, which a merge never makes",
+                         file=partial, hint="run without --resume to start over (the link is removed)")
     try:
-        if os.path.exists(partial) and not keep:
+        if os.path.islink(partial):
+            os.unlink(partial)
+        elif os.path.exists(partial) and not keep:
             shutil.rmtree(partial)
         os.makedirs(partial, exist_ok=keep)
     except OSError as exc:

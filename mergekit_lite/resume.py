@@ -99,6 +99,7 @@ def open_journal(partial: str, plan: MergePlan, layout: Sequence[ShardPlan], dev
     path = os.path.join(partial, JOURNAL)
     if not resume or not os.listdir(partial):
         return Journal.start(partial, digest, plan.spec.file), {}
+    _refuse_links(partial)
     head, records = _read(path, partial)
     if head.get("merge") != digest:
         started = f" (started {head['started']} from {head.get('spec') or 'a spec'})" if head.get("started") else ""
@@ -127,6 +128,8 @@ def _read(path: str, partial: str) -> tuple[dict, dict[str, ShardRecord]]:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
         head = json.loads(lines[0])
+        if not isinstance(head, dict):
+            raise ValueError("not a journal")
     except (OSError, ValueError, IndexError):
         raise UsageError("cannot resume: the partial folder has no readable journal of finished shards "
                          f"({JOURNAL})", file=partial,
@@ -139,6 +142,16 @@ def _read(path: str, partial: str) -> tuple[dict, dict[str, ShardRecord]]:
         except (ValueError, KeyError, TypeError):
             break   # the last line may be torn by a crash; nothing after it was written
     return head, records
+
+
+def _refuse_links(partial: str) -> None:
+    """A merge never puts a symbolic link in its partial folder; resuming through one would read or overwrite
+    whatever it points to."""
+    for name in sorted(os.listdir(partial)):
+        if os.path.islink(os.path.join(partial, name)):
+            raise UsageError(f"cannot resume: {name} in the partial folder is a symbolic link, which a merge never "
+                             "writes", file=partial,
+                             hint="run without --resume to start over (the partial folder is replaced)")
 
 
 def _intact(path: str, record: ShardRecord) -> bool:

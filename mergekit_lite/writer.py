@@ -132,7 +132,8 @@ class ShardWriter:
         self._streamed = 0                     # the sequential stream covers bytes [0, _streamed)
         self._direct: Optional[DirectStream] = None
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # never through a symbolic link planted in the partial folder
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
             os.ftruncate(self._fd, self.size)
             if direct:
                 self._direct = DirectStream.open(path)

@@ -38,7 +38,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 def ray_cluster():
     """A local Ray instance with 2 CPUs (so 2 task workers) for this module; its address for other drivers."""
     ray = pytest.importorskip("ray")
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
     try:
@@ -122,3 +122,65 @@ def test_executor_usage_errors(cli, models_bf16, tmp_path, monkeypatch):
     assert result.stderr == ("error: --executor: --executor ray needs Ray, which is not installed\n"
                              "Hint: install the extra: pip install 'mergekit-lite[ray]'\n")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# ---------------------------------------------------------------- failures inside Ray tasks (hostile inputs)
+
+def test_an_error_in_a_ray_task_is_the_same_error_as_local(ray_cluster, models_bf16, tmp_path, cli):
+    """A NaN in one input is found by the task that reads it, on a worker: the user sees the same message and
+    exit code as with the local executor, not Ray's wrapped traceback; no output appears."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "models"
+    shutil.copytree(models_bf16, root)
+    damaged = sorted((root / "ft-b").glob("*.safetensors"))[-1]
+    tensors = load_file(damaged)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, damaged, metadata={"format": "pt"})
+    spec = write_spec(tmp_path / "spec.yaml", spec_text(root))
+    run = ("run", spec, "--max-shard-size", SHARD, "--quiet", "--no-validate")
+    local = cli(*run, "-o", tmp_path / "local")
+    on_ray = cli(*run, "-o", tmp_path / "ray", "--executor", "ray")
+    assert local.exit_code == on_ray.exit_code == 1
+    assert on_ray.stderr == local.stderr and f"tensor '{name}'" in local.stderr and "NaN" in local.stderr
+    assert f"error: {root / 'ft-b'}: " in local.stderr and "Traceback" not in on_ray.stderr
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "local").exists()
+
+
+def _crash_on_norms(inputs, base, ctx, **params):
+    """A strategy whose worker process dies (as if killed by the OOM killer) on the norm weights."""
+    import torch
+
+    if ctx.name.endswith("norm.weight"):
+        os._exit(3)
+    return torch.stack(list(inputs)).mean(dim=0)
+
+
+def test_a_worker_that_dies_is_named_and_the_finished_shards_are_kept(ray_cluster, models_bf16, tmp_path, cli):
+    from mergekit_lite.strategy import Strategy
+
+    strategy = Strategy(name="crashing", fn=_crash_on_norms, params=(), title="crashes", summary="dies",
+                        base="input", elementwise=True)
+    spec = {"merge_method": "crashing", "models": [{"model": str(models_bf16 / n)} for n in ("ft-a", "ft-b")],
+            "dtype": "bfloat16"}
+    out = tmp_path / "merged"
+    with pytest.raises(Exception) as failure:
+        run_merge(spec, out, max_shard_size=SHARD, progress=False, executor="ray", validate=False,
+                  strategies=[strategy])
+    from mergekit_lite.errors import MergeError
+    from mergekit_lite.resume import JOURNAL
+
+    error = failure.value
+    assert type(error) is MergeError and error.exit_code == 1, repr(error)
+    assert error.where == "--executor ray"
+    assert error.what.startswith("the Ray task computing model-000") and "-of-00015.safetensors failed: " in error.what
+    assert "died" in error.what.lower() or "crash" in error.what.lower(), error.what
+    assert error.hint.endswith("run the same command with --resume to keep the shards that finished")
+    assert not out.exists()
+    journal = (Path(f"{out}.partial") / JOURNAL).read_text().splitlines()
+    failed = error.what.split("computing ")[1].split(" failed")[0]
+    assert failed not in "".join(journal[1:])     # the crashed shard is not recorded as finished

@@ -188,3 +188,97 @@ def test_crash_after_the_last_shard_resumes_with_every_shard_kept(models_bf16, t
     result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, resume=True,
                        validate=False)
     assert result.resumed_shards == len(shards) and folder_bytes(out) == reference
+
+
+# ---------------------------------------------------------------- a tampered partial folder (hostile inputs)
+
+NO_JOURNAL = (f"cannot resume: the partial folder has no readable journal of finished shards ({JOURNAL})\n"
+              "Hint: run without --resume to start over (the partial folder is replaced)\n")
+
+
+@pytest.mark.parametrize("head", ["[]", '"merge"', "42", "{not json", ""])
+def test_a_journal_that_is_not_one_is_refused(models_bf16, tmp_path, cli, monkeypatch, head):
+    spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
+    out = tmp_path / "run" / "merged"
+    interrupted(monkeypatch, spec_text(models_bf16), out, 10)
+    partial = Path(str(out) + ".partial")
+    (partial / JOURNAL).write_text(head + "\n")
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
+    assert (result.exit_code, result.stderr) == (2, f"error: {partial}: {NO_JOURNAL}")
+
+
+def test_journal_records_outside_the_plan_are_never_read_or_kept(models_bf16, tmp_path, reference, monkeypatch):
+    """Records of files the layout does not plan (a path out of the folder, a made-up name) and records with
+    a wrong CRC are dropped; only the planned, intact shards are kept, and the result is the same bytes."""
+    out = tmp_path / "run" / "merged"
+    interrupted(monkeypatch, spec_text(models_bf16), out, 10)
+    partial = Path(str(out) + ".partial")
+    lines = (partial / JOURNAL).read_text().splitlines()
+    first = json.loads(lines[1])
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"not a shard")
+    forged = [{"file": "../../secret.bin", "size": 11, "crc32": 0},
+              {"file": "model-99999-of-99999.safetensors", "size": 1, "crc32": 0},
+              {**first, "crc32": first["crc32"] ^ 1},
+              {"file": 7, "size": "x"}]
+    (partial / JOURNAL).write_text("\n".join([lines[0], *lines[2:], *map(json.dumps, forged)]) + "\n")
+    read = []
+    import mergekit_lite.resume as resume
+
+    real_crc = resume.file_crc32
+    monkeypatch.setattr(resume, "file_crc32", lambda path: read.append(Path(path).resolve()) or real_crc(path))
+    result = run_merge(spec_text(models_bf16), out, max_shard_size=SHARD, progress=False, resume=True,
+                       validate=False)
+    assert outside.resolve() not in read and all(p.parent == partial.resolve() for p in read)
+    # kept: the records after the first (which was replaced by one with a wrong CRC and computed again)
+    assert result.resumed_shards == len(lines) - 2 and folder_bytes(out) == reference
+    assert outside.read_bytes() == b"not a shard"
+
+
+def test_symbolic_links_in_the_partial_folder_are_refused(models_bf16, tmp_path, cli, monkeypatch):
+    """A planted link (to a file the merge would then overwrite) is never followed: resuming is refused."""
+    spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
+    out = tmp_path / "run" / "merged"
+    interrupted(monkeypatch, spec_text(models_bf16), out, 10)
+    partial = Path(str(out) + ".partial")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    unfinished = max(int(line["file"][6:11]) for line in journal_lines(out)[1:]) + 1
+    link = partial / f"model-{unfinished:05d}-of-00039.safetensors"
+    link.unlink(missing_ok=True)
+    link.symlink_to(victim)
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
+    assert (result.exit_code, result.stderr) == (2, (
+        f"error: {partial}: cannot resume: {link.name} in the partial folder is a symbolic link, which a merge "
+        "never writes\nHint: run without --resume to start over (the partial folder is replaced)\n"))
+    assert victim.read_text() == "precious"
+    # the partial folder itself a link: refused with --resume, and only the link removed without it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("kept")
+    import shutil
+
+    shutil.rmtree(partial)
+    partial.symlink_to(elsewhere, target_is_directory=True)
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
+    assert (result.exit_code, result.stderr) == (2, (
+        f"error: {partial}: cannot resume: the partial folder is a symbolic link, which a merge never makes\n"
+        "Hint: run without --resume to start over (the link is removed)\n"))
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--quiet", "--no-validate")
+    assert result.exit_code == 0 and (elsewhere / "keep.txt").read_text() == "kept"
+    assert sorted(os.listdir(elsewhere)) == ["keep.txt"] and out.is_dir() and not out.is_symlink()
+
+
+def test_a_shard_file_replaced_by_a_link_is_not_written_through(tmp_path):
+    """The writer itself never follows a link (O_NOFOLLOW), whatever the caller checked before."""
+    import torch
+
+    from mergekit_lite.errors import OutputError
+    from mergekit_lite.writer import Entry, ShardWriter
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "shard.safetensors").symlink_to(victim)
+    with pytest.raises(OutputError, match="shard.safetensors: cannot write: Too many levels of symbolic links"):
+        ShardWriter(str(tmp_path / "shard.safetensors"), [Entry("w", torch.float32, (2, 2))])
+    assert victim.read_text() == "precious"

@@ -46,7 +46,13 @@ def write_shards_on_ray(plan: MergePlan, shards: Sequence[ShardPlan], folder: st
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise MergeError(f"cannot connect to the Ray cluster: {_first_line(exc)}",
+                             where=f"--ray-address {address}" if address else "--executor ray",
+                             hint="start the cluster first (`ray start --head` on its head node) and pass its "
+                                  "address, or leave --ray-address out to start a local instance") from None
     resources = {"num_gpus": 1} if device.type == "cuda" else {"num_cpus": 1}
     task = ray.remote(**resources, max_retries=0)(_write_one)
     plan_ref = ray.put(plan)
@@ -57,19 +63,31 @@ def write_shards_on_ray(plan: MergePlan, shards: Sequence[ShardPlan], folder: st
             finished, _ = ray.wait(list(running), num_returns=1)
             for ref in finished:
                 shard = running.pop(ref)
-                on_shard(_result(ray, ref))
+                on_shard(_result(ray, ref, shard))
                 progress(shard.nbytes)
     finally:
         for ref in running:
             ray.cancel(ref, force=True)
 
 
-def _result(ray, ref) -> ShardRecord:
-    """The task's record; a task's MergeError is raised here as itself (not wrapped in Ray's error)."""
+def _result(ray, ref, shard: ShardPlan) -> ShardRecord:
+    """The task's record. A task's MergeError is raised here as itself (not wrapped in Ray's error); any other
+    failure of the task (an exception, a worker that crashed or was killed) names the shard."""
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
+    except ray.exceptions.RayError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, MergeError):
             raise cause from None
-        raise
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        what = _first_line(cause) if isinstance(cause, BaseException) else _first_line(exc)
+        raise MergeError(f"the Ray task computing {shard.file} failed: {what}", where="--executor ray",
+                         hint="see the Ray worker logs on that node (/tmp/ray/session_latest/logs); "
+                              "run the same command with --resume to keep the shards that finished") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (Ray's own messages go on with tracebacks and log paths)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
