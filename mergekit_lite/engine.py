@@ -16,6 +16,8 @@ import gc
 import math
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -25,7 +27,7 @@ import torch
 from .dtypes import compute_dtype, itemsize
 from .errors import ModelError, StrategyError
 from .memory import reuse_freed_memory
-from .nonfinite import check_inputs, check_result
+from .nonfinite import check_inputs, check_result, count_nonfinite
 from .pipeline import Reader, WriteBehind
 from .plan import MergePlan, TensorJob
 from .strategy import TensorContext
@@ -38,6 +40,8 @@ PIECE_ELEMENTS = 1 << 23
 # linear on 128M elements: 12.6 ns per element converting whole row blocks to float32 first, 1.8 ns with
 # 256K-element blocks; 16K blocks pay Python overhead (5.0 ns), 4M blocks fall out of cache (8.2 ns).
 BLOCK_ELEMENTS = 1 << 18
+# Threads merging row blocks at once (the reader and the writer threads come on top, mostly waiting on I/O).
+MAX_MERGE_THREADS = 4
 Rows = Optional[tuple[int, int]]
 
 
@@ -91,52 +95,92 @@ def write_tensors(plan: MergePlan, folder: str, *, max_shard_size: int, device: 
     return written_shards(plan, layout, time.perf_counter() - started)
 
 
-def write_shard(plan: MergePlan, shard: ShardPlan, path: str, device: torch.device) -> ShardRecord:
-    """Compute one output shard into the file ``path``: the unit of work of every executor."""
+def write_shard(plan: MergePlan, shard: ShardPlan, path: str, device: torch.device, threads: int = 1) -> ShardRecord:
+    """Compute one output shard into the file ``path``: the unit of work of every executor (one merging
+    thread by default: a Ray task has the one CPU Ray gave it)."""
     records: list[ShardRecord] = []
     write_shards(plan, [shard], os.path.dirname(path) or ".", device, on_shard=records.append,
-                 paths={shard.file: path})
+                 paths={shard.file: path}, threads=threads)
     return records[0]
+
+
+def merge_threads() -> int:
+    """Threads that merge row blocks at once: one per core this process may use, at most MAX_MERGE_THREADS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_MERGE_THREADS, cores))
 
 
 def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, device: torch.device,
                  progress: Optional[Callable[[int], None]] = None,
                  on_shard: Optional[Callable[[ShardRecord], None]] = None,
-                 paths: Optional[dict[str, str]] = None) -> None:
+                 paths: Optional[dict[str, str]] = None, threads: Optional[int] = None) -> None:
     """Compute ``shards`` into ``folder`` in one pipeline (reading runs ahead across shard boundaries).
 
     Each shard's tensors are computed in the order they are stored, so its CRC-32 is computed on the way;
     ``on_shard`` gets each shard's record once the shard is complete and flushed (from the writer thread).
+    Row blocks of element-wise merges (small, independent) are merged by up to ``threads`` threads at once
+    (default: ``merge_threads()``); whole tensors one at a time, so memory holds one whole-tensor merge.
     """
     jobs = {job.name: job for job in plan.jobs}
     blocked = device.type == "cpu"
     order = [(shard, jobs[e.name]) for shard in shards for e in file_order(shard.entries)]
     pieces = [(shard, p) for shard, job in order
               for p in split(job, (job.strategy or plan.strategy).elementwise, blocked)]
+    threads = merge_threads() if threads is None else threads
     writers: dict[str, ShardWriter] = {}
-    with _merge_session(device):
-        reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite), lambda p: _loaded_bytes(p, device))
+
+    def hand_over(shard: ShardPlan, piece: _Piece, result: torch.Tensor) -> None:
+        """To the writer thread, in file order."""
+        if shard.file not in writers:
+            path = (paths or {}).get(shard.file) or os.path.join(folder, shard.file)
+            writers[shard.file] = ShardWriter(path, shard.entries)
+        behind.put(writers[shard.file], piece.job.name, result, piece.rows)
+        if progress is not None:
+            progress(piece.numel * itemsize(piece.job.dtype))
+
+    with _merge_session(device), ThreadPoolExecutor(threads, "mergekit-lite-merge", _one_torch_thread) as pool:
+        reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite),
+                        lambda p: _loaded_bytes(p, device))
         behind = WriteBehind(on_shard)
+        running: deque[tuple[ShardPlan, _Piece, Future]] = deque()   # merging in the pool, in file order
         try:
             for (shard, piece), (_, loaded) in zip(pieces, reader):
-                job = piece.job
-                result = _compute(plan, piece, loaded, device)
+                parallel = piece.blocked and threads > 1
+                while running and (len(running) >= threads or not parallel):
+                    hand_over(*_finished(running))
+                if parallel:
+                    running.append((shard, piece, pool.submit(_compute, plan, piece, loaded, device)))
+                else:
+                    hand_over(shard, piece, _compute(plan, piece, loaded, device))
                 del loaded
-                if shard.file not in writers:
-                    path = (paths or {}).get(shard.file) or os.path.join(folder, shard.file)
-                    writers[shard.file] = ShardWriter(path, shard.entries)
-                behind.put(writers[shard.file], job.name, result, piece.rows)
-                del result
-                if progress is not None:
-                    progress(piece.numel * itemsize(job.dtype))
+            while running:
+                hand_over(*_finished(running))
             behind.finish()
         except BaseException:
+            for _, _, future in running:
+                future.cancel()
             behind.abort()
             for writer in writers.values():   # also those not yet handed to the writer thread
                 writer.abort()
             raise
         finally:
             reader.stop()
+
+
+def _finished(running: deque) -> tuple[ShardPlan, _Piece, torch.Tensor]:
+    """The oldest pool merge, done; on its error the merges queued after it are cancelled first."""
+    shard, piece, future = running.popleft()
+    try:
+        return shard, piece, future.result()
+    except BaseException:
+        for _, _, other in running:
+            other.cancel()
+        raise
+
+
+def _one_torch_thread() -> None:
+    """Each merging thread runs torch ops on itself only (torch's intra-op thread count is per thread)."""
+    torch.set_num_threads(1)
 
 
 @contextmanager
@@ -245,17 +289,35 @@ def merge_blocks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], shape
     Per block: each input is rounded to the load dtype when set and converted to float32 into a reused
     scratch buffer, the strategy runs on 1-D views, and its result is cast into the output. The operations
     on each element are those of ``merge_prepared``, so the bytes are the same.
+
+    NaN and Inf: the written result is checked once at the end (a NaN or Inf made by the arithmetic survives
+    the cast, and so does a value the cast overflows); the inputs before, unless the strategy propagates NaN
+    and Inf (then a bad input shows in the result). Only when the result is not finite are the inputs looked
+    at for one to blame, and then the blocks merged again, each one checked, to say where and why (a rare,
+    slow path: the common one costs one sum per piece, not one per block and input).
     """
     check = not plan.allow_nonfinite
-    if check:
+    strategy = job.strategy or plan.strategy
+    if check and not strategy.propagates_nonfinite:
         check_inputs(job, raw, rows)
     out = torch.empty(shape, dtype=job.dtype)
     flat_out = out.view(-1)                                    # (numel,)
     offset = rows[0] * math.prod(job.shape[1:]) if rows is not None else 0
     flats = [tensor.reshape(-1) for tensor in raw]             # (numel,) each, stored dtype
+    scratch = [torch.empty(min(BLOCK_ELEMENTS, flat_out.numel()), dtype=compute_dtype(job.load_dtype or t.dtype))
+               for t in flats]
+    _merge_block_range(plan, job, flats, scratch, flat_out, None)
+    if check and count_nonfinite(out) is not None:
+        check_inputs(job, raw, rows)                                      # an input to blame, first
+        _merge_block_range(plan, job, flats, scratch, flat_out, offset)   # else raises at the first bad block
+    return out
+
+
+def _merge_block_range(plan: MergePlan, job: TensorJob, flats: list[torch.Tensor], scratch: list[torch.Tensor],
+                       flat_out: torch.Tensor, check_offset: Optional[int]) -> None:
+    """``merge_blocks``' loop; with ``check_offset`` (the flat index of ``flat_out`` in the whole tensor),
+    each block's result is checked for NaN and Inf before and after its cast."""
     numel = flat_out.numel()
-    size = min(BLOCK_ELEMENTS, numel)
-    scratch = [torch.empty(size, dtype=compute_dtype(job.load_dtype or t.dtype)) for t in flats]
     for start in range(0, numel, BLOCK_ELEMENTS):
         end = min(start + BLOCK_ELEMENTS, numel)
         inputs = [_to_compute(buffer[: end - start], flat[start:end], job.load_dtype)
@@ -264,11 +326,10 @@ def merge_blocks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], shape
         if job.merge_dtype != job.dtype:     # rounded twice, as merge_prepared does (e.g. bf16, then f16)
             result = result.to(job.merge_dtype)
         flat_out[start:end].copy_(result)    # the (last) cast, in the same pass as the copy
-        if check:
+        if check_offset is not None:
             check_result(job, (job.strategy or plan.strategy).name, result, flat_out[start:end], None,
-                         offset=offset + start)
+                         offset=check_offset + start)
         del inputs, result
-    return out
 
 
 def _to_compute(buffer: torch.Tensor, block: torch.Tensor, load_dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -287,8 +348,9 @@ def _compute(plan: MergePlan, piece: _Piece, loaded: list[torch.Tensor], device:
 
 
 def _load(piece: _Piece, device: torch.device, check: bool) -> list[torch.Tensor]:
-    """A piece's inputs as the main thread wants them: raw for blocked merges and off-CPU devices (moved and
-    converted there), converted to float32 here otherwise (in the reader thread, off the computing core)."""
+    """A piece's inputs as the merging thread wants them: raw for blocked merges (checked there) and off-CPU
+    devices (moved and converted there), converted to float32 and checked for NaN and Inf (``check``) here
+    otherwise, in the reader thread."""
     job = piece.job
     raw = read_sources(job, piece.rows)
     return raw if piece.blocked or device.type != "cpu" else prepare_inputs(job, raw, device, piece.rows,

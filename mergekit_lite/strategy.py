@@ -165,6 +165,10 @@ class Strategy:
     # Each output element depends only on the same element of the inputs: the engine may then merge a large
     # tensor in row blocks (bounded memory). False for anything using whole-tensor statistics (norms, top-k).
     elementwise: bool = False
+    # A NaN or Inf in any input always gives a NaN or Inf in the same output element (sums, differences and
+    # products with finite numbers do: w * Inf is Inf or NaN, Inf - Inf is NaN). The engine then checks only
+    # the output and, when it is not finite, looks for the input to blame: one pass instead of one per input.
+    propagates_nonfinite: bool = False
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
     # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
     check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)

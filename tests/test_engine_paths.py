@@ -141,3 +141,53 @@ def test_where_o_direct_is_refused_shards_go_through_the_page_cache(tmp_path, mo
     reference.close()
     data = path.read_bytes()
     assert data == (tmp_path / "ref.safetensors").read_bytes() and record.crc32 == zlib.crc32(data)
+
+
+def _direct_stream(path, chunk):
+    open(path, "wb").close()
+    stream = DirectStream.open(str(path))
+    if stream is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    fd = stream._fd   # the same O_DIRECT descriptor, with small buffers: a few kB cross many buffer switches
+    stream._io.shutdown()
+    return DirectStream(fd, chunk=chunk)
+
+
+def test_direct_stream_double_buffering_keeps_every_byte_in_order(tmp_path):
+    """Two staging buffers alternate (one written by the I/O thread while the other fills): pieces of odd
+    sizes, some larger than a buffer, land byte for byte in order."""
+    path = tmp_path / "stream.bin"
+    stream = _direct_stream(path, chunk=8192)
+    data = torch.randint(0, 256, (200_003,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cuts = [0, 1, 4097, 8192, 8193, 30_000, 30_001, 90_000, 200_003]
+    for start, end in zip(cuts, cuts[1:]):
+        stream.append(memoryview(data[start:end].numpy()))
+    stream.finish()
+    stream.close()
+    os.truncate(path, data.numel())
+    assert path.read_bytes() == data.numpy().tobytes()
+
+
+def test_direct_stream_error_names_where_the_disk_refused(tmp_path, monkeypatch):
+    """A write refused in the I/O thread is raised in the caller at its next append or finish, with
+    ``on_disk`` at the first byte that did not reach the disk."""
+    import errno
+
+    import mergekit_lite.direct_io as direct_io
+
+    path = tmp_path / "stream.bin"
+    stream = _direct_stream(path, chunk=8192)
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset >= 16384:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", pwrite)
+    with pytest.raises(OSError, match="No space left on device"):
+        for _ in range(10):
+            stream.append(memoryview(bytearray(4096)))
+        stream.finish()
+    stream.close()
+    assert stream.on_disk == 16384

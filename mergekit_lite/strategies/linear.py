@@ -31,6 +31,7 @@ STRATEGY = Strategy(
     title="Linear (model soup)",
     summary="Weighted average of the models' tensors; a base_model, if given, is one more input.",
     elementwise=True,
+    propagates_nonfinite=True,   # sum_i w_i x_i (/ sum_i w_i)
     paper="https://arxiv.org/abs/2203.05482",
     base="input",
     check=weights_sum_check,   # normalize by a zero sum would write NaN/Inf (mergekit does)

@@ -27,6 +27,7 @@ STRATEGY = Strategy(
     title="Passthrough",
     summary="Copies its one input, optionally scaled: the method of layer stacking (slices).",
     elementwise=True,
+    propagates_nonfinite=True,   # x, or x * scale
     base="input",
     min_inputs=1,
     max_inputs=1,

@@ -197,6 +197,8 @@ STRATEGIES = [
              # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,
              # L1 norms, a random stream drawn for the tensor's shape).
              elementwise=p.sparsifier is None and p.consensus is None,
+             # base + lambda * sum_i w_i (x_i - base): without pruning, every element takes part
+             propagates_nonfinite=p.sparsifier is None and p.consensus is None,
              check=_check(p))
     for p in PRESETS
 ]
