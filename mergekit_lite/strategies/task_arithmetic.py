@@ -25,6 +25,8 @@ import torch
 from ..strategy import Param, ParamProblem, Strategy, TensorContext, weights_sum_check
 from . import sparsifiers
 
+COMBINE_BLOCK = 1 << 18   # elements per block of the element-wise combination (1 MB per float32 operand)
+
 
 def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext,
                                 *, consensus: Optional[str], sparsifier: Optional[str], weight: Sequence[float],
@@ -41,28 +43,46 @@ def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[t
     assert base is not None
     generator = ctx.generator(base.device) if sparsifier in ("random", "della_magprune") else None
     weights = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weight]   # float32 scalars
+    lam = params["lambda"]
+    if consensus is None:
+        mixed = torch.zeros_like(base)
+        for i, tensor in enumerate(inputs):
+            delta = tensor - base
+            if sparsifier is not None:
+                delta = _sparsify(sparsifier, delta, i, rescale, density, gamma, epsilon, generator)
+            mixed.add_(delta.mul_(weights[i]))   # one delta alive at a time: memory stays (n + 3) tensors
+            del delta
+        divisor = torch.stack(weights).sum() if normalize else None
+        if divisor is not None and divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+        return _finish(mixed, divisor, lam, base)
     deltas = []
-    mixed = torch.zeros_like(base)
     for i, tensor in enumerate(inputs):
         delta = tensor - base
         if sparsifier is not None:
             delta = _sparsify(sparsifier, delta, i, rescale, density, gamma, epsilon, generator)
-        delta.mul_(weights[i])
-        if consensus is None:
-            mixed.add_(delta)   # one delta alive at a time: memory stays (n + 3) tensors
-        else:
-            deltas.append(delta)
+        deltas.append(delta.view(-1))
         del delta
-    if consensus is None:
-        divisor = torch.stack(weights).sum() if normalize else None
-        if divisor is not None and divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
-    else:
-        divisor = _sign_vote(deltas, weights, mixed, normalize)
+    # The sign vote and what follows are element-wise: done in cache-sized blocks (one pass over memory
+    # instead of a dozen; the same operations on each element in the same order, so the same bits), each
+    # block's result written over the first delta's block (already used by then).
+    flat_base, out = base.view(-1), deltas[0]
+    for start in range(0, out.numel(), COMBINE_BLOCK):
+        block = [d[start:start + COMBINE_BLOCK] for d in deltas]
+        for d, w in zip(block, weights):
+            d.mul_(w)
+        mixed = torch.zeros_like(block[0])
+        divisor = _sign_vote(block, weights, mixed, normalize)
+        out[start:start + COMBINE_BLOCK] = _finish(mixed, divisor, lam, flat_base[start:start + COMBINE_BLOCK])
+    return out.view(base.shape)
+
+
+def _finish(mixed: torch.Tensor, divisor: Optional[torch.Tensor], lam: float, base: torch.Tensor) -> torch.Tensor:
+    """base + lambda * mixed / divisor, in place in ``mixed``."""
     if divisor is not None:
         mixed.div_(divisor)
-    if params["lambda"] != 1:
-        mixed.mul_(params["lambda"])
+    if lam != 1:
+        mixed.mul_(lam)
     return mixed.add_(base)   # = base + mixed, bit for bit (addition commutes), without another tensor
 
 
