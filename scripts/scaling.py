@@ -87,7 +87,7 @@ def plot(results: dict, path: str) -> None:
             ax.set_ylabel(title)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle("Linear merge of bf16 Llama-shaped models on 2 shared cores (fresh processes; inputs read from "
+    fig.suptitle("Linear merge of bf16 Llama-shaped models on 2 cores (fresh processes; inputs read from "
                  "the page cache where they fit)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
