@@ -131,7 +131,6 @@ def test_an_error_in_a_ray_task_is_the_same_error_as_local(ray_cluster, models_b
     exit code as with the local executor, not Ray's wrapped traceback; no output appears."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     root = tmp_path / "models"
