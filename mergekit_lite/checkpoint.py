@@ -224,13 +224,18 @@ def read_config(folder: str) -> dict[str, Any]:
     if not os.path.exists(path):
         return {}
     contained_path(folder, "config.json", folder)
+    return read_json_object(path, "config.json", path, "the file is corrupt; download it again")
+
+
+def read_json_object(path: str, name: str, blame: str, hint: str, nested: str = "nested too deeply") -> dict[str, Any]:
+    """The JSON object in ``path`` (called ``name`` in messages), or a ModelError naming ``blame``: the file
+    cannot be read, is not JSON, nests deeper than the parser goes (``nested`` says so), or is not an object."""
     try:
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+            data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise ModelError(f"cannot read config.json: {why}", file=path,
-                         hint="the file is corrupt; download it again") from None
-    if not isinstance(config, dict):
-        raise ModelError("config.json is not a JSON object", file=path)
-    return config
+        why = nested if isinstance(exc, RecursionError) else exc
+        raise ModelError(f"cannot read {name}: {why}", file=blame, hint=hint) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{name} is not a JSON object", file=blame)
+    return data

@@ -9,14 +9,13 @@ math. peft 0.21.2 is the reference (shared/research/lora.md sections 1.2, 2.1, 2
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..checkpoint import contained_path
+from ..checkpoint import contained_path, read_json_object
 from ..errors import ModelError
 
 CONFIG_FILE = "adapter_config.json"
@@ -96,16 +95,8 @@ def read_settings(folder: str, label: str) -> LoraSettings:
     if not os.path.lexists(os.path.join(folder, CONFIG_FILE)):
         raise ModelError(f"no {CONFIG_FILE}: this is not a PEFT adapter folder", file=label,
                          hint="give the folder that holds adapter_config.json and adapter_model.safetensors")
-    path = contained_path(folder, CONFIG_FILE, label)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        why = "it is nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise ModelError(f"cannot read {CONFIG_FILE}: {why}", file=label,
-                         hint="the file is corrupt; download the adapter again") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"{CONFIG_FILE} is not a JSON object", file=label)
+    raw = read_json_object(contained_path(folder, CONFIG_FILE, label), CONFIG_FILE, label,
+                           "the file is corrupt; download the adapter again", nested="it is nested too deeply")
     _refuse_unsupported(raw, label)
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
     if not _positive_int(r) or not _number(alpha):
