@@ -168,14 +168,9 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
 
 
 def _finished(running: deque) -> tuple[ShardPlan, _Piece, torch.Tensor]:
-    """The oldest pool merge, done; on its error the merges queued after it are cancelled first."""
+    """The oldest pool merge, done (its error is raised; the caller then cancels those queued after it)."""
     shard, piece, future = running.popleft()
-    try:
-        return shard, piece, future.result()
-    except BaseException:
-        for _, _, other in running:
-            other.cancel()
-        raise
+    return shard, piece, future.result()
 
 
 def _one_torch_thread() -> None:
