@@ -30,7 +30,8 @@ from .memory import reuse_freed_memory
 from .nonfinite import check_inputs, check_result, count_nonfinite
 from .pipeline import Reader, WriteBehind
 from .plan import MergePlan, TensorJob
-from .strategy import TensorContext
+from .chunks import Chunks, Spread, in_order
+from .strategy import Strategy, TensorContext
 from .writer import Entry, ShardPlan, ShardRecord, ShardWriter, file_order, plan_output
 
 # Row blocks of element-wise merges hold at most this many elements (32 MB per float32 input): measured on
@@ -62,6 +63,12 @@ class _Piece:
     job: TensorJob
     rows: Rows
     blocked: bool = False    # merged in cache-sized blocks from raw inputs (element-wise, on the CPU)
+    chunked: bool = False    # a whole tensor merged by the strategy's chunked body from raw inputs (on the CPU)
+
+    @property
+    def raw(self) -> bool:
+        """Its inputs are loaded as stored (converted to float32 by the merge, a block at a time)."""
+        return self.blocked or self.chunked
 
     @property
     def numel(self) -> int:
@@ -124,8 +131,7 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
     jobs = {job.name: job for job in plan.jobs}
     blocked = device.type == "cpu"
     order = [(shard, jobs[e.name]) for shard in shards for e in file_order(shard.entries)]
-    pieces = [(shard, p) for shard, job in order
-              for p in split(job, (job.strategy or plan.strategy).elementwise, blocked)]
+    pieces = [(shard, p) for shard, job in order for p in split(job, job.strategy or plan.strategy, blocked)]
     threads = merge_threads() if threads is None else threads
     writers: dict[str, ShardWriter] = {}
 
@@ -139,6 +145,8 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
             progress(piece.numel * itemsize(piece.job.dtype))
 
     with _merge_session(device), ThreadPoolExecutor(threads, "mergekit-lite-merge", _one_torch_thread) as pool:
+        # chunked merges spread each pass over the pool (then idle: whole tensors wait for the row blocks)
+        spread = (lambda fn, items: list(pool.map(fn, items))) if threads > 1 else in_order
         reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite),
                         lambda p: _loaded_bytes(p, device))
         behind = WriteBehind(on_shard)
@@ -151,7 +159,7 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
                 if parallel:
                     running.append((shard, piece, pool.submit(_compute, plan, piece, loaded, device)))
                 else:
-                    hand_over(shard, piece, _compute(plan, piece, loaded, device))
+                    hand_over(shard, piece, _compute(plan, piece, loaded, device, spread))
                 del loaded
             while running:
                 hand_over(*_finished(running))
@@ -198,15 +206,18 @@ def _merge_session(device: torch.device) -> Iterator[None]:
             gc.enable()
 
 
-def split(job: TensorJob, elementwise: bool, blocked: bool = False) -> list[_Piece]:
+def split(job: TensorJob, strategy: Strategy, blocked: bool = False) -> list[_Piece]:
     """Row blocks of at most PIECE_ELEMENTS elements for element-wise merges; else the whole tensor.
 
-    ``blocked``: element-wise pieces are merged in cache-sized blocks from their raw inputs (CPU only).
+    ``blocked`` (on the CPU): element-wise pieces are merged in cache-sized blocks from their raw inputs, and
+    whole tensors by the strategy's chunked body when it has one for this tensor's parameters.
     """
     numel = math.prod(job.shape)
+    elementwise = strategy.elementwise
+    chunked = blocked and not job.copy and not elementwise and strategy.chunks(job.params) is not None
     blocked = blocked and elementwise and not job.copy
     if not elementwise or job.copy or len(job.shape) < 2 or numel <= PIECE_ELEMENTS:
-        return [_Piece(job, None, blocked)]
+        return [_Piece(job, None, blocked, chunked)]
     step = max(1, PIECE_ELEMENTS // math.prod(job.shape[1:]))
     return [_Piece(job, (start, min(start + step, job.shape[0])), blocked) for start in range(0, job.shape[0], step)]
 
@@ -327,16 +338,60 @@ def _merge_block_range(plan: MergePlan, job: TensorJob, flats: list[torch.Tensor
         del inputs, result
 
 
+def merge_chunks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], spread: Spread = in_order) -> torch.Tensor:
+    """A whole-tensor merge by the strategy's chunked body, from raw (stored-dtype) CPU inputs; the result
+    in job.dtype. Each chunk of each input is rounded to the load dtype when set and converted to float32
+    as the body reads it; the body's passes run on the merging threads (``spread``).
+
+    NaN and Inf as in ``merge_blocks``: the inputs first unless the strategy propagates them, the written
+    result once. When the result is not finite, an input to blame is looked for, and then the tensor is
+    merged again on whole float32 tensors, checked, to say where and why (the rare, slow path).
+    """
+    strategy = job.strategy or plan.strategy
+    check = not plan.allow_nonfinite
+    if check and not strategy.propagates_nonfinite:
+        check_inputs(job, raw, None)
+    out = torch.empty(job.shape, dtype=job.dtype)
+    flat_out = out.view(-1)                                    # (numel,)
+
+    def emit(start: int, values: torch.Tensor) -> None:
+        if job.merge_dtype != job.dtype:     # rounded twice, as merge_prepared does (e.g. bf16, then f16)
+            values = values.to(job.merge_dtype)
+        flat_out[start:start + values.numel()].copy_(values)   # the (last) cast, in the same pass as the copy
+
+    def convert(chunk: torch.Tensor) -> torch.Tensor:
+        return _to_compute(torch.empty(chunk.shape, dtype=compute_dtype(job.load_dtype or chunk.dtype)),
+                           chunk, job.load_dtype)
+
+    base = raw[-1] if job.base is not None else None
+    inputs = raw[:-1] if job.base is not None else raw
+    body = strategy.chunks(job.params)
+    assert body is not None
+    ctx = TensorContext(job.name, job.layer, job.t, plan.seed)
+    try:
+        body(Chunks(inputs, base, emit, convert, spread), ctx, **job.params)
+    except (RuntimeError, ValueError) as exc:
+        raise StrategyError(f"{strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
+                            hint="this is likely a bug in the strategy; re-run with --debug and report it") from exc
+    if check and count_nonfinite(out) is not None:
+        check_inputs(job, raw, None)                                   # an input to blame, first
+        return merge_prepared(plan, job, prepare_inputs(job, list(raw), torch.device("cpu"), check=False))
+    return out
+
+
 def _to_compute(buffer: torch.Tensor, block: torch.Tensor, load_dtype: Optional[torch.dtype]) -> torch.Tensor:
     if load_dtype is not None and load_dtype != block.dtype:
         block = block.to(load_dtype)          # mergekit rounds inputs to the spec dtype first
     return buffer.copy_(block)
 
 
-def _compute(plan: MergePlan, piece: _Piece, loaded: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _compute(plan: MergePlan, piece: _Piece, loaded: list[torch.Tensor], device: torch.device,
+             spread: Spread = in_order) -> torch.Tensor:
     """One piece's output, on the CPU in the written dtype."""
     if piece.blocked:
         return merge_blocks(plan, piece.job, loaded, piece.shape, piece.rows)
+    if piece.chunked:
+        return merge_chunks(plan, piece.job, loaded, spread)
     prepared = loaded if device.type == "cpu" else prepare_inputs(piece.job, loaded, device, piece.rows,
                                                                   check=not plan.allow_nonfinite)
     return merge_prepared(plan, piece.job, prepared, piece.rows)
@@ -348,14 +403,14 @@ def _load(piece: _Piece, device: torch.device, check: bool) -> list[torch.Tensor
     otherwise, in the reader thread."""
     job = piece.job
     raw = read_sources(job, piece.rows)
-    return raw if piece.blocked or device.type != "cpu" else prepare_inputs(job, raw, device, piece.rows,
+    return raw if piece.raw or device.type != "cpu" else prepare_inputs(job, raw, device, piece.rows,
                                                                             check=check)
 
 
 def _loaded_bytes(piece: _Piece, device: torch.device) -> int:
     """Bytes a piece's inputs occupy once loaded (``_load``): raw, or converted to the compute dtype."""
     job = piece.job
-    converted = not piece.blocked and not job.copy and device.type == "cpu"
+    converted = not piece.raw and not job.copy and device.type == "cpu"
     total = 0
     for source in job.sources:
         dtype = compute_dtype(job.load_dtype or source.info.dtype) if converted else source.info.dtype

@@ -24,8 +24,8 @@ class Reader(Generic[Piece]):
     """Loads the next pieces in a background thread, in order, within a byte budget.
 
     ``load(piece)`` returns the piece's input tensors; ``cost(piece)`` is the bytes they occupy. The budget
-    is the largest piece's cost plus a little (at most 256 MiB) so that, while the largest piece is merged,
-    only small ones are read ahead.
+    is the largest piece's cost plus a little (at most 64 MiB) so that, while the largest piece is merged,
+    only small ones are read ahead (256 MiB cost 3 x 1B TIES 100 MB of peak RSS and no measurable time).
     """
 
     def __init__(self, pieces: Sequence[Piece], load: Callable[[Piece], list[torch.Tensor]],
@@ -34,7 +34,7 @@ class Reader(Generic[Piece]):
         self._load = load
         self._cost = [cost(p) for p in self._pieces]
         largest = max(self._cost, default=0)
-        self._budget = largest + min(largest, 256 << 20)
+        self._budget = largest + min(largest, 64 << 20)
         self._used = 0
         self._cond = threading.Condition()
         self._queue: queue.Queue = queue.Queue()

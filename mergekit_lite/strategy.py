@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .errors import SpecError
@@ -131,12 +132,26 @@ class TensorContext:
         """A generator seeded from the run seed and a stable hash of the tensor name.
 
         The same tensor gets the same random numbers whatever the shard size, thread count or order of
-        work, so random methods (DARE, DELLA) give byte-identical output across runs.
+        work, so random methods (DELLA) give byte-identical output across runs.
         """
-        digest = hashlib.sha256(f"{self.seed}:{self.name}".encode()).digest()
         gen = torch.Generator(device=device)
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        gen.manual_seed(self._key() & ((1 << 63) - 1))
         return gen
+
+    def bits(self, model: int, chunk: int) -> np.random.PCG64:
+        """Random bits for chunk ``chunk`` of model ``model``'s view of this tensor: a PCG64 stream keyed by
+        the run seed, the tensor name, the model and the chunk.
+
+        Keyed per chunk, any chunk is drawn without drawing those before it, so chunks are drawn on any
+        thread in any order and still give the same bits (torch's CPU generator, MT19937, only runs
+        forward, and costs 6 ns a draw against PCG64's 1). NumPy keeps bit generators' and SeedSequence's
+        streams stable across releases.
+        """
+        return np.random.PCG64(np.random.SeedSequence(self._key(), spawn_key=(model, chunk)))
+
+    def _key(self) -> int:
+        digest = hashlib.sha256(f"{self.seed}:{self.name}".encode()).digest()
+        return int.from_bytes(digest[:8], "little")
 
 
 # inputs, base, context, **params -> merged tensor
@@ -169,6 +184,12 @@ class Strategy:
     # products with finite numbers do: w * Inf is Inf or NaN, Inf - Inf is NaN). The engine then checks only
     # the output and, when it is not finite, looks for the input to blame: one pass instead of one per input.
     propagates_nonfinite: bool = False
+    # Optional: the same method written against chunks.Chunks (passes over float32 chunks of the raw inputs).
+    # On the CPU the engine then runs it on every merging thread with the raw inputs in memory, instead of
+    # ``fn`` on whole float32 tensors. ``fn`` must give the same bits (chunks.whole builds it from this).
+    # ``chunks_when(params)`` says when it applies (default: always).
+    chunked: Optional[Callable[..., None]] = field(default=None, compare=False)
+    chunks_when: Optional[Callable[[dict[str, Any]], bool]] = field(default=None, compare=False)
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
     # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
     check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)
@@ -176,6 +197,12 @@ class Strategy:
     # mergekit_lite.jobs.Layout. None: one output tensor per input tensor, of the same shape.
     layout: Optional[Any] = field(default=None, compare=False)
     details: str = ""                    # longer explanation shown by `merge methods NAME`
+
+    def chunks(self, params: dict[str, Any]) -> Optional[Callable[..., None]]:
+        """The chunked body for a tensor with these resolved parameters, or None."""
+        if self.chunked is None or (self.chunks_when is not None and not self.chunks_when(params)):
+            return None
+        return self.chunked
 
     def param(self, name: str) -> Optional[Param]:
         return next((p for p in self.params if p.name == name), None)

@@ -131,7 +131,8 @@ def draws(name: str, seeds: range, density: float, shape=(256, 512), **params):
     gen = (lambda s: TensorContext("w", 0, 0.0, s).generator())
     for seed in seeds:
         if name == "random":
-            yield delta, sparsifiers.random(delta.clone(), density, generator=gen(seed), **params)
+            yield delta, sparsifiers.random(delta.clone(), density, ctx=TensorContext("w", 0, 0.0, seed), model=0,
+                                            **params)
         else:
             yield delta, sparsifiers.della_magprune(delta.clone(), density, generator=gen(seed), **params)
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..chunks import whole
 from ..strategy import Param, ParamProblem, Strategy, TensorContext, weights_sum_check
 from . import sparsifiers
-
-COMBINE_BLOCK = 1 << 18   # elements per block of the element-wise combination (1 MB per float32 operand)
-
+from .consensus import finish, vote, weight_divisor
+from .task_chunks import chunkable, task_chunks
 
 def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext,
                                 *, consensus: Optional[str], sparsifier: Optional[str], weight: Sequence[float],
@@ -41,7 +41,7 @@ def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[t
     no effect (there it only picks the dtype of a temporary mask).
     """
     assert base is not None
-    generator = ctx.generator(base.device) if sparsifier in ("random", "della_magprune") else None
+    generator = ctx.generator(base.device) if sparsifier == "della_magprune" else None
     weights = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weight]   # float32 scalars
     lam = params["lambda"]
     if consensus is None:
@@ -49,77 +49,30 @@ def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[t
         for i, tensor in enumerate(inputs):
             delta = tensor - base
             if sparsifier is not None:
-                delta = _sparsify(sparsifier, delta, i, rescale, density, gamma, epsilon, generator)
+                delta = _sparsify(sparsifier, delta, i, rescale, density, gamma, epsilon, generator, ctx)
             mixed.add_(delta.mul_(weights[i]))   # one delta alive at a time: memory stays (n + 3) tensors
             del delta
-        divisor = torch.stack(weights).sum() if normalize else None
-        if divisor is not None and divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
-        return _finish(mixed, divisor, lam, base)
+        return finish(mixed, weight_divisor(weights, normalize), lam, base)
     deltas = []
     for i, tensor in enumerate(inputs):
         delta = tensor - base
         if sparsifier is not None:
-            delta = _sparsify(sparsifier, delta, i, rescale, density, gamma, epsilon, generator)
+            delta = _sparsify(sparsifier, delta, i, rescale, density, gamma, epsilon, generator, ctx)
         deltas.append(delta.view(-1))
         del delta
-    # The sign vote and what follows are element-wise: done in cache-sized blocks (one pass over memory
-    # instead of a dozen; the same operations on each element in the same order, so the same bits), each
-    # block's result written over the first delta's block (already used by then).
-    flat_base, out = base.view(-1), deltas[0]
-    for start in range(0, out.numel(), COMBINE_BLOCK):
-        block = [d[start:start + COMBINE_BLOCK] for d in deltas]
-        for d, w in zip(block, weights):
-            d.mul_(w)
-        mixed = torch.zeros_like(block[0])
-        divisor = _sign_vote(block, weights, mixed, normalize)
-        out[start:start + COMBINE_BLOCK] = _finish(mixed, divisor, lam, flat_base[start:start + COMBINE_BLOCK])
-    return out.view(base.shape)
-
-
-def _finish(mixed: torch.Tensor, divisor: Optional[torch.Tensor], lam: float, base: torch.Tensor) -> torch.Tensor:
-    """base + lambda * mixed / divisor, in place in ``mixed``."""
-    if divisor is not None:
-        mixed.div_(divisor)
-    if lam != 1:
-        mixed.mul_(lam)
-    return mixed.add_(base)   # = base + mixed, bit for bit (addition commutes), without another tensor
-
-
-def _sign_vote(deltas: list[Optional[torch.Tensor]], weights: list[torch.Tensor], mixed: torch.Tensor,
-               normalize: bool) -> Optional[torch.Tensor]:
-    """TIES steps 2-3 into ``mixed``: elect each entry's sign by total (weighted) mass, 0 counting as +,
-    then sum only the deltas of that sign (zeros never take part). Returns the divisor for ``normalize``:
-    the sum of the weights of the models that took part, 1 where none did. Consumes ``deltas``.
-    """
-    for delta in deltas:
-        mixed.add_(delta)                                   # (*shape,) total mass per entry
-    # +1 / -1 per entry. copysign makes -0 vote -1 where mergekit's `>= 0` says +1, but a -0 total means
-    # every delta there is +-0, and zeros never take part, so the result is the same.
-    elected = torch.ones_like(mixed).copysign_(mixed)    # (*shape,)
-    mixed.zero_()
-    divisor = torch.zeros_like(mixed) if normalize else None
-    for i, w in enumerate(weights):
-        delta, deltas[i] = deltas[i], None                  # drop our reference as soon as it is used
-        agrees = torch.mul(delta, elected).gt_(0)          # 1.0 where sign(delta) == elected, else 0.0
-        mixed.addcmul_(delta, agrees)                      # delta * 1 or * 0 is exact: same sum as mergekit's
-        if divisor is not None:
-            divisor.add_(agrees, alpha=float(w))
-        del delta, agrees
-    if divisor is not None:
-        divisor[divisor == 0] = 1
-    return divisor
+    return vote(deltas, weights, base.view(-1), normalize, lam).view(base.shape)
 
 
 def _sparsify(kind: str, delta: torch.Tensor, i: int, rescale: bool, density: Sequence[float],
-              gamma: Sequence[float], epsilon: Sequence[float], generator: Optional[torch.Generator]) -> torch.Tensor:
+              gamma: Sequence[float], epsilon: Sequence[float], generator: Optional[torch.Generator],
+              ctx: TensorContext) -> torch.Tensor:
     if kind == "magnitude":
         return sparsifiers.magnitude(delta, density[i], rescale)
     if kind == "magnitude_outliers":
         return sparsifiers.magnitude_outliers(delta, density[i], gamma[i], rescale)
-    assert generator is not None
     if kind == "random":
-        return sparsifiers.random(delta, density[i], rescale, generator)
+        return sparsifiers.random(delta, density[i], rescale, ctx, i)
+    assert generator is not None
     return sparsifiers.della_magprune(delta, density[i], epsilon[i], rescale, generator)
 
 
@@ -210,15 +163,30 @@ PRESETS = (
            "https://arxiv.org/abs/2406.11617", None, "della_magprune", normalize=False, rescale=True),
 )
 
+
+def _function(p: Preset) -> Callable[..., torch.Tensor]:
+    if p.sparsifier == "random":   # DARE: one body (task_chunks) for whole tensors and chunks
+        return whole(partial(task_chunks, consensus=p.consensus, sparsifier=p.sparsifier))
+    return partial(generalized_task_arithmetic, consensus=p.consensus, sparsifier=p.sparsifier)
+
+
+def _chunks_when(p: Preset) -> Callable[[dict[str, Any]], bool]:
+    return lambda params: chunkable(p.sparsifier, params.get("rescale", False))
+
+
 STRATEGIES = [
-    Strategy(name=p.name, fn=partial(generalized_task_arithmetic, consensus=p.consensus, sparsifier=p.sparsifier),
+    Strategy(name=p.name, fn=_function(p),
+             chunked=partial(task_chunks, consensus=p.consensus, sparsifier=p.sparsifier)
+             if chunkable(p.sparsifier, False) else None,
+             chunks_when=_chunks_when(p),
              title=p.title, summary=p.summary, paper=p.paper, base="required", params=_params(p),
              random=p.sparsifier in ("random", "della_magprune"),
              # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,
              # L1 norms, a random stream drawn for the tensor's shape).
              elementwise=p.sparsifier is None and p.consensus is None,
-             # base + lambda * sum_i w_i (x_i - base): without pruning, every element takes part
-             propagates_nonfinite=p.sparsifier is None and p.consensus is None,
+             # base + lambda * sum_i w_i (x_i - base): without pruning, every element takes part; DARE's
+             # dropped entries are x * 0, which is NaN for NaN and Inf, and its L1 norms then skip the rescale
+             propagates_nonfinite=p.sparsifier in (None, "random"),
              check=_check(p))
     for p in PRESETS
 ]

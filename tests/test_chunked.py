@@ -1,0 +1,177 @@
+"""Whole-tensor methods run in passes over chunks of the raw inputs (chunks.py): SLERP and DARE.
+
+The chunked path must give the bits of the whole-tensor path (and, for SLERP, mergekit's) on tensors of
+several 1M-element chunks, whatever the number of threads, and still name a bad input."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import read_folder
+from mergekit_lite import run_merge
+from mergekit_lite.chunks import Chunks
+from mergekit_lite.errors import ModelError
+from mergekit_lite.registry import get_strategy
+from mergekit_lite.strategies import sparsifiers
+from mergekit_lite.strategy import TensorContext
+from mergekit_lite.synthetic import LlamaShape, write_model
+
+# Embeddings and lm_head of 8192 x 160 = 1.3M entries: two chunks of 1M (a full one and a partial one).
+BIG = LlamaShape(hidden=160, intermediate=256, layers=1, heads=4, kv_heads=2, vocab=8192)
+EMBED = "model.embed_tokens.weight"
+
+
+def run_chunks(body, inputs: list[torch.Tensor], base: torch.Tensor, ctx: TensorContext, threads: int,
+               **params) -> torch.Tensor:
+    """``body`` as the engine runs it: raw (stored dtype) inputs converted a chunk at a time, passes spread
+    over ``threads`` threads; the float32 result."""
+    out = torch.full((base.numel(),), float("nan"))
+
+    def emit(start: int, values: torch.Tensor) -> None:
+        out[start:start + values.numel()] = values
+
+    with ThreadPoolExecutor(threads) as pool:
+        spread = lambda fn, items: list(pool.map(fn, items))   # noqa: E731
+        body(Chunks(inputs, base, emit, lambda chunk: chunk.to(torch.float32), spread), ctx, **params)
+    return out.view(base.shape)
+
+
+def pair(n: int, colinear: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    other = base.float() * 1.5 + (0.001 if colinear else 1.0) * torch.randn(n, generator=g)
+    return base, other.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 1 << 20, (1 << 20) * 2 + 12345])
+@pytest.mark.parametrize("colinear", [False, True], ids=["arc", "colinear"])
+def test_slerp_chunks_give_mergekits_bits(n, colinear):
+    """mergekit's own slerp function on the same float32 values, 1M-element chunks and all."""
+    merge_methods = pytest.importorskip("mergekit.merge_methods.slerp")
+    base, other = pair(n, colinear)
+    body = get_strategy("slerp").chunked
+    for t in (0.3, 0.0, 1.2):
+        ours = run_chunks(body, [other], base, TensorContext("w", None, 0.0), threads=2, t=t)
+        theirs = merge_methods.slerp(torch.tensor(t), base.float().view(1, -1), other.float().view(1, -1))
+        assert torch.equal(ours.view(1, -1), theirs), (n, colinear, t)
+        whole = get_strategy("slerp")([other.float()], base.float(), TensorContext("w", None, 0.0), t=t)
+        assert torch.equal(ours, whole)
+
+
+@pytest.mark.parametrize("method,rescale", [("dare_linear", True), ("dare_linear", False), ("dare_ties", True),
+                                            ("dare_ties", False), ("ties", False)])
+@pytest.mark.parametrize("shape", [(2100, 1300), (300, 7), (1,)])
+def test_pruning_chunks_equal_the_whole_tensor_function(method, rescale, shape):
+    """Three bf16 inputs (over three chunks for the largest shape): the chunked body on 1 and 2 threads gives
+    the bytes of the whole-tensor function on float32 copies. Densities 1 and 0 included (nothing pruned,
+    everything pruned); bf16 deltas have many equal magnitudes, so TIES' cut splits groups of equals."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16)
+    inputs = [(base.float() + 0.01 * torch.randn(shape, generator=g)).to(torch.bfloat16) for _ in range(4)]
+    strategy = get_strategy(method)
+    params = dict(weight=(0.6, -0.3, 0.5, 0.4), density=(0.35, 1.0, 0.0, 0.8), normalize=method != "dare_linear",
+                  rescale=rescale, **{"lambda": 0.9})
+    if method == "ties":
+        params["int8_mask"] = False
+    assert strategy.chunks(params) is not None
+    ctx = TensorContext("model.layers.0.mlp.up_proj.weight", 0, 0.0, seed=3)
+    whole = strategy([x.float() for x in inputs], base.float(), ctx, **params)
+    for threads in (1, 2):
+        assert torch.equal(run_chunks(strategy.chunked, inputs, base, ctx, threads, **params), whole)
+    if method == "ties" and len(shape) == 2:
+        magnitude = (inputs[0].float() - base.float()).abs().flatten()
+        k = int(0.35 * magnitude.numel())
+        cut = magnitude.sort(descending=True).values[k - 1]
+        assert int((magnitude > cut).sum()) < k < int((magnitude >= cut).sum())   # a group straddles the cut
+    if method.startswith("dare") and len(shape) == 2:   # the kept fraction of a task vector is its density
+        delta = inputs[0].float() - base.float()
+        kept = sparsifiers.random(delta.clone(), 0.35, False, ctx, 0) != 0
+        n = delta.numel() - int((delta == 0).sum())
+        assert abs(float(kept.sum()) / n - 0.35) < 4 * math.sqrt(0.35 * 0.65 / n)
+
+
+def test_ties_with_rescale_is_not_chunked():
+    """TIES' rescale uses mergekit's single float32 L1 sums, which only the whole tensor reproduces."""
+    ties = get_strategy("ties")
+    assert ties.chunks({"rescale": True}) is None and ties.chunks({"rescale": False}) is not None
+    assert get_strategy("breadcrumbs").chunks({"rescale": False}) is None
+
+
+def test_dare_draws_do_not_depend_on_chunk_order():
+    ctx = TensorContext("w", 0, 0.0, seed=5)
+    step = sparsifiers.DRAW_CHUNK
+    forward = [sparsifiers.random_keep(ctx, 1, 0.5, s, s + step) for s in (0, step, 2 * step)]
+    assert torch.equal(sparsifiers.random_keep(ctx, 1, 0.5, step, 2 * step), forward[1])
+    assert not torch.equal(forward[0], forward[1])                             # each chunk its own stream
+    assert not torch.equal(sparsifiers.random_keep(ctx, 0, 0.5, 0, step), forward[0])   # each model too
+    other_seed = TensorContext("w", 0, 0.0, seed=6)
+    assert not torch.equal(sparsifiers.random_keep(other_seed, 1, 0.5, 0, step), forward[0])
+
+
+@pytest.fixture(scope="module")
+def big_models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("big")
+    for name, delta_seed in (("base", None), ("ft-a", 1), ("ft-b", 2)):
+        write_model(str(root / name), BIG, dtype=torch.bfloat16, seed=0, delta_seed=delta_seed, delta_scale=0.02,
+                    max_shard_size=3_000_000)
+    return root
+
+
+def test_slerp_end_to_end_gives_mergekits_tensors(big_models, tmp_path):
+    pytest.importorskip("mergekit")
+    from test_mergekit_parity import assert_same, both
+
+    spec = (f"merge_method: slerp\nbase_model: {big_models}/base\nmodels:\n  - model: {big_models}/base\n"
+            f"  - model: {big_models}/ft-a\nparameters:\n  t: [0.2, 0.7]\n")
+    ours, theirs = both(spec, tmp_path, max_shard_size=3_000_000)
+    assert len(list(ours.glob("*.safetensors"))) >= 2
+    assert_same(ours, theirs)
+
+
+def test_dare_end_to_end_equals_the_whole_tensor_function(big_models, tmp_path, monkeypatch):
+    """Every output tensor is the strategy's function on the whole float32 inputs, and one merging thread
+    writes the same bytes as several."""
+    import mergekit_lite.engine as engine
+
+    spec = (f"merge_method: dare_ties\nbase_model: {big_models}/base\nmodels:\n"
+            f"  - model: {big_models}/ft-a\n    parameters: {{weight: 0.6, density: 0.4}}\n"
+            f"  - model: {big_models}/ft-b\n    parameters: {{weight: 0.5, density: 0.7}}\n")
+    run_merge(spec, tmp_path / "out", progress=False, seed=11, validate=False)
+    monkeypatch.setattr(engine, "MAX_MERGE_THREADS", 1)
+    run_merge(spec, tmp_path / "one", progress=False, seed=11, validate=False)
+    out, one = read_folder(tmp_path / "out"), read_folder(tmp_path / "one")
+    base, a, b = (read_folder(big_models / n) for n in ("base", "ft-a", "ft-b"))
+    strategy = get_strategy("dare_ties")
+    for name in (EMBED, "model.layers.0.mlp.up_proj.weight"):
+        ctx = TensorContext(name, 0 if "layers" in name else None, 0.0, seed=11)
+        whole = strategy([a[name].float(), b[name].float()], base[name].float(), ctx, weight=(0.6, 0.5),
+                         density=(0.4, 0.7), normalize=False, rescale=True, **{"lambda": 1.0})
+        assert torch.equal(out[name], whole.to(torch.bfloat16)), name
+    assert all(torch.equal(out[n], one[n]) for n in out)
+    changed = out[EMBED].float() - base[EMBED].float()
+    assert 0.5 < float((changed != 0).float().mean()) < 0.95   # dropped entries where both models drew a drop
+
+
+@pytest.mark.parametrize("method", ["slerp", "dare_ties"])
+def test_nan_in_an_input_is_named_on_the_chunked_path(big_models, tmp_path, method):
+    bad = tmp_path / "bad"
+    shutil.copytree(big_models / "ft-a", bad)
+    shard = next(f for f in sorted(bad.glob("*.safetensors")) if EMBED in load_file(f))
+    tensors = load_file(shard)
+    tensors[EMBED][5, 7] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    params = "parameters: {t: 0.5}\n" if method == "slerp" else ""
+    weight = "" if method == "slerp" else "\n    parameters: {weight: 0.5, density: 0.5}"
+    spec = f"merge_method: {method}\nbase_model: {big_models}/base\nmodels:\n  - model: {bad}{weight}\n{params}"
+    with pytest.raises(ModelError) as error:
+        run_merge(spec, tmp_path / "out", progress=False)
+    assert str(error.value).startswith(f"{bad}: tensor '{EMBED}': the input already holds 1 NaN value, "
+                                       "the first at [5, 7]")
+    assert not (tmp_path / "out").exists()
