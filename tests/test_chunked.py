@@ -159,7 +159,7 @@ def test_dare_end_to_end_equals_the_whole_tensor_function(big_models, tmp_path, 
     assert 0.5 < float((changed != 0).float().mean()) < 0.95   # dropped entries where both models drew a drop
 
 
-@pytest.mark.parametrize("method", ["slerp", "dare_ties"])
+@pytest.mark.parametrize("method", ["slerp", "dare_ties", "ties"])
 def test_nan_in_an_input_is_named_on_the_chunked_path(big_models, tmp_path, method):
     bad = tmp_path / "bad"
     shutil.copytree(big_models / "ft-a", bad)

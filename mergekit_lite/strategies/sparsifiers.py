@@ -29,7 +29,7 @@ RESCALE_EPS = 1e-7   # below this L1 norm (before or after pruning) mergekit ski
 _ROW = 1024          # L1 norms are summed in rows of this width: one thread per row, whatever the thread count
 _RADIX_MIN = 1 << 15  # smaller tensors: torch.kthvalue (measured: as fast at 16K entries, faster below)
 DRAW_CHUNK = 1 << 20   # DARE's draws: one random stream per chunk of this many entries
-HIGH_HALF = 1 if sys.byteorder == "little" else 0   # which int16 of a float32 holds its top 16 bits
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0   # which int16 of a float32 holds its top 16 bits
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -87,10 +87,15 @@ def random_keep(ctx: TensorContext, model: int, density: float, start: int, end:
 def l1_rows(tensor: torch.Tensor) -> list[float]:
     """``l1_norm``'s terms: the sums of |x| over rows of ``_ROW`` entries, and over the tail. A chunk that
     starts at a multiple of ``_ROW`` gives the same terms as the same entries in the whole tensor."""
-    flat = tensor.reshape(-1)
+    return row_sums(tensor.abs())
+
+
+def row_sums(values: torch.Tensor) -> list[float]:
+    """Sums over rows of ``_ROW`` entries of the flattened ``values``, and over the tail: one thread per row."""
+    flat = values.reshape(-1)
     whole = flat.numel() // _ROW * _ROW
-    rows = flat[:whole].view(-1, _ROW).abs().sum(dim=1)        # (n // _ROW,) float32; vector_norm takes 2x
-    tail = [float(flat[whole:].abs().sum())] if whole < flat.numel() else []
+    rows = flat[:whole].view(-1, _ROW).sum(dim=1)              # (n // _ROW,) float32; vector_norm takes 2x
+    tail = [float(flat[whole:].sum())] if whole < flat.numel() else []
     return rows.tolist() + tail
 
 
@@ -210,7 +215,7 @@ def kth_smallest(magnitudes: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
     if magnitudes.dtype != torch.float32 or magnitudes.numel() < _RADIX_MIN or not magnitudes.is_contiguous():
         return [torch.kthvalue(magnitudes, k).values for k in ks]
     # The top 16 bits of each float32, read in place as the high int16 half (0..32767: the sign bit is 0).
-    high = magnitudes.view(torch.int16)[HIGH_HALF::2]                    # (n,) bucket of each entry
+    high = magnitudes.view(torch.int16)[_HIGH_HALF::2]                    # (n,) bucket of each entry
     below = torch.bincount(high, minlength=1 << 15).cumsum_(0)           # entries in buckets <= b
     found = []
     for k in ks:

@@ -184,9 +184,10 @@ STRATEGIES = [
              # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,
              # L1 norms, a random stream drawn for the tensor's shape).
              elementwise=p.sparsifier is None and p.consensus is None,
-             # base + lambda * sum_i w_i (x_i - base): without pruning, every element takes part; DARE's
-             # dropped entries are x * 0, which is NaN for NaN and Inf, and its L1 norms then skip the rescale
-             propagates_nonfinite=p.sparsifier in (None, "random"),
+             # base + lambda * sum_i w_i (x_i - base): without pruning, every element takes part. Pruned
+             # entries are x * 0, which is NaN for NaN and Inf (DARE's L1 norms then skip the rescale; TIES
+             # ranks NaN and Inf above every finite magnitude, so they are kept or become NaN).
+             propagates_nonfinite=p.sparsifier in (None, "random", "magnitude"),
              check=_check(p))
     for p in PRESETS
 ]

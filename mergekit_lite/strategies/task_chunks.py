@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..chunks import Chunks
@@ -28,7 +29,8 @@ from . import sparsifiers
 from .consensus import vote, weighted_sum
 
 CHUNK = sparsifiers.DRAW_CHUNK   # DARE's streams are per chunk of this many entries
-BUCKETS = 1 << 15                # top 16 bits of a non-negative float32
+BLOCK = 1 << 18                  # element-wise work: a multiple of the L1 rows (1024), a divisor of CHUNK
+BUCKETS = 1 << 15                # top 16 bits of a non-negative float32 (as int32 >> 16)
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,25 @@ def task_chunks(src: Chunks, ctx: TensorContext, *, consensus: Optional[str], sp
         prune = _magnitude_trim(src, pruned, density)
 
     def combine(start: int, end: int) -> None:
-        base = src.base(start, end)
-        deltas = [prune(i, start, src.input(i, start, end) - base) for i in range(src.count)]
-        if consensus is not None:
-            src.emit(start, vote(deltas, weights, base, normalize, lam))
-        else:
-            src.emit(start, weighted_sum(deltas, weights, base, normalize, lam))
+        pruner = prune(start, end)
+        for lo, hi in blocks(start, end):
+            base = src.base(lo, hi)
+            deltas = [pruner(i, lo, src.input(i, lo, hi) - base) for i in range(src.count)]
+            if consensus is not None:
+                src.emit(lo, vote(deltas, weights, base, normalize, lam))
+            else:
+                src.emit(lo, weighted_sum(deltas, weights, base, normalize, lam))
 
     src.map(combine, CHUNK)
 
 
-Prune = Callable[[int, int, torch.Tensor], torch.Tensor]   # (model, chunk start, delta) -> pruned delta
+def blocks(start: int, end: int) -> list[tuple[int, int]]:
+    """A chunk's element-wise work in blocks that stay in cache (3 x 1B DARE: 1M-entry blocks 12.6 s, 256K 0 s)."""
+    return [(lo, min(lo + BLOCK, end)) for lo in range(start, end, BLOCK)]
+
+
+# (chunk start, end) -> (model, block start, delta) -> pruned delta
+Prune = Callable[[int, int], Callable[[int, int, torch.Tensor], torch.Tensor]]
 
 
 def _random_drop(src: Chunks, ctx: TensorContext, pruned: list[int], density: Sequence[float],
@@ -78,12 +88,15 @@ def _random_drop(src: Chunks, ctx: TensorContext, pruned: list[int], density: Se
         return sparsifiers.random_keep(ctx, i, density[i], start, end).to(src.device)
 
     def norms(start: int, end: int) -> list[tuple[list[float], list[float]]]:
-        base, sums = src.base(start, end), []
+        sums: list[tuple[list[float], list[float]]] = [([], []) for _ in pruned]
         for i in pruned:
-            delta = src.input(i, start, end) - base
             masks[i][start:end] = draw(i, start, end)
-            before = sparsifiers.l1_rows(delta)
-            sums.append((before, sparsifiers.l1_rows(delta.mul_(masks[i][start:end]))))
+        for lo, hi in blocks(start, end):
+            base = src.base(lo, hi)
+            for (before, after), i in zip(sums, pruned):
+                magnitude = (src.input(i, lo, hi) - base).abs_()          # |delta|
+                before += sparsifiers.row_sums(magnitude)
+                after += sparsifiers.row_sums(magnitude.mul_(masks[i][lo:hi]))   # |delta * keep|, exactly
         return sums
 
     scales: dict[int, float] = {}
@@ -95,14 +108,19 @@ def _random_drop(src: Chunks, ctx: TensorContext, pruned: list[int], density: Se
             if before >= sparsifiers.RESCALE_EPS and after >= sparsifiers.RESCALE_EPS:
                 scales[i] = before / after
 
-    def prune(i: int, start: int, delta: torch.Tensor) -> torch.Tensor:
-        if i not in pruned:
-            return delta
-        end = start + delta.numel()
-        delta.mul_(masks[i][start:end] if rescale else draw(i, start, end))
-        return delta.mul_(scales[i]) if i in scales else delta
+    def for_chunk(start: int, end: int) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+        kept = {i: (0, masks[i]) if rescale else (start, draw(i, start, end)) for i in pruned}
 
-    return prune
+        def prune(i: int, lo: int, delta: torch.Tensor) -> torch.Tensor:
+            if i not in kept:
+                return delta
+            offset, mask = kept[i]
+            delta.mul_(mask[lo - offset:lo - offset + delta.numel()])
+            return delta.mul_(scales[i]) if i in scales else delta
+
+        return prune
+
+    return for_chunk
 
 
 def _magnitude_trim(src: Chunks, pruned: list[int], density: Sequence[float]) -> Prune:
@@ -121,7 +139,7 @@ def _magnitude_trim(src: Chunks, pruned: list[int], density: Sequence[float]) ->
         keep[cut.dropped[lo:hi] - start] = 0
         return delta.mul_(keep)
 
-    return prune
+    return lambda start, end: prune
 
 
 def _cuts(src: Chunks, models: list[int], ks: dict[int, int]) -> dict[int, Cut]:
@@ -132,15 +150,19 @@ def _cuts(src: Chunks, models: list[int], ks: dict[int, int]) -> dict[int, Cut]:
     counts = {i: torch.zeros(BUCKETS, dtype=torch.int64) for i in models}
     lock = threading.Lock()
 
-    def magnitudes(i: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        magnitude = (src.input(i, start, end) - src.base(start, end)).abs_().cpu()
-        return magnitude, magnitude.view(torch.int16)[sparsifiers.HIGH_HALF::2]   # (m,) value, bucket
+    def magnitudes(lo: int, hi: int) -> list[torch.Tensor]:
+        """|delta| of each model over [lo, hi), on the CPU. (m,) each"""
+        base = src.base(lo, hi)
+        return [(src.input(i, lo, hi) - base).abs_().cpu() for i in models]
 
     def histogram(start: int, end: int) -> None:
-        for i in models:
-            found = torch.bincount(magnitudes(i, start, end)[1], minlength=BUCKETS)
-            with lock:                                 # integer counts: any order gives the same totals
-                counts[i] += found
+        found = {i: torch.zeros(BUCKETS, dtype=torch.int64) for i in models}
+        for lo, hi in blocks(start, end):
+            for i, magnitude in zip(models, magnitudes(lo, hi)):
+                found[i] += torch.bincount(magnitude.view(torch.int32) >> 16, minlength=BUCKETS)
+        with lock:                                     # integer counts: any order gives the same totals
+            for i in models:
+                counts[i] += found[i]
 
     src.map(histogram, CHUNK)
     # The k-th largest is the (n - k + 1)-th smallest: its bucket, and its rank inside the bucket.
@@ -152,12 +174,15 @@ def _cuts(src: Chunks, models: list[int], ks: dict[int, int]) -> dict[int, Cut]:
         targets[i] = (bucket, rank - (int(below[bucket - 1]) if bucket else 0), n - int(below[bucket]))
 
     def gather(start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        found = []
-        for i in models:
-            magnitude, bucket = magnitudes(i, start, end)
-            inside = (bucket == targets[i][0]).nonzero().view(-1)             # ascending
-            found.append((magnitude[inside], inside + start))
-        return found
+        found: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in models]
+        for lo, hi in blocks(start, end):
+            for (values, positions), i, magnitude in zip(found, models, magnitudes(lo, hi)):
+                # NumPy: 5x faster than torch's int compare and nonzero on the CPU
+                bits = magnitude.numpy().view(np.int32)
+                inside = torch.from_numpy(np.flatnonzero((bits >> 16) == targets[i][0]))   # ascending
+                values.append(magnitude[inside])
+                positions.append(inside + lo)
+        return [(torch.cat(values), torch.cat(positions)) for values, positions in found]
 
     parts = src.map(gather, CHUNK)
     cuts = {}
