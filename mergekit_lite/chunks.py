@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
+from .dtypes import compute_dtype
+
 Result = TypeVar("Result")
 # fn over items, results in order: the engine runs it on its merging threads
 Spread = Callable[[Callable[[Any], Any], Sequence[Any]], list]
@@ -46,6 +48,9 @@ class Chunks:
         self.count = len(self._inputs)
         self.numel = self._inputs[0].numel() if self._inputs else 0
         self.device = self._inputs[0].device if self._inputs else torch.device("cpu")
+        # the dtype chunks come in (float32, or float64 for float64 inputs): scalars are made in it, as the
+        # whole-tensor functions make them in their inputs' dtype
+        self.dtype = compute_dtype((self._base if self._base is not None else self._inputs[-1]).dtype)
 
     def input(self, i: int, start: int, end: int) -> torch.Tensor:
         """Input ``i``'s elements [start, end) in float32. (end - start,)"""

@@ -210,11 +210,13 @@ def split(job: TensorJob, strategy: Strategy, blocked: bool = False) -> list[_Pi
     """Row blocks of at most PIECE_ELEMENTS elements for element-wise merges; else the whole tensor.
 
     ``blocked`` (on the CPU): element-wise pieces are merged in cache-sized blocks from their raw inputs, and
-    whole tensors by the strategy's chunked body when it has one for this tensor's parameters.
+    whole tensors by the strategy's chunked body when it has one for this tensor's parameters (float32
+    arithmetic only: TIES' radix select reads float32 bits; float64 inputs take whole tensors).
     """
     numel = math.prod(job.shape)
     elementwise = strategy.elementwise
-    chunked = blocked and not job.copy and not elementwise and strategy.chunks(job.params) is not None
+    chunked = (blocked and not job.copy and not elementwise and strategy.chunks(job.params) is not None
+               and all(compute_dtype(job.load_dtype or s.info.dtype) == torch.float32 for s in job.sources))
     blocked = blocked and elementwise and not job.copy
     if not elementwise or job.copy or len(job.shape) < 2 or numel <= PIECE_ELEMENTS:
         return [_Piece(job, None, blocked, chunked)]

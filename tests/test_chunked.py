@@ -175,3 +175,32 @@ def test_nan_in_an_input_is_named_on_the_chunked_path(big_models, tmp_path, meth
     assert str(error.value).startswith(f"{bad}: tensor '{EMBED}': the input already holds 1 NaN value, "
                                        "the first at [5, 7]")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties", "dare_linear"])
+def test_float64_inputs_keep_float64_arithmetic(tmp_path, method):
+    """float64 checkpoints are merged in float64 (whole tensors): the same bytes as the strategy's function
+    on the float64 inputs, with float64 scalars (t, weights), as before chunking."""
+    shape = LlamaShape(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=512)
+    for name, delta_seed in (("base", None), ("ft-a", 1), ("ft-b", 2)):
+        write_model(str(tmp_path / name), shape, dtype=torch.float64, seed=0, delta_seed=delta_seed,
+                    tokenizer=False)
+    if method == "slerp":
+        others, params = ["ft-a"], {"t": 0.3}
+        spec = (f"merge_method: slerp\nbase_model: {tmp_path}/base\nmodels:\n  - model: {tmp_path}/ft-a\n"
+                "parameters: {t: 0.3}\n")
+    else:
+        others = ["ft-a", "ft-b"]
+        entries = "".join(f"  - model: {tmp_path}/{m}\n    parameters: {{weight: 0.7, density: 0.4}}\n" for m in others)
+        spec = f"merge_method: {method}\nbase_model: {tmp_path}/base\nmodels:\n{entries}"
+        params = {p.name: p.default for p in get_strategy(method).params if not p.required}
+        params.update(weight=(0.7, 0.7), density=(0.4, 0.4))
+    run_merge(spec, tmp_path / "out", progress=False, validate=False)
+    out = read_folder(tmp_path / "out")
+    inputs = {m: read_folder(tmp_path / m) for m in ["base", *others]}
+    strategy = get_strategy(method)
+    for name in (EMBED, "model.layers.0.mlp.up_proj.weight"):
+        assert out[name].dtype == torch.float64
+        expected = strategy([inputs[m][name] for m in others], inputs["base"][name],
+                            TensorContext(name, 0 if "layers" in name else None, 0.0), **params)
+        assert torch.equal(out[name], expected), name

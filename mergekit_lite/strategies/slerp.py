@@ -23,7 +23,7 @@ def slerp_chunks(src: Chunks, ctx: TensorContext, *, t: float) -> None:
     """
     if src.numel == 0:
         return
-    t32 = torch.tensor([[t]], device=src.device)                         # (1, 1), rounded like mergekit's t
+    t32 = torch.tensor([[t]], dtype=src.dtype, device=src.device)        # (1, 1), rounded like mergekit's t
 
     def pair(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:   # (1, m) each
         return src.base(start, end).view(1, -1), src.input(0, start, end).view(1, -1)

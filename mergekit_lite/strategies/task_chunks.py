@@ -51,7 +51,7 @@ def task_chunks(src: Chunks, ctx: TensorContext, *, consensus: Optional[str], sp
                 int8_mask: bool = False, **params: float) -> None:
     """The task arithmetic family with the random or magnitude sparsifier, in passes over chunks."""
     lam = params["lambda"]
-    weights = [torch.tensor(w, device=src.device) for w in weight]    # float32 scalars
+    weights = [torch.tensor(w, dtype=src.dtype, device=src.device) for w in weight]   # float32 scalars
     pruned = [i for i in range(src.count) if density[i] < 1 and src.numel > 0]
     if sparsifier == "random":
         prune = _random_drop(src, ctx, pruned, density, rescale)
@@ -90,7 +90,10 @@ def _random_drop(src: Chunks, ctx: TensorContext, pruned: list[int], density: Se
     def norms(start: int, end: int) -> list[tuple[list[float], list[float]]]:
         sums: list[tuple[list[float], list[float]]] = [([], []) for _ in pruned]
         for i in pruned:
-            masks[i][start:end] = draw(i, start, end)
+            if src.device.type == "cpu":
+                sparsifiers.random_keep(ctx, i, density[i], start, end, out=masks[i][start:end])
+            else:
+                masks[i][start:end] = draw(i, start, end)
         for lo, hi in blocks(start, end):
             base = src.base(lo, hi)
             for (before, after), i in zip(sums, pruned):
