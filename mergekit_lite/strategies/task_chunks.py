@@ -51,7 +51,7 @@ def task_chunks(src: Chunks, ctx: TensorContext, *, consensus: Optional[str], sp
                 int8_mask: bool = False, **params: float) -> None:
     """The task arithmetic family with the random or magnitude sparsifier, in passes over chunks."""
     lam = params["lambda"]
-    weights = [torch.tensor(w, dtype=src.dtype, device=src.device) for w in weight]   # float32 scalars
+    weights = [torch.tensor(w, dtype=src.dtype, device=src.device) for w in weight]   # (), float32
     pruned = [i for i in range(src.count) if density[i] < 1 and src.numel > 0]
     if sparsifier == "random":
         prune = _random_drop(src, ctx, pruned, density, rescale)
@@ -72,7 +72,7 @@ def task_chunks(src: Chunks, ctx: TensorContext, *, consensus: Optional[str], sp
 
 
 def blocks(start: int, end: int) -> list[tuple[int, int]]:
-    """A chunk's element-wise work in blocks that stay in cache (3 x 1B DARE: 1M-entry blocks 12.6 s, 256K 0 s)."""
+    """A chunk's element-wise work in blocks that stay in cache (3 x 1B DARE: 12.6 s in 1M blocks, 11.2 s in 256K)."""
     return [(lo, min(lo + BLOCK, end)) for lo in range(start, end, BLOCK)]
 
 
