@@ -66,6 +66,21 @@ def test_ray_executor_writes_the_same_bytes_as_local(ray_cluster, models_bf16, t
     assert len(workers) == 1 and ray.cluster_resources()["CPU"] == 2
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp"])
+def test_ray_runs_chunked_methods_to_the_same_bytes(ray_cluster, models_bf16, tmp_path, method):
+    """Whole-tensor methods run in passes over chunks (one thread in a Ray task, two locally): same bytes."""
+    if method == "slerp":
+        spec = (f"merge_method: slerp\nbase_model: {models_bf16}/base\nmodels:\n  - model: {models_bf16}/ft-a\n"
+                "parameters: {t: [0.2, 0.8]}\n")
+    else:
+        spec = spec_text(models_bf16).replace("task_arithmetic", method).replace(
+            "{weight: 0.7}", "{weight: 0.7, density: 0.4}")
+    local, ray_out = tmp_path / "local" / "merged", tmp_path / "ray" / "merged"   # the card names the folder
+    run_merge(spec, local, max_shard_size=SHARD, progress=False, validate=False, seed=5)
+    run_merge(spec, ray_out, max_shard_size=SHARD, progress=False, validate=False, seed=5, executor="ray")
+    assert folder_bytes(ray_out) == folder_bytes(local)
+
+
 def test_cli_connects_to_a_running_cluster(ray_cluster, models_bf16, tmp_path, local_output):
     """A second driver process joins the cluster by address, as on a real cluster's head node."""
     spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
