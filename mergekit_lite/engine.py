@@ -6,8 +6,10 @@ their shards. Element-wise strategies (linear, task arithmetic) get large tensor
 PIECE_ELEMENTS (the unit of reading and writing), and on the CPU each row block is merged in cache-sized
 blocks of BLOCK_ELEMENTS: converting the inputs to float32, the strategy's passes and the cast back all
 happen while the block is in cache, so memory traffic is about one read of the inputs and one write of the
-result. A shard is an independent unit of work (``write_shard``): the local executor runs them in one
-pipeline, Ray runs them on other nodes (executors/).
+result. Whole-tensor strategies with a chunked body (SLERP, DARE, TIES; chunks.py) get the raw inputs of
+the whole tensor and spread each of their passes over the merging threads. A shard is an independent unit
+of work (``write_shard``): the local executor runs them in one pipeline, Ray runs them on other nodes
+(executors/).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .chunks import Chunks, Spread, in_order
 from .dtypes import compute_dtype, itemsize
 from .errors import ModelError, StrategyError
 from .memory import reuse_freed_memory
 from .nonfinite import check_inputs, check_result, count_nonfinite
 from .pipeline import Reader, WriteBehind
 from .plan import MergePlan, TensorJob
-from .chunks import Chunks, Spread, in_order
 from .strategy import Strategy, TensorContext
 from .writer import Entry, ShardPlan, ShardRecord, ShardWriter, file_order, plan_output
 
@@ -282,12 +284,16 @@ def _run_strategy(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], 
     try:
         result = strategy(tensors, base, ctx, **job.params)
     except (RuntimeError, ValueError) as exc:
-        raise StrategyError(f"{strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
-                            hint="this is likely a bug in the strategy; re-run with --debug and report it") from exc
+        raise _failed(strategy, job, exc) from exc
     if tuple(result.shape) != tuple(shape):
         raise StrategyError(f"{strategy.name} returned shape {list(result.shape)}, planned {list(shape)}",
                             where=f"tensor '{job.name}'")
     return result
+
+
+def _failed(strategy: Strategy, job: TensorJob, exc: Exception) -> StrategyError:
+    return StrategyError(f"{strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
+                         hint="this is likely a bug in the strategy; re-run with --debug and report it")
 
 
 def merge_blocks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], shape: tuple[int, ...],
@@ -373,8 +379,7 @@ def merge_chunks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], sprea
     try:
         body(Chunks(inputs, base, emit, convert, spread), ctx, **job.params)
     except (RuntimeError, ValueError) as exc:
-        raise StrategyError(f"{strategy.name} failed: {exc}", where=f"tensor '{job.name}'",
-                            hint="this is likely a bug in the strategy; re-run with --debug and report it") from exc
+        raise _failed(strategy, job, exc) from exc
     if check and count_nonfinite(out) is not None:
         check_inputs(job, raw, None)                                   # an input to blame, first
         return merge_prepared(plan, job, prepare_inputs(job, list(raw), torch.device("cpu"), check=False))
