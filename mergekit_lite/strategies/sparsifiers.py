@@ -61,10 +61,11 @@ def random(delta: torch.Tensor, density: float, rescale: bool, ctx: TensorContex
     """DARE: keep each entry independently with probability ``density`` (model ``model``'s draws)."""
     if density >= 1:
         return delta
-    flat = delta.view(-1)
-    keep = torch.cat([random_keep(ctx, model, density, start, min(start + DRAW_CHUNK, flat.numel()))
-                      for start in range(0, flat.numel(), DRAW_CHUNK)] or [torch.ones(0, dtype=torch.uint8)])
-    return _apply(delta, keep.view(delta.shape), rescale, l1_norm)
+    keep = torch.empty(delta.numel(), dtype=torch.uint8)
+    for start in range(0, keep.numel(), DRAW_CHUNK):
+        end = min(start + DRAW_CHUNK, keep.numel())
+        random_keep(ctx, model, density, start, end, out=keep[start:end])
+    return _apply(delta, keep.view(delta.shape).to(delta.device), rescale, l1_norm)
 
 
 def random_keep(ctx: TensorContext, model: int, density: float, start: int, end: int,
@@ -88,14 +89,10 @@ def random_keep(ctx: TensorContext, model: int, density: float, start: int, end:
     return out
 
 
-def l1_rows(tensor: torch.Tensor) -> list[float]:
-    """``l1_norm``'s terms: the sums of |x| over rows of ``_ROW`` entries, and over the tail. A chunk that
-    starts at a multiple of ``_ROW`` gives the same terms as the same entries in the whole tensor."""
-    return row_sums(tensor.abs())
-
-
 def row_sums(values: torch.Tensor) -> list[float]:
-    """Sums over rows of ``_ROW`` entries of the flattened ``values``, and over the tail: one thread per row."""
+    """Sums over rows of ``_ROW`` entries of the flattened ``values``, and over the tail: one thread per row.
+    ``l1_norm``'s terms; a chunk that starts at a multiple of ``_ROW`` gives the same terms as the same
+    entries in the whole tensor."""
     flat = values.reshape(-1)
     whole = flat.numel() // _ROW * _ROW
     rows = flat[:whole].view(-1, _ROW).sum(dim=1)              # (n // _ROW,) float32; vector_norm takes 2x
@@ -141,7 +138,7 @@ def l1_norm(tensor: torch.Tensor) -> float:
     bits with the thread count. Here each row of ``_ROW`` entries is reduced by one thread and the row sums
     are added exactly (``math.fsum``), so the sum does not depend on how the rows were grouped either.
     """
-    return math.fsum(l1_rows(tensor))
+    return math.fsum(row_sums(tensor.abs()))
 
 
 def torch_l1(tensor: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -164,21 +164,19 @@ PRESETS = (
 )
 
 
-def _function(p: Preset) -> Callable[..., torch.Tensor]:
-    if p.sparsifier == "random":   # DARE: one body (task_chunks) for whole tensors and chunks
-        return whole(partial(task_chunks, consensus=p.consensus, sparsifier=p.sparsifier))
-    return partial(generalized_task_arithmetic, consensus=p.consensus, sparsifier=p.sparsifier)
-
-
-def _chunks_when(p: Preset) -> Callable[[dict[str, Any]], bool]:
-    return lambda params: chunkable(p.sparsifier, params.get("rescale", False))
+def _bodies(p: Preset) -> dict[str, Any]:
+    """``fn`` and, for TIES and DARE, the chunked body (chunks_when: TIES only without rescale). DARE has one
+    body for both paths; TIES keeps generalized_task_arithmetic for whole tensors (with rescale, on GPUs)."""
+    whole_fn = partial(generalized_task_arithmetic, consensus=p.consensus, sparsifier=p.sparsifier)
+    if not chunkable(p.sparsifier, False):
+        return {"fn": whole_fn}
+    body = partial(task_chunks, consensus=p.consensus, sparsifier=p.sparsifier)
+    return {"fn": whole(body) if p.sparsifier == "random" else whole_fn, "chunked": body,
+            "chunks_when": lambda params: chunkable(p.sparsifier, params.get("rescale", False))}
 
 
 STRATEGIES = [
-    Strategy(name=p.name, fn=_function(p),
-             chunked=partial(task_chunks, consensus=p.consensus, sparsifier=p.sparsifier)
-             if chunkable(p.sparsifier, False) else None,
-             chunks_when=_chunks_when(p),
+    Strategy(name=p.name, **_bodies(p),
              title=p.title, summary=p.summary, paper=p.paper, base="required", params=_params(p),
              random=p.sparsifier in ("random", "della_magprune"),
              # Row blocks are fine without pruning and the sign vote; those need the whole tensor (top-k,

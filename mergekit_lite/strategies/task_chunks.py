@@ -3,7 +3,7 @@ element-wise pass that prunes, votes and writes. No float32 copy of a whole tens
 
 - DARE (random sparsifier): each chunk draws from its own stream (``sparsifiers.random_keep``). With
   ``rescale``, a first pass stores each model's keep mask (one byte per entry) and sums its L1 row norms
-  before and after the drop (``sparsifiers.l1_rows``, exact in any chunking).
+  before and after the drop (``sparsifiers.row_sums``, exact in any chunking).
 - TIES (magnitude sparsifier, without ``rescale``): the k-th largest |delta| by a radix select spread over
   chunks: a histogram of the top 16 bits of each |delta| (integer counts, summed in any order), then the
   entries of the one bucket holding rank k, with their positions; equal magnitudes straddling the cut are
