@@ -7,22 +7,22 @@ client) load on first use, so importing the package is instant.
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_spec": "mergekit_lite.spec",
-    "Spec": "mergekit_lite.spec",
-    "run_merge": "mergekit_lite.api",
-    "make_plan": "mergekit_lite.api",
-    "MergeResult": "mergekit_lite.api",
+    "load_spec": "mergekit_lite.spec.schema",
+    "Spec": "mergekit_lite.spec.schema",
+    "run_merge": "mergekit_lite.api.merge",
+    "make_plan": "mergekit_lite.plan.planner",
+    "MergeResult": "mergekit_lite.api.merge",
     "validate": "mergekit_lite.validation",
     "ValidationReport": "mergekit_lite.validation",
-    "fold_lora": "mergekit_lite.lora.api",
+    "fold_lora": "mergekit_lite.api.fold",
     "Strategy": "mergekit_lite.strategy",
     "Param": "mergekit_lite.strategy",
     "TensorContext": "mergekit_lite.strategy",
     "MergeError": "mergekit_lite.errors",
     "SpecError": "mergekit_lite.errors",
     "HubError": "mergekit_lite.errors",
-    "push_to_hub": "mergekit_lite.hub_push",
-    "PushResult": "mergekit_lite.hub_push",
+    "push_to_hub": "mergekit_lite.hub.push",
+    "PushResult": "mergekit_lite.hub.push",
 }
 
 __all__ = ["__version__", *_EXPORTS]

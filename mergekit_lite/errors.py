@@ -9,7 +9,8 @@ Library code raises these; only the CLI prints them.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
 
 
 class MergeError(Exception):
@@ -74,3 +75,19 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or "" when nothing is close."""
     close = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+@contextmanager
+def within(file: Optional[str], where: Optional[str] = None,
+           kinds: tuple[type[MergeError], ...] = (MergeError,)) -> Iterator[None]:
+    """Errors of ``kinds`` raised inside are about ``file`` (when they name no file of their own) and, with
+    ``where``, about that YAML path first (then their own ``where``, e.g. a tensor). Code that reads one entry
+    of a spec (a parameter's value, an input's folder) knows neither the spec's file nor the entry's path; the
+    code that walks the spec says them once here."""
+    try:
+        yield
+    except kinds as exc:
+        exc.file = exc.file or file
+        if where is not None:
+            exc.where = where if exc.where is None else f"{where}: {exc.where}"
+        raise

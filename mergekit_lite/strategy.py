@@ -193,9 +193,9 @@ class Strategy:
     # Optional hook: check parameters resolved for one tensor together (e.g. della's density +/- epsilon);
     # returns None, a message, or a ParamProblem (which lets the error name the YAML path).
     check: Optional[Callable[[dict[str, Any]], Optional[str | ParamProblem]]] = field(default=None, compare=False)
-    # Optional: a strategy that changes tensor shapes (concat) plans its output tensors itself, with a
-    # mergekit_lite.jobs.Layout. None: one output tensor per input tensor, of the same shape.
-    layout: Optional[Any] = field(default=None, compare=False)
+    # A strategy that changes tensor shapes (concat) has its output tensors planned by a layout of its own
+    # (plan/planner.py's OWN_LAYOUTS, by name). False: one output tensor per input tensor, of the same shape.
+    changes_shapes: bool = False
     details: str = ""                    # longer explanation shown by `merge methods NAME`
 
     def chunks(self, params: dict[str, Any]) -> Optional[Callable[..., None]]:

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from mergekit_lite.direct_io import DirectStream
-from mergekit_lite.synthetic import BENCH_1B, LlamaShape, parameter_count, tensor_shapes, write_model
+from mergekit_lite.output.direct_io import DirectStream
+from mergekit_lite.testing.synthetic import BENCH_1B, LlamaShape, parameter_count, tensor_shapes, write_model
 
 SIZES = {
     "tiny": LlamaShape(hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=4096),

@@ -23,8 +23,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mergekit_lite.lora.synthetic import DEMO_ADAPTERS, write_adapter  # noqa: E402
-from mergekit_lite.synthetic import BENCH_1B, LlamaShape, parameter_count, write_model  # noqa: E402
+from mergekit_lite.testing.adapters import DEMO_ADAPTERS, write_adapter  # noqa: E402
+from mergekit_lite.testing.synthetic import BENCH_1B, LlamaShape, parameter_count, write_model  # noqa: E402
 
 SIZES = {"medium": BENCH_1B, "small": LlamaShape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4,
                                                   vocab=32000)}

@@ -23,13 +23,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from parser_fuzz import (YAML_TEXTS, Outcomes, check_header, check_index, check_yaml, header_files,  # noqa: E402
-                         indexes, mutated)
+from parser_fuzz import YAML_TEXTS, Outcomes, check_header, check_index, check_yaml, header_files, indexes, mutated  # noqa: E402
 
 
 def valid_file() -> bytes:
-    from mergekit_lite.synthetic import LlamaShape, write_model
+    from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
     with tempfile.TemporaryDirectory() as folder:
         write_model(folder, LlamaShape(hidden=8, intermediate=16, layers=1, heads=2, kv_heads=1, vocab=8),

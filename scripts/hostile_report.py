@@ -160,10 +160,10 @@ def run_fuzz(seconds: float) -> dict[str, Counter]:
 
 def run_specs(work: Path, examples: int) -> Row:
     """Random specs (the property test's generator) through the CLI in-process: a merge or one of our errors."""
+    import test_spec_properties as props
     from click.testing import CliRunner
     from hypothesis import HealthCheck, given, settings
 
-    import test_spec_properties as props
     from mergekit_lite.cli import cli
 
     models = build_models(work / "spec-models")

@@ -7,8 +7,8 @@ Models go to ROOT/<name>, adapters to ROOT/../adapters/<name> (demo/adapters/...
 import os
 import sys
 
-from mergekit_lite.lora.synthetic import write_demo_adapters
-from mergekit_lite.synthetic import DEMO_SHAPE, parameter_count, write_demo_models
+from mergekit_lite.testing.adapters import write_demo_adapters
+from mergekit_lite.testing.synthetic import DEMO_SHAPE, parameter_count, write_demo_models
 
 if __name__ == "__main__":
     root = sys.argv[1] if len(sys.argv) > 1 else "demo/models"

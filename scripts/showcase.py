@@ -254,7 +254,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     from mergekit_lite import fold_lora, run_merge, validate
-    from mergekit_lite.registry import all_strategies
+    from mergekit_lite.strategies.registry import all_strategies
 
     started, timer = datetime.now(timezone.utc), Timer()
     command = " ".join(["python scripts/showcase.py", *sys.argv[1:]])
@@ -322,7 +322,7 @@ def main() -> None:
 def sweep(base: str, fine_tunes: list[str], work: str, command: str, started: datetime, timer: Timer) -> None:
     """Merge and score every point of the grid (no validation; each merge is deleted once scored)."""
     from mergekit_lite import run_merge
-    from mergekit_lite.registry import all_strategies
+    from mergekit_lite.strategies.registry import all_strategies
 
     available = all_strategies()
     lines = ["| method | density | lambda | facts X recall | facts Y recall | perplexity |", "| --- " * 6 + "|"]

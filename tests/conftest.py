@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from mergekit_lite.synthetic import LlamaShape, write_model
+from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 # No test reaches the real Hugging Face Hub. huggingface_hub's calls home (telemetry and its agent registry,
 # update checks) are off, and a Hub call a test makes by mistake goes to a closed local port. Tests of the Hub

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mergekit_lite.synthetic import LlamaShape, write_model
+from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 TINY = LlamaShape(hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1, vocab=32)
 TINY_SHARD = 3_000     # bytes: the sharded model has several shards
@@ -790,7 +790,7 @@ def tokenizer_from_a_larger_vocabulary(tmp: Path, models: Models) -> Scenario:
 
 def fold_case(tmp: Path, models: Models, mutate: Callable[[Path], None], *extra: str) -> tuple[list[str], Path]:
     """``merge fold a <adapter> -o out``, the adapter written for ``a`` and then damaged by ``mutate``."""
-    from mergekit_lite.lora.synthetic import write_adapter
+    from mergekit_lite.testing.adapters import write_adapter
 
     adapter = tmp / "adapter"
     write_adapter(str(adapter), TINY)

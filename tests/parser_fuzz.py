@@ -19,11 +19,11 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from mergekit_lite.checkpoint import open_checkpoint
 from mergekit_lite.dtypes import SAFETENSORS_TO_TORCH, itemsize
 from mergekit_lite.errors import MergeError, SpecError
 from mergekit_lite.safetensors_format import read_header
-from mergekit_lite.spec import load_spec
+from mergekit_lite.sources.opener import open_checkpoint
+from mergekit_lite.spec.schema import load_spec
 
 DTYPES = list(SAFETENSORS_TO_TORCH) + ["Q4_K", "F4", "", "f32", "BF 16"]
 ODD_VALUES = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=4),

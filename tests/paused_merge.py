@@ -10,7 +10,7 @@ import sys
 import time
 
 from mergekit_lite.cli import main
-from mergekit_lite.pipeline import WriteBehind
+from mergekit_lite.engine.pipeline import WriteBehind
 
 pause_dir = sys.argv.pop(1)
 handed = 0

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import read_folder, write_spec
+
 from mergekit_lite import MergeResult, Param, Strategy, load_spec, run_merge
 from mergekit_lite.errors import SpecError
 from mergekit_lite.strategy import TensorContext
@@ -70,8 +70,8 @@ def test_output_folder_contents(models_f32, tmp_path):
 
 
 def test_card_lists_hub_ids_only():
-    from mergekit_lite.card import card_text
-    from mergekit_lite.references import ModelPath
+    from mergekit_lite.output.card import card_text
+    from mergekit_lite.spec.references import ModelPath
 
     text = card_text("m", "Linear", None, [ModelPath("org/a", "v1"), ModelPath("./local")], ModelPath("org/base"),
                      "merge_method: linear")

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_folder
 from safetensors.torch import load_file, save_file
 
-from conftest import read_folder
 from mergekit_lite import run_merge
-from mergekit_lite.chunks import Chunks
 from mergekit_lite.errors import ModelError
-from mergekit_lite.registry import get_strategy
 from mergekit_lite.strategies import sparsifiers
+from mergekit_lite.strategies.chunks import Chunks
+from mergekit_lite.strategies.registry import get_strategy
 from mergekit_lite.strategy import TensorContext
-from mergekit_lite.synthetic import LlamaShape, write_model
+from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 # Embeddings and lm_head of 8192 x 160 = 1.3M entries: two chunks of 1M (a full one and a partial one).
 BIG = LlamaShape(hidden=160, intermediate=256, layers=1, heads=4, kv_heads=2, vocab=8192)
@@ -138,7 +138,7 @@ def test_slerp_end_to_end_gives_mergekits_tensors(big_models, tmp_path):
 def test_dare_end_to_end_equals_the_whole_tensor_function(big_models, tmp_path, monkeypatch):
     """Every output tensor is the strategy's function on the whole float32 inputs, and one merging thread
     writes the same bytes as several."""
-    import mergekit_lite.engine as engine
+    import mergekit_lite.engine.loop as engine
 
     spec = (f"merge_method: dare_ties\nbase_model: {big_models}/base\nmodels:\n"
             f"  - model: {big_models}/ft-a\n    parameters: {{weight: 0.6, density: 0.4}}\n"

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
+import hf_models as hf
 import pytest
 import torch
-
-import hf_models as hf
 from conftest import read_folder
+
 from mergekit_lite import run_merge
-from mergekit_lite.api import make_plan
-from mergekit_lite.checkpoint import Checkpoint
+from mergekit_lite.plan.planner import make_plan
+from mergekit_lite.sources.checkpoint import Checkpoint
 
 WEIGHTS = (0.3, 0.7)
 RELATIVE = 1e-5    # float32 tolerance, relative to the output's largest magnitude (~100 ulps of rounding)

@@ -9,11 +9,14 @@ import zlib
 import pytest
 import torch
 
-import mergekit_lite.engine as engine
+import mergekit_lite.engine.compute as compute
+import mergekit_lite.engine.loop as engine
 from mergekit_lite import make_plan
-from mergekit_lite.direct_io import DirectStream
-from mergekit_lite.engine import merge_blocks, merge_tensor, read_sources, write_shard
-from mergekit_lite.writer import Entry, ShardPlan, ShardWriter, file_order
+from mergekit_lite.engine.compute import merge_blocks, merge_tensor, read_sources
+from mergekit_lite.engine.loop import write_shard
+from mergekit_lite.output.direct_io import DirectStream
+from mergekit_lite.output.writer import ShardWriter
+from mergekit_lite.plan.shards import Entry, file_order, output_layout
 
 
 def specs(root):
@@ -28,7 +31,7 @@ def specs(root):
 
 @pytest.mark.parametrize("name", ["linear, f32 inputs rounded to bf16", "task arithmetic, f32 out as f16"])
 def test_blocks_equal_whole_tensors(models_f32, monkeypatch, name):
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)   # many blocks, and a short last one, per tensor
+    monkeypatch.setattr(compute, "BLOCK_ELEMENTS", 100)   # many blocks, and a short last one, per tensor
     plan = make_plan(specs(models_f32)[name])
     try:
         for job in plan.jobs:
@@ -45,7 +48,7 @@ def test_write_shard_is_a_unit_of_work(models_bf16, tmp_path):
     spec = specs(models_bf16)["linear, f32 inputs rounded to bf16"]
     plan = make_plan(spec)
     try:
-        layout = engine.output_layout(plan, 60_000)
+        layout = output_layout(plan, 60_000)
         whole = tmp_path / "whole"
         whole.mkdir()
         records = []
@@ -108,7 +111,7 @@ def test_where_o_direct_is_refused_shards_go_through_the_page_cache(tmp_path, mo
     import errno
     import fcntl
 
-    import mergekit_lite.direct_io as direct_io
+    import mergekit_lite.output.direct_io as direct_io
 
     real_open, real_pwrite = os.open, os.pwrite
     refused = []
@@ -173,7 +176,7 @@ def test_direct_stream_error_names_where_the_disk_refused(tmp_path, monkeypatch)
     ``on_disk`` at the first byte that did not reach the disk."""
     import errno
 
-    import mergekit_lite.direct_io as direct_io
+    import mergekit_lite.output.direct_io as direct_io
 
     path = tmp_path / "stream.bin"
     stream = _direct_stream(path, chunk=8192)

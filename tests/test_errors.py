@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import SHARD, write_spec
-from mergekit_lite.synthetic import LlamaShape, write_model
+
+from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 ALLOWED = ("merge_method, base_model, models, slices, parameters, dtype, out_dtype, tokenizer_source, tokenizer, "
            "chat_template, modules, name")

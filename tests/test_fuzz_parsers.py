@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from parser_fuzz import YAML_TEXTS, Outcomes, check_header, check_index, check_yaml, header_files, indexes, mutated
-from mergekit_lite.synthetic import LlamaShape, write_model
+
+from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 BOUNDED = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

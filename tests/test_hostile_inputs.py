@@ -9,10 +9,9 @@ import os
 import pickle
 from pathlib import Path
 
+import hostile_cases
 import pytest
 import torch
-
-import hostile_cases
 from hostile_cases import CASES, MODEL_FILE, Models, build_models, hostile_pickle, leftover_problems, linear_spec
 
 
@@ -142,7 +141,7 @@ def test_nonfinite_opt_in_carries_on_and_says_so(cli, tiny, tmp_path):
 
 def test_tokenizer_from_the_hub_cache_may_link_into_its_blobs(tmp_path, tiny):
     """A Hugging Face cache snapshot is all links into ../../blobs: those stay inside the repository folder."""
-    from mergekit_lite.checkpoint import open_checkpoint
+    from mergekit_lite.sources.opener import open_checkpoint
 
     repo = tmp_path / "hub" / "models--org--name"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -166,7 +165,7 @@ def test_tokenizer_from_the_hub_cache_may_link_into_its_blobs(tmp_path, tiny):
 
 
 def test_nonfinite_counting_fast_path_and_overflowing_sums():
-    from mergekit_lite.nonfinite import count_nonfinite
+    from mergekit_lite.engine.nonfinite import count_nonfinite
 
     assert count_nonfinite(torch.tensor([3e38, 3e38, -1.0])) is None          # the sum overflows; the values do not
     assert count_nonfinite(torch.tensor([[1.0, float("inf")], [float("nan"), -float("inf")]])) == (1, 2, 1)

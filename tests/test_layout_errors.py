@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergekit_lite.checkpoint import Checkpoint
+from mergekit_lite.sources.checkpoint import Checkpoint
 
 CONCAT_OFF = ("Hint: set attention: false in parameters to widen only the MLPs "
               "(attention is then merged by the fallback)")

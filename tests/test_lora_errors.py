@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
-
 from conftest import SHAPE, write_spec
-from mergekit_lite.lora.synthetic import AdapterShape, write_adapter
-from mergekit_lite.synthetic import LlamaShape
+
+from mergekit_lite.testing.adapters import AdapterShape, write_adapter
+from mergekit_lite.testing.synthetic import LlamaShape
 
 WRONG_SIZE = LlamaShape(hidden=32, intermediate=64, layers=4, heads=4, kv_heads=2, vocab=256)
 DEEPER = LlamaShape(hidden=64, intermediate=128, layers=8, heads=4, kv_heads=2, vocab=256)

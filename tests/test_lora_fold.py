@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHAPE, read_folder
 from safetensors.torch import load_file
 
-from conftest import SHAPE, read_folder
 from mergekit_lite import fold_lora, run_merge
 from mergekit_lite.lora.config import pattern_key
-from mergekit_lite.lora.synthetic import DEMO_ADAPTERS, AdapterShape, write_adapter
-from mergekit_lite.references import AdapterRef, ModelPath, ModelRef, parse_reference
-from mergekit_lite.synthetic import LlamaShape, parameter_count, write_model
+from mergekit_lite.spec.references import AdapterRef, ModelPath, ModelRef, parse_reference
+from mergekit_lite.testing.adapters import DEMO_ADAPTERS, AdapterShape, write_adapter
+from mergekit_lite.testing.synthetic import LlamaShape, parameter_count, write_model
 
 PREFIX = "base_model.model."
 REPO = Path(__file__).resolve().parent.parent
@@ -172,8 +172,8 @@ def test_tied_base_untied_by_default(models_tied, tmp_path):
 
 MEMORY_SCRIPT = """
 import resource, sys
-from mergekit_lite.inputs import open_reference
-from mergekit_lite.references import parse_reference
+from mergekit_lite.plan.inputs import open_reference
+from mergekit_lite.spec.references import parse_reference
 source = open_reference(parse_reference(sys.argv[1], "model"), "model")   # headers only
 if sys.argv[2] == "fold":
     from mergekit_lite import fold_lora
@@ -213,23 +213,23 @@ def load_file_keys(folder: str) -> set:
 
 
 def test_readme_fold_snippets(tmp_path, monkeypatch):
-    """The README's fold commands and notebook snippet run as written, against the demo models."""
+    """The LoRA page's fold commands and notebook snippet run as written, against the demo models."""
     import re
     import shlex
 
     from click.testing import CliRunner
 
     from mergekit_lite.cli import cli
-    from mergekit_lite.lora.synthetic import write_demo_adapters
-    from mergekit_lite.registry import all_strategies
-    from mergekit_lite.spec import load_spec
-    from mergekit_lite.synthetic import write_demo_models
+    from mergekit_lite.spec.schema import load_spec
+    from mergekit_lite.strategies.registry import all_strategies
+    from mergekit_lite.testing.adapters import write_demo_adapters
+    from mergekit_lite.testing.synthetic import write_demo_models
 
     small = LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=128)
     write_demo_models(str(tmp_path / "demo" / "models"), small, max_shard_size=40_000)
     write_demo_adapters(str(tmp_path / "demo" / "adapters"), small)
     monkeypatch.chdir(tmp_path)
-    section = (REPO / "README.md").read_text().split("## Folding LoRA adapters")[1].split("\n## ")[0]
+    section = (REPO / "docs" / "lora.md").read_text()
     bash, yaml_text, python = (re.findall(rf"```{kind}\n(.*?)```", section, re.S)[0]
                                for kind in ("bash", "yaml", "python"))
     commands = [c for c in bash.replace("\\\n", " ").splitlines() if "org/" not in c]
@@ -243,7 +243,7 @@ def test_readme_fold_snippets(tmp_path, monkeypatch):
     assert spec.models[1].ref.adapters[0].weight == 0.8
     if spec.merge_method in all_strategies():
         run_merge(spec, tmp_path / "ties", progress=False)
-    exec(compile(python, "README.md", "exec"), {})
+    exec(compile(python, "docs/lora.md", "exec"), {})
     assert (tmp_path / "demo" / "folded" / "model.safetensors").exists()
 
 

@@ -14,8 +14,8 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from conftest import read_folder  # noqa: E402
-from lora_oracle import (assert_same_tensors, gpt2, llama, logits, make_adapter, peft_merge,  # noqa: E402
-                         save_base)
+from lora_oracle import assert_same_tensors, gpt2, llama, logits, make_adapter, peft_merge, save_base  # noqa: E402
+
 from mergekit_lite import fold_lora  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -208,8 +208,8 @@ def test_demo_adapter_written_without_peft_is_what_peft_reads(tmp_path):
     """The synthetic adapters (demo/adapters) are real PEFT adapters: peft folds them to the same tensors."""
     from transformers import LlamaForCausalLM
 
-    from mergekit_lite.lora.synthetic import DEMO_ADAPTERS, write_adapter
-    from mergekit_lite.synthetic import LlamaShape, write_model
+    from mergekit_lite.testing.adapters import DEMO_ADAPTERS, write_adapter
+    from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
     shape = LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=128)
     base_dir = write_model(str(tmp_path / "base"), shape, dtype=torch.bfloat16, max_shard_size=40_000)
@@ -278,7 +278,7 @@ def test_conv_layers(dtype, dora, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
-    from mergekit_lite.lora.api import fold_lora as fold
+    from mergekit_lite.api.fold import fold_lora as fold
 
     torch.manual_seed(0)
     net = ConvNet()

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_folder
+
 from mergekit_lite import load_spec, run_merge
-from mergekit_lite.lora.synthetic import write_demo_adapters
-from mergekit_lite.registry import MERGEKIT_PARAMETERS, all_strategies, builtins
-from mergekit_lite.synthetic import LlamaShape, write_demo_models
+from mergekit_lite.strategies.registry import MERGEKIT_PARAMETERS, all_strategies, builtins
+from mergekit_lite.testing.adapters import write_demo_adapters
+from mergekit_lite.testing.synthetic import LlamaShape, write_demo_models
 
 CONFIGS = sorted((Path(__file__).parent.parent / "merge_configs").glob("*.y*ml"))
 SMALL = LlamaShape(hidden=64, intermediate=128, layers=6, heads=4, kv_heads=2, vocab=256)
@@ -145,20 +145,6 @@ def test_identity_upscaling_keeps_the_logits(demo_root, monkeypatch):
         deeper, original = (transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(ids).logits
                             for p in (demo_root / "identity", demo_root / "demo" / "models" / "base"))
     assert torch.equal(deeper, original)
-
-
-README_SPECS = [block for block in re.findall(r"```yaml\n(.*?)```", (Path(__file__).parent.parent / "README.md")
-                                              .read_text(), re.S) if "merge_method:" in block]
-
-
-@pytest.mark.parametrize("text", README_SPECS, ids=[f"readme-{i}" for i in range(len(README_SPECS))])
-def test_readme_specs_run(text, demo_root, monkeypatch):
-    spec = load_spec(text)
-    if spec.merge_method in PENDING and spec.merge_method not in all_strategies():
-        pytest.skip(f"{spec.merge_method} is not registered yet")
-    monkeypatch.chdir(demo_root)
-    result = run_merge(text, demo_root / "readme", progress=False, overwrite=True)
-    assert result.tensors == len(read_folder(demo_root / "readme")) > 0
 
 
 def test_every_built_in_method_has_an_example():

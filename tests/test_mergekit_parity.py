@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import read_folder
-from mergekit_lite import run_merge
 from mergekit_oracle import max_diff_in_scale_ulps, run_mergekit
+
+from mergekit_lite import run_merge
 
 pytest.importorskip("mergekit")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import write_spec
 from test_errors import check
 
@@ -11,7 +10,7 @@ from test_errors import check
 @pytest.fixture(autouse=True)
 def no_tensor_reads(monkeypatch):
     """Every error here must come from the plan: reading tensor data fails the test."""
-    from mergekit_lite.checkpoint import Checkpoint
+    from mergekit_lite.sources.checkpoint import Checkpoint
 
     def refuse(self, name, *args):
         raise AssertionError(f"tensor {name} was read before the error was found")

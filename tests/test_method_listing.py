@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import torch
-
 from conftest import read_folder
 
 TIES = """\

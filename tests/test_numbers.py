@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import FINETUNES, SHAPE, read_folder, write_spec
+
 from mergekit_lite import run_merge
-from mergekit_lite.registry import get_strategy
-from mergekit_lite.synthetic import iter_model
+from mergekit_lite.strategies.registry import get_strategy
+from mergekit_lite.testing.synthetic import iter_model
 
 
 def source(dtype: torch.dtype, name: str) -> dict[str, torch.Tensor]:
@@ -181,7 +181,7 @@ def read_folder_file(path):
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_row_blocks_give_the_same_bytes(models_bf16, tmp_path, monkeypatch, method):
     """Element-wise strategies merge large tensors in row blocks; the bytes must not depend on it."""
-    import mergekit_lite.engine as engine
+    import mergekit_lite.engine.loop as engine
 
     spec = {"merge_method": method, "dtype": "bfloat16",
             "models": [{"model": str(models_bf16 / n), "parameters": {"weight": w}}

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hostile_cases import Models, build_models, leftover_problems, linear_spec
 from safetensors import SafetensorError, safe_open
 
-from hostile_cases import Models, build_models, leftover_problems, linear_spec
-from mergekit_lite.outdir import OutputLock
+from mergekit_lite.output.folder import OutputLock
 
 ROOT = Path(__file__).resolve().parent.parent
 LEFTOVER = ("the next run of this merge deletes them, or continues from the finished shards with --resume; "
@@ -56,7 +56,7 @@ def test_disk_full_while_writing_tensors(cli, tiny, tmp_path, monkeypatch):
     assert (result.exit_code, reason, hint) == (1, "No space left on device", FULL)
     # the tensor named is one planned into the shard named, and that shard is the one left unfinished
     from mergekit_lite import make_plan
-    from mergekit_lite.engine import output_layout
+    from mergekit_lite.plan.shards import output_layout
 
     layout = {s.file: [e.name for e in s.entries] for s in output_layout(make_plan(spec), 8000)}
     assert Path(shard).parent == Path(f"{out}.partial") and failed in layout[Path(shard).name]
@@ -96,9 +96,9 @@ def test_not_enough_space_is_refused_before_reading(cli, tiny, small_disk, tmp_p
 def test_disk_that_fills_up_during_the_merge(cli, tiny, small_disk, tmp_path, monkeypatch):
     """Real ENOSPC from the kernel: the free-space check passes, then another writer takes the space (here the
     check is skipped, as if the disk filled up in between)."""
-    import mergekit_lite.api
+    import mergekit_lite.api.merge as merge
 
-    monkeypatch.setattr(mergekit_lite.api, "check_free_space", lambda out, needed: None)
+    monkeypatch.setattr(merge, "check_free_space", lambda out, needed: None)
     (small_disk / "filler").write_bytes(b"\0" * 56 * 1024)
     spec = linear_spec(tmp_path, tiny.a, tiny.b)
     out = small_disk / "out"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import read_folder, write_spec
 from fakehub import folder_files
 from hubcli import TOKEN, hub_env, merge
+
 from mergekit_lite import run_merge
 
 NEEDED = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
@@ -137,8 +137,9 @@ def test_offline_with_a_cold_cache_names_the_reference(cli, hub_in_process, tmp_
 def test_fold_of_a_hub_adapter_into_a_hub_base(hub_models, models_f32, tmp_path):
     """`base+adapter` from the Hub: the adapter repo gives only its config and safetensors."""
     from conftest import SHAPE
+
     from mergekit_lite import fold_lora
-    from mergekit_lite.lora.synthetic import write_adapter
+    from mergekit_lite.testing.adapters import write_adapter
 
     hub = hub_models
     adapter = write_adapter(str(tmp_path / "adapter"), SHAPE, seed=3, base_model="org/base")

@@ -12,8 +12,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
 from hubcli import TOKEN, hub_env, merge, python
+
 from mergekit_lite import run_merge
 
 SENT = ["README.md", "config.json", "generation_config.json", "merge_run.json", "mergekit_config.yml",

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from mergekit_lite import push_to_hub, run_merge
-from mergekit_lite.card import card_text
-from mergekit_lite.card_check import check_card
-from mergekit_lite.push_plan import select_files
-from mergekit_lite.references import ModelPath
+from mergekit_lite.hub.card_check import check_card
+from mergekit_lite.hub.push_plan import select_files
+from mergekit_lite.output.card import card_text
+from mergekit_lite.spec.references import ModelPath
 
 SECRET = "hf_local_secret_token_123"
 CARD = """---

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_folder
+
 from mergekit_lite import run_merge
-from mergekit_lite.registry import get_strategy
+from mergekit_lite.strategies.registry import get_strategy
 from mergekit_lite.strategy import TensorContext
-from mergekit_lite.synthetic import LlamaShape, write_model
+from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 # Embeddings of 2048 x 64 = 131072 entries: large enough for torch to split one reduction across threads.
 WIDE = LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=2048)
@@ -78,7 +78,7 @@ def test_same_bytes_across_runs_threads_and_shard_sizes(wide_models, tmp_path, m
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della_linear", "slerp", "model_stock"])
 def test_whole_tensor_methods_are_never_split_into_row_blocks(wide_models, tmp_path, monkeypatch, method):
     """Pruning, norms and random streams see the whole tensor: tiny row blocks must not change a byte."""
-    import mergekit_lite.engine as engine
+    import mergekit_lite.engine.loop as engine
 
     text = {
         "slerp": f"merge_method: slerp\nbase_model: {wide_models}/base\nmodels:\n  - model: {wide_models}/ft-a\n"

@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import write_spec
+
 from mergekit_lite import run_merge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +102,10 @@ def test_a_plan_pickles_for_ray_tasks_lora_folds_included(tmp_path, monkeypatch)
     import torch
 
     from mergekit_lite import make_plan
-    from mergekit_lite.engine import output_layout, write_shard
-    from mergekit_lite.lora.synthetic import write_demo_adapters
-    from mergekit_lite.synthetic import LlamaShape, write_demo_models
+    from mergekit_lite.engine.loop import write_shard
+    from mergekit_lite.plan.shards import output_layout
+    from mergekit_lite.testing.adapters import write_demo_adapters
+    from mergekit_lite.testing.synthetic import LlamaShape, write_demo_models
 
     shape = LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256)
     write_demo_models(str(tmp_path / "demo" / "models"), shape, max_shard_size=60_000)
@@ -186,7 +187,7 @@ def test_a_worker_that_dies_is_named_and_the_finished_shards_are_kept(ray_cluste
         run_merge(spec, out, max_shard_size=SHARD, progress=False, executor="ray", validate=False,
                   strategies=[strategy])
     from mergekit_lite.errors import MergeError
-    from mergekit_lite.resume import JOURNAL
+    from mergekit_lite.output.journal import JOURNAL
 
     error = failure.value
     assert type(error) is MergeError and error.exit_code == 1, repr(error)

@@ -13,10 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from conftest import write_spec
+
 from mergekit_lite import run_merge
-from mergekit_lite.resume import JOURNAL
+from mergekit_lite.output.journal import JOURNAL
 from mergekit_lite.strategies.linear import STRATEGY as LINEAR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_partial_without_journal_is_refused_and_resume_without_partial_just_merg
 
 def test_crash_after_the_last_shard_resumes_with_every_shard_kept(models_bf16, tmp_path, reference, monkeypatch):
     """Killed after all shards were written but before the output was renamed into place."""
-    import mergekit_lite.api as api
+    import mergekit_lite.api.merge as api
 
     out = tmp_path / "run" / "merged"
     with monkeypatch.context() as patch:
@@ -223,7 +223,7 @@ def test_journal_records_outside_the_plan_are_never_read_or_kept(models_bf16, tm
               {"file": 7, "size": "x"}]
     (partial / JOURNAL).write_text("\n".join([lines[0], *lines[2:], *map(json.dumps, forged)]) + "\n")
     read = []
-    import mergekit_lite.resume as resume
+    import mergekit_lite.output.journal as resume
 
     real_crc = resume.file_crc32
     monkeypatch.setattr(resume, "file_crc32", lambda path: read.append(Path(path).resolve()) or real_crc(path))
@@ -274,7 +274,8 @@ def test_a_shard_file_replaced_by_a_link_is_not_written_through(tmp_path):
     import torch
 
     from mergekit_lite.errors import OutputError
-    from mergekit_lite.writer import Entry, ShardWriter
+    from mergekit_lite.output.writer import ShardWriter
+    from mergekit_lite.plan.shards import Entry
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mergekit_lite import make_plan
-from mergekit_lite.registry import all_strategies
+from mergekit_lite.strategies.registry import all_strategies
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 import showcase  # noqa: E402

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from test_strategies import STRATEGIES, call
 
 from mergekit_lite.strategies import sparsifiers
 from mergekit_lite.strategies.sparsifiers import kth_smallest, rank_window
 from mergekit_lite.strategy import TensorContext
-from test_strategies import STRATEGIES, call
 
 
 def stable_window(values: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:

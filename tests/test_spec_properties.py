@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from conftest import read_folder
 from hostile_cases import Models, build_models
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 NUMBERS = st.one_of(st.sampled_from([0.0, 0.5, 1.0, -0.5, -1.0, 1e-9, 2.0, 1e30, 3e38, 1e39, float("nan"),
                                      float("inf"), -float("inf")]),
@@ -131,7 +130,7 @@ def test_merges_end_in_a_finite_output_or_our_error(cli, tiny, tmp_path_factory)
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**400, 10**400) | st.text(max_size=5))
 def test_any_weight_value_is_a_number_in_range_or_a_spec_error(value):
     from mergekit_lite.errors import SpecError
-    from mergekit_lite.registry import get_strategy
+    from mergekit_lite.strategies.registry import get_strategy
 
     for method in ("linear", "task_arithmetic", "concat"):
         param = get_strategy(method).param("weight")

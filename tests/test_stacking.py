@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import re
 
+import hf_models as hf
 import pytest
 import torch
-
-import hf_models as hf
 from conftest import FINETUNES, SHAPE, read_folder
+
 from mergekit_lite import run_merge
-from mergekit_lite.api import make_plan
-from mergekit_lite.checkpoint import Checkpoint
-from mergekit_lite.synthetic import iter_model
+from mergekit_lite.plan.planner import make_plan
+from mergekit_lite.sources.checkpoint import Checkpoint
+from mergekit_lite.testing.synthetic import iter_model
 
 FAMILIES = ["llama", "gpt2", "qwen2"]
 LAYER_COUNT = {"llama": "num_hidden_layers", "qwen2": "num_hidden_layers", "gpt2": "n_layer"}
@@ -234,6 +234,6 @@ def test_nested_layer_count(models_f32, tmp_path):
     ("model.rotary.inv_freq", None),
 ])
 def test_tensors_outside_the_layers(name, position):
-    from mergekit_lite.layout import outside_position
+    from mergekit_lite.architecture import outside_position
 
     assert outside_position(name) == position

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import read_folder
-from mergekit_lite import run_merge
-from mergekit_lite.registry import all_strategies
 from mergekit_oracle import run_mergekit
+
+from mergekit_lite import run_merge
+from mergekit_lite.strategies.registry import all_strategies
 
 pytest.importorskip("mergekit")
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_lite.registry import builtins
+from mergekit_lite.strategies.registry import builtins
 from mergekit_lite.strategy import REQUIRED, TensorContext
 
 STRATEGIES = {s.name: s for s in builtins()}
 # Strategies whose output has the inputs' shape (concat widens tensors through its own layout).
-SAME_SHAPE = sorted(name for name, s in STRATEGIES.items() if s.layout is None)
+SAME_SHAPE = sorted(name for name, s in STRATEGIES.items() if not s.changes_shapes)
 # Per-model parameter values for the contract runs (everything else takes its default).
 VALUES = {"weight": 0.7, "density": 0.5, "gamma": 0.05, "epsilon": 0.1, "t": 0.3}
 

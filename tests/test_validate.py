@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_folder
+from validation_specs import DEVICES, LINEAR, PASSING, TASK_ARITHMETIC
+
 from mergekit_lite import run_merge, validate
 from mergekit_lite.safetensors_format import TensorInfo
 from mergekit_lite.validation.folder import read_output
 from mergekit_lite.validation.recompute import sample_jobs, ulp_distance
-from validation_specs import DEVICES, LINEAR, PASSING, TASK_ARITHMETIC
 
 HAS_TRANSFORMERS = True
 try:
@@ -84,7 +84,7 @@ def test_full_recomputes_every_tensor(models_f32, tmp_path):
 
 
 def test_sample_always_has_embeddings_head_and_end_layers(models_f32):
-    from mergekit_lite.api import make_plan
+    from mergekit_lite.plan.planner import make_plan
 
     merge_plan = make_plan(LINEAR.format(root=models_f32))
     try:

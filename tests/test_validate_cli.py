@@ -1,4 +1,4 @@
-"""`merge validate` and `merge run`'s validation: messages, exit codes, and the JSON layout the README documents."""
+"""`merge validate` and `merge run`'s validation: messages, exit codes, and the JSON layout docs/validation.md documents."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_spec
-from mergekit_lite import run_merge
 from validation_specs import LINEAR
 
-README = Path(__file__).parent.parent / "README.md"
+from mergekit_lite import run_merge
+
+REPO = Path(__file__).parent.parent
+VALIDATION_DOC = REPO / "docs" / "validation.md"
 
 
 def merged(root: Path, out: Path) -> Path:
@@ -145,7 +146,7 @@ def test_json_layout_is_stable(cli, models_f32, tmp_path):
 
 
 def test_readme_documents_every_json_field():
-    text = README.read_text()
+    text = VALIDATION_DOC.read_text()
     section = text[text.index("<!-- validate-json -->"):text.index("<!-- /validate-json -->")]
     documented = {word for span in re.findall(r"`([^`]+)`", section) for word in re.findall(r"[a-z_]+", span)}
     fields = set(REPORT) | set(CHECK) | set(FINDING) | set(INPUT_LOSS)
@@ -171,7 +172,7 @@ def test_run_prints_a_verdict(cli, models_f32, tmp_path):
 
 def test_run_fails_when_the_written_output_is_wrong(cli, models_f32, tmp_path, monkeypatch):
     """A bug between the merge and the disk (here: the writer corrupts lm_head) fails `merge run`."""
-    from mergekit_lite import writer
+    from mergekit_lite.output import writer
 
     original = writer.ShardWriter.write
 
@@ -208,8 +209,8 @@ def test_forward_can_be_left_out(models_f32, tmp_path, forward):
 
 
 def readme_blocks(language: str) -> list[str]:
-    text = README.read_text()
-    section = text[text.index("## Validation: `merge validate OUT`"):text.index("### The JSON report")]
+    text = VALIDATION_DOC.read_text()
+    section = text[:text.index("## The JSON report")]
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
@@ -217,10 +218,10 @@ def test_readme_snippets_run(cli, tmp_path, monkeypatch, capsys):
     import shlex
     import shutil
 
-    from mergekit_lite.synthetic import LlamaShape, write_demo_models
+    from mergekit_lite.testing.synthetic import LlamaShape, write_demo_models
 
     write_demo_models(str(tmp_path / "demo" / "models"), LlamaShape(), max_shard_size=60_000)
-    shutil.copytree(README.parent / "merge_configs", tmp_path / "merge_configs")
+    shutil.copytree(REPO / "merge_configs", tmp_path / "merge_configs")
     shutil.copy(tmp_path / "merge_configs" / "demo.yaml", tmp_path / "other.yaml")
     monkeypatch.chdir(tmp_path)
     assert cli("run", "merge_configs/demo.yaml", "-o", "demo/merged", "--device", "cpu").exit_code == 0
@@ -233,7 +234,7 @@ def test_readme_snippets_run(cli, tmp_path, monkeypatch, capsys):
         result = cli(*words[1:])
         assert result.exit_code == 0, result.output
     (python,) = readme_blocks("python")
-    exec(compile(python, "README.md", "exec"), {})
+    exec(compile(python, "docs/validation.md", "exec"), {})
     assert "Validation of " in capsys.readouterr().out
 
 

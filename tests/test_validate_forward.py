@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHAPE, read_folder
-from mergekit_lite import run_merge, validate
 from validation_specs import DEVICES, LINEAR
+
+from mergekit_lite import run_merge, validate
 
 pytest.importorskip("transformers")
 
@@ -124,7 +124,7 @@ def test_a_single_input_is_compared_with_itself(models_f32, tmp_path):
 def test_the_outputs_tokenizer_is_used_when_it_knows_the_prompts(tmp_path):
     import re
 
-    from mergekit_lite.synthetic import write_model
+    from mergekit_lite.testing.synthetic import write_model
     from mergekit_lite.validation.inference import PROMPTS, make_batch
 
     folder = write_model(str(tmp_path / "m"), SHAPE, tokenizer=False)

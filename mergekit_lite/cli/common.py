@@ -9,7 +9,13 @@ from typing import Callable
 
 import click
 
-from ..errors import Interrupted, MergeError
+from ..errors import Interrupted, MergeError, UsageError
+
+# The library names a bad setting by its Python name (``run_merge(..., max_shard_size=...)``); on the command
+# line it is the option's name.
+FLAGS = {"max_shard_size": "--max-shard-size", "dtype": "--dtype", "out_dtype": "--out-dtype", "device": "--device",
+         "private": "--private", "push_to_hub": "--push-to-hub", "executor": "--executor",
+         "ray_address": "--ray-address"}
 
 
 class _Formatter(logging.Formatter):
@@ -44,6 +50,8 @@ def common_options(fn: Callable) -> Callable:
         except MergeError as exc:
             if debug:
                 raise
+            if isinstance(exc, UsageError) and exc.where in FLAGS:
+                exc.where = FLAGS[exc.where]
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:

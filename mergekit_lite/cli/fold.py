@@ -36,7 +36,7 @@ def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, .
     Several adapters are folded in order into the same base, each scaled by its --weight. The result equals
     peft's merge_and_unload() with the adapters active; OUT/mergekit_config.yml replays it with `merge run`.
     """
-    from ..lora.api import fold_lora
+    from ..api.fold import fold_lora
 
     result = fold_lora(base, list(adapters), out, list(weights) or None, tied_embeddings=tied_embeddings,
                        check_base=not no_check_base, max_shard_size=max_shard_size, out_dtype=out_dtype,

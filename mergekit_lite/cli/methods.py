@@ -12,8 +12,8 @@ from .common import common_options
 @common_options
 def methods(name: str | None, quiet: bool) -> None:
     """List the merge methods, or describe one in detail."""
-    from ..registry import all_strategies, get_strategy
-    from ..summary import describe_strategies, describe_strategy
+    from ..plan.describe import describe_strategies, describe_strategy
+    from ..strategies.registry import all_strategies, get_strategy
 
     if name:
         click.echo(describe_strategy(get_strategy(name, where="NAME")))

@@ -24,8 +24,8 @@ def push(out: str, repo_id: str, private: bool, revision: str | None, create_pr:
     tokenizer files, README.md (the model card), mergekit_config.yml and merge_run.json. The token comes
     from HF_TOKEN or `hf auth login`, and is never printed.
     """
-    from ..hub_push import push_to_hub
-    from ..push_plan import plan_push
+    from ..hub.push import push_to_hub
+    from ..hub.push_plan import plan_push
 
     if dry_run:
         plan = plan_push(out, repo_id, private=private, revision=revision, create_pr=create_pr,

@@ -39,13 +39,13 @@ def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: 
         push_to_hub: str | None, private: bool, resume: bool, executor: str, ray_address: str | None,
         quiet: bool) -> None:
     """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT."""
-    from ..api import run_merge
+    from ..api.merge import MergeSettings, run_merge
 
-    result = run_merge(spec, out, max_shard_size=max_shard_size, dtype=dtype, out_dtype=out_dtype, device=device,
-                       overwrite=overwrite, dry_run=dry_run, seed=seed, progress=not quiet and not dry_run,
-                       validate=not no_validate, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                       push_to_hub=push_to_hub, private=private, resume=resume, executor=executor,
-                       ray_address=ray_address)
+    settings = MergeSettings(max_shard_size, dtype, out_dtype, device, seed, overwrite, dry_run,
+                             progress=not quiet and not dry_run, validate=not no_validate, allow_pickle=allow_pickle,
+                             allow_nonfinite=allow_nonfinite, push_to_hub=push_to_hub, private=private,
+                             resume=resume, executor=executor, ray_address=ray_address)
+    result = run_merge(spec, out, settings)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:

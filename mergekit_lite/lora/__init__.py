@@ -2,6 +2,6 @@
 
 ``config.py`` reads adapter_config.json (scaling, patterns, refusals), ``adapter.py`` the adapter's tensor
 table and key grammar, ``fold.py`` is the arithmetic, ``identity.py`` checks the adapter was made for the
-base, ``source.py`` makes ``base+adapter`` a checkpoint any merge can read, ``api.py`` is ``fold_lora`` and
-the fold spec, ``synthetic.py`` writes small adapters without peft (demo and tests).
+base, ``source.py`` makes ``base+adapter`` a checkpoint any merge can read, ``fold_lora`` and
+the fold spec are in ``api/fold.py``, and ``testing/adapters.py`` writes small adapters without peft.
 """

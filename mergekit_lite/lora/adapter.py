@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import Checkpoint, contained_path
 from ..errors import ModelError
 from ..safetensors_format import TensorInfo, read_header
+from ..sources.checkpoint import Checkpoint, contained_path
 from .config import LoraSettings, read_settings
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -90,7 +90,7 @@ def open_adapter(folder: str, label: str, allow_pickle: bool = False) -> Adapter
     """Read an adapter's config and tensor table (no tensor data) and sort its keys by purpose.
 
     ``allow_pickle``: an adapter saved only as ``adapter_model.bin`` is loaded with
-    torch.load(weights_only=True) (mergekit_lite.pickled); without it, it is refused."""
+    torch.load(weights_only=True) (mergekit_lite.sources.pickled); without it, it is refused."""
     if not os.path.isdir(folder):
         raise ModelError("adapter folder not found" if not os.path.exists(folder) else "is a file, not a folder",
                          file=label, hint="give the folder that holds adapter_config.json")
@@ -138,7 +138,7 @@ def _weights(folder: str, label: str, allow_pickle: bool) -> Checkpoint:
         return Checkpoint(label, os.path.abspath(folder), tensors, {})
     pickled = [n for n in PICKLE_FILES if os.path.exists(os.path.join(folder, n))]
     if pickled and allow_pickle:
-        from ..pickled import open_pickle_files
+        from ..sources.pickled import open_pickle_files
 
         return open_pickle_files(label, os.path.abspath(folder), [contained_path(folder, pickled[0], label)], {})
     if pickled:

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..checkpoint import contained_path, read_json_object
 from ..errors import ModelError
+from ..sources.checkpoint import contained_path, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 

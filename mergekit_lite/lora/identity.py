@@ -22,7 +22,7 @@ import re
 from typing import Optional
 
 from ..errors import ModelError
-from ..references import REPO_ID, ModelPath
+from ..spec.references import REPO_ID, ModelPath
 
 _HUB_CACHE = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
 

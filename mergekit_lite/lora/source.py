@@ -16,40 +16,28 @@ deltas, and sets ``tie_word_embeddings: false``; ``shared`` reproduces peft's sh
 
 from __future__ import annotations
 
-import threading
-
 import copy
 import logging
 import math
 import re
-from dataclasses import dataclass, field, replace as replace_field
+import threading
+from dataclasses import dataclass, field
+from dataclasses import replace as replace_field
 from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import Checkpoint
+from ..architecture import CONV1D_LAYERS, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, tied_source
 from ..dtypes import itemsize
 from ..errors import ModelError
-from ..layout import TIED_OUTPUT_EMBEDDINGS, tied_source
-from ..references import ModelPath
 from ..safetensors_format import TensorInfo
+from ..sources.checkpoint import Checkpoint
+from ..spec.references import ModelPath
 from .adapter import Adapter, LoraModule
 from .fold import delta_weight, fold, fold_bias, replace
 from .identity import check_base
 
 log = logging.getLogger("mergekit_lite")
-OUTPUT_EMBEDDING = "lm_head.weight"
-INPUT_EMBEDDINGS = TIED_OUTPUT_EMBEDDINGS[OUTPUT_EMBEDDING]
-# transformers' Conv1D (weight stored (in, out)) by model_type: the layer names that are Conv1D. Needed only
-# for square weights, where the shape cannot tell (GPT-2's attn.c_proj); peft's saved fan_in_fan_out is not
-# reliable (it holds whatever the last adapted module set it to).
-CONV1D_LAYERS = {
-    "gpt2": {"c_attn", "c_proj", "c_fc", "q_attn"}, "openai-gpt": {"c_attn", "c_proj", "c_fc"},
-    "imagegpt": {"c_attn", "c_proj", "c_fc", "q_attn"}, "decision_transformer": {"c_attn", "c_proj", "c_fc", "q_attn"},
-    "clvp": {"c_fc", "c_proj"},
-}
-
-
 @dataclass(frozen=True)
 class Fold:
     """One adapter's update of one module: the low-rank delta of its weight, or of its bias (lora_bias)."""

@@ -4,7 +4,7 @@ An MLP computes down(act(gate(x)) * up(x)). Stacking the models' gate/up rows an
 columns side by side, each scaled by the model's weight, gives one MLP whose output is exactly
 sum_i w_i * MLP_i(x): the hidden units of different models never mix. Attention heads are independent in
 the same way (q/k/v rows stacked, o columns side by side, scaled). Which tensors are widened, along which
-axis, and the config changes are decided by the concat layout (widening.py); this function only joins.
+axis, and the config changes are decided by the concat layout (plan/concat.py); this function only joins.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 import torch
 
 from ..strategy import Param, Strategy, TensorContext, weights_sum_check
-from ..widening import CONCAT_LAYOUT
 
 
 def concat(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext, *,
@@ -46,7 +45,7 @@ STRATEGY = Strategy(
     base="optional",
     min_inputs=2,
     check=weights_sum_check,
-    layout=CONCAT_LAYOUT,
+    changes_shapes=True,
     params=(
         Param("weight", float, "this model's share of each widened layer's output", per_model=True, min=0),
         Param("normalize", bool, "divide the weights by their sum, so the output is a weighted average",

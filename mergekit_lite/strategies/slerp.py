@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..chunks import Chunks, whole
 from ..strategy import Param, Strategy, TensorContext
+from .chunks import Chunks, whole
 
 COLINEAR = 0.9995       # |cos| above this: plain linear interpolation (the arc is too flat to matter)
 NORM_EPS = 1e-8         # a vector with a smaller norm is not normalized

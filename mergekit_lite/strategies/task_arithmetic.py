@@ -22,11 +22,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..chunks import whole
 from ..strategy import Param, ParamProblem, Strategy, TensorContext, weights_sum_check
 from . import sparsifiers
+from .chunks import whole
 from .consensus import finish, vote, weight_divisor
 from .task_chunks import chunkable, task_chunks
+
 
 def generalized_task_arithmetic(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext,
                                 *, consensus: Optional[str], sparsifier: Optional[str], weight: Sequence[float],

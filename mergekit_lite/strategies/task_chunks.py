@@ -23,9 +23,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..chunks import Chunks
 from ..strategy import TensorContext
 from . import sparsifiers
+from .chunks import Chunks
 from .consensus import vote, weighted_sum
 
 CHUNK = sparsifiers.DRAW_CHUNK   # DARE's streams are per chunk of this many entries

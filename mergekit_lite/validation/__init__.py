@@ -21,10 +21,10 @@ import os
 import time
 from typing import Iterable, Optional, Union
 
-from ..devices import resolve_device
+from ..engine.devices import resolve_device
 from ..errors import MergeError, ModelError
-from ..run_settings import RUN_SETTINGS_FILE, RunSettings, read_run_settings
-from ..spec import Spec, load_spec
+from ..output.run_settings import RUN_SETTINGS_FILE, RunSettings, read_run_settings
+from ..spec.schema import Spec, load_spec
 from ..strategy import Strategy
 from .folder import read_output
 from .report import SKIPPED, CheckResult, Finding, ValidationReport
@@ -102,7 +102,7 @@ def _spec(folder: str, spec: Union[str, os.PathLike, dict, Spec, None]
 
 def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy], allow_pickle: bool,
           allow_nonfinite: bool):
-    from ..api import make_plan
+    from ..plan.planner import make_plan
 
     try:
         return make_plan(spec, dtype=settings.dtype, out_dtype=settings.out_dtype, seed=settings.seed,

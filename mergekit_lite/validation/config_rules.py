@@ -15,22 +15,21 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..architecture import (
+    FINAL_NORMS,
+    INPUT_EMBEDDINGS,
+    LAYER_PATTERN,
+    TEXT_SECTION,
+    WIDTH_KEYS,
+    get_config_value,
+    layer_count_key,
+    layer_index,
+)
 from ..dtypes import dtype_name
-from ..layout import LAYER_PATTERN, TIED_OUTPUT_EMBEDDINGS, get_config_value, layer_count_key, layer_index
 from .report import Finding
 
-# The first key present wins; dotted keys are nested (multimodal configs keep the text model's in text_config).
-KEYS = {
-    "hidden": ("hidden_size", "n_embd", "d_model", "text_config.hidden_size"),
-    "vocab": ("vocab_size", "text_config.vocab_size"),
-    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "text_config.intermediate_size"),
-    "heads": ("num_attention_heads", "n_head", "num_heads", "text_config.num_attention_heads"),
-    "kv_heads": ("num_key_value_heads", "num_kv_heads", "text_config.num_key_value_heads"),
-    "head_dim": ("head_dim", "text_config.head_dim"),
-}
-INPUT_EMBEDDINGS = TIED_OUTPUT_EMBEDDINGS["lm_head.weight"]
-FINAL_NORMS = ("model.norm.weight", "transformer.ln_f.weight", "model.final_layernorm.weight",
-               "gpt_neox.final_layer_norm.weight", "model.language_model.norm.weight")
+# The first key present wins; multimodal configs keep the text model's keys in text_config.
+KEYS = {dim: (*keys, TEXT_SECTION + keys[0]) for dim, keys in WIDTH_KEYS.items()}
 # (suffix after "layers.N.", the dimensions it uses, expected shape); only exact suffixes, so MoE experts
 # and shared experts (whose widths come from other keys) are left alone.
 HIDDEN, ATTENTION, MLP = ("hidden",), ("hidden", "heads", "kv_heads", "head_dim"), ("hidden", "intermediate")

@@ -11,9 +11,10 @@ import time
 
 import torch
 
+from ..engine.nonfinite import unravel
 from .folder import OutputFolder
 from .report import CheckResult, Finding, outcome
-from .stream import CHUNK_BYTES, TensorReader, unravel
+from .stream import CHUNK_BYTES, TensorReader
 
 
 def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = CHUNK_BYTES,

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..checkpoint import INDEX_FILE, SINGLE_FILE, read_config
 from ..errors import ModelError
 from ..safetensors_format import TensorInfo, read_header
+from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE, read_config
 from .report import Finding
 
 

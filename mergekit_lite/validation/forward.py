@@ -21,10 +21,10 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MergeError
-from ..inputs import fetch
-from ..plan import MergePlan
-from ..references import ModelPath, ModelRef
-from ..spec import Spec
+from ..plan.inputs import fetch
+from ..plan.planner import MergePlan
+from ..spec.references import ModelPath, ModelRef
+from ..spec.schema import Spec
 from ..strategy import TensorContext
 from ..units import format_size
 from .folder import OutputFolder
@@ -123,7 +123,7 @@ def _resolve(ref: ModelRef, where: str, plan: Optional[MergePlan]) -> InputModel
 
 
 def _adapter_folder(path: ModelPath, where: str) -> str:
-    from ..inputs import fetch
+    from ..plan.inputs import fetch
 
     return fetch(path, where, patterns=ADAPTER_PATTERNS)
 
@@ -141,7 +141,7 @@ def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan
         ctx = TensorContext(job.name, job.layer, job.t, plan.seed)
         inputs = [probe.clone() for _ in job.inputs]
         try:
-            result = plan.strategy(inputs, probe.clone() if job.base is not None else None, ctx, **job.params)
+            result = job.strategy(inputs, probe.clone() if job.base is not None else None, ctx, **job.params)
         except (RuntimeError, ValueError):   # a strategy that needs real shapes: no claim either way
             return False
         if tuple(result.shape) != tuple(probe.shape) or not torch.allclose(result, probe, rtol=1e-5, atol=1e-6):

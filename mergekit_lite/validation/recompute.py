@@ -20,12 +20,14 @@ from typing import Optional
 import torch
 
 from ..dtypes import dtype_name
-from ..engine import merge_tensor, read_sources
+from ..engine.compute import merge_tensor, read_sources
+from ..engine.nonfinite import unravel
 from ..errors import MergeError
-from ..plan import MergePlan, TensorJob
+from ..plan.jobs import TensorJob
+from ..plan.planner import MergePlan
 from .folder import OutputFolder
 from .report import CheckResult, Finding, number, outcome
-from .stream import TensorReader, unravel
+from .stream import TensorReader
 
 CHUNK_VALUES = 1 << 24      # values compared at once on the device (float64: 128 MiB per operand)
 

@@ -61,10 +61,3 @@ class TensorReader:
         self.close()
 
 
-def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A flat element index (as chunks count them) -> its position in a tensor of ``shape``."""
-    index = []
-    for size in reversed(shape):
-        index.append(flat % size)
-        flat //= size
-    return tuple(reversed(index))

@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..architecture import get_config_value
 from ..dtypes import dtype_name
-from ..layout import get_config_value
-from ..plan import OUTPUT_EMBEDDING, MergePlan
+from ..plan.planner import OUTPUT_EMBEDDING, MergePlan
 from .config_rules import INPUT_EMBEDDINGS, KEYS, check_config
 from .folder import OutputFolder
 from .report import CheckResult, Finding, outcome

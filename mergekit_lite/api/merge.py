@@ -1,0 +1,199 @@
+"""The library entry points: ``load_spec`` and ``run_merge``, for notebooks and scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+
+import torch
+
+from ..dtypes import parse_dtype
+from ..engine.devices import resolve_device
+from ..engine.executors import check_executor
+from ..errors import Interrupted, OutputError, UsageError
+from ..output.companions import check_tokenizer_files, write_companions
+from ..output.folder import LEFTOVER, OutputLock, check_free_space, check_output, commit_partial, start_partial
+from ..output.run_settings import settings_for, write_run_settings
+from ..plan.planner import MergePlan, make_plan
+from ..spec.schema import SpecLike
+from ..strategy import Strategy
+from ..units import parse_size
+
+if TYPE_CHECKING:
+    from ..hub.push import PushResult
+    from ..validation import ValidationReport
+
+log = logging.getLogger("mergekit_lite")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge produced."""
+
+    path: str                 # the output folder (for a dry run: where it would be written)
+    tensors: int
+    bytes: int                # tensor bytes written (the index's total_size)
+    seconds: float
+    shards: int = 0
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+    summary: str = ""         # for a dry run: the plan, as `merge run --dry-run` prints it
+    validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run)
+    pushed: Optional["PushResult"] = None   # with push_to_hub: where the model went
+    resumed_shards: int = 0   # shards an interrupted run had finished, verified and kept (--resume)
+
+    def __str__(self) -> str:
+        from ..units import format_size
+
+        if self.dry_run:
+            return f"Would write {self.tensors} tensors ({format_size(self.bytes)}) to {self.path}."
+        resumed = f"; {self.resumed_shards} kept from the interrupted run" if self.resumed_shards else ""
+        return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s){resumed}) into "
+                f"{self.path} in {self.seconds:.1f} s.")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How a merge runs, beyond what the spec says: one field per ``merge run`` option.
+
+    ``allow_pickle``: load local models that have only pickle weights, with torch.load(weights_only=True).
+    ``allow_nonfinite``: merge inputs that hold NaN or Inf instead of refusing them.
+    ``push_to_hub="org/name"`` then uploads the result (``private`` applies to a new repo), unless its
+    validation failed. ``resume`` continues an interrupted merge of the same spec from its partial folder;
+    ``executor="ray"`` computes the shards on a Ray cluster (``ray_address``; default: a local one).
+    """
+
+    max_shard_size: Union[str, int] = "5GB"
+    dtype: Optional[str] = None          # the precision to merge in (None: the spec's)
+    out_dtype: Optional[str] = None      # the precision to write (None: the spec's)
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    dry_run: bool = False
+    progress: bool = True
+    validate: bool = True
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False
+    push_to_hub: Optional[str] = None
+    private: bool = False
+    resume: bool = False
+    executor: str = "local"
+    ray_address: Optional[str] = None
+
+
+def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[MergeSettings] = None, *,
+              strategies: Iterable[Strategy] = (), **changes: Any) -> MergeResult:
+    """Merge the models a spec describes into the folder ``out``.
+
+    ``spec`` is a YAML file path, a YAML string, a dict, or a Spec. ``settings`` (a MergeSettings) says how;
+    keyword arguments change single fields (``run_merge(spec, out, overwrite=True)``). ``strategies`` adds
+    merge methods that are not built in (they take precedence by name). Raises a MergeError subclass on bad
+    input. With ``validate`` (the default) the written output is checked (``mergekit_lite.validate``) and the
+    report is ``result.validation``; a failed validation does not raise and leaves the output in place;
+    ``result.pushed`` says where a push went. Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt)
+    saying what was left behind.
+    """
+    started = time.perf_counter()
+    run = dataclasses.replace(settings or MergeSettings(), **changes)
+    out = os.fspath(out)
+    shard_bytes, device = _check_settings(run)
+    strategies = list(strategies)
+    merge_plan = make_plan(spec, dtype=run.dtype, out_dtype=run.out_dtype, seed=run.seed, strategies=strategies,
+                           allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite)
+    try:
+        check_output(out, [f for c in merge_plan.checkpoints.values() for f in c.folders], run.overwrite)
+        check_free_space(out, merge_plan.total_bytes)
+        check_tokenizer_files(merge_plan)
+        if run.dry_run:
+            return _dry_run(merge_plan, out, shard_bytes, run, started)
+        with OutputLock(out):   # held until validated: a second run cannot replace OUT under the validation
+            result = _execute(merge_plan, out, shard_bytes, device, started, run)
+            if run.validate:
+                result = dataclasses.replace(result, validation=_validate(merge_plan, out, device, strategies, run))
+    finally:
+        merge_plan.close()
+    return _push(result, out, run) if run.push_to_hub else result
+
+
+def _check_settings(run: MergeSettings) -> tuple[int, torch.device]:
+    """What can be wrong with the settings alone, before any input is opened: the shard size and device."""
+    if run.private and not run.push_to_hub:
+        raise UsageError("--private only applies with --push-to-hub", where="private",
+                         hint="add --push-to-hub ORG/NAME, or drop --private")
+    if run.push_to_hub:  # a missing token or offline mode fails now, not after the merge
+        from ..hub.push import check_push_target
+
+        check_push_target(run.push_to_hub, where="push_to_hub")
+    try:
+        shard_bytes = parse_size(run.max_shard_size)
+    except ValueError as exc:
+        raise UsageError(str(exc), where="max_shard_size") from None
+    device = resolve_device(run.device)
+    check_executor(run.executor, run.ray_address)
+    return shard_bytes, device
+
+
+def _dry_run(merge_plan: MergePlan, out: str, shard_bytes: int, run: MergeSettings, started: float) -> MergeResult:
+    from ..plan.describe import describe_plan
+
+    then = f"\nThen push to the Hub repo {run.push_to_hub}." if run.push_to_hub else ""
+    return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
+                       dry_run=True, warnings=merge_plan.warnings,
+                       summary=describe_plan(merge_plan, out, shard_bytes) + then)
+
+
+def _validate(merge_plan: MergePlan, out: str, device: torch.device, strategies: list[Strategy],
+              run: MergeSettings) -> "ValidationReport":
+    from ..validation import validate as validate_output
+
+    try:
+        return validate_output(out, merge_plan.spec, device=device, strategies=strategies,
+                               allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{out} is complete but was not validated; run `merge validate {out}`") from None
+
+
+def _push(result: MergeResult, out: str, run: MergeSettings) -> MergeResult:
+    """Last: after the output was written and passed its validation."""
+    if result.validation is not None and not result.validation.passed:
+        log.warning("not pushed to %s: the validation failed (after a look at the report, "
+                    "`merge push %s --repo %s` pushes it anyway)", run.push_to_hub, out, run.push_to_hub)
+        return result
+    from ..hub.push import push_to_hub as push
+
+    return dataclasses.replace(result, pushed=push(result.path, run.push_to_hub, private=run.private,
+                                                   progress=run.progress))
+
+
+def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, started: float,
+             run: MergeSettings) -> MergeResult:
+    from ..engine.executors import open_output
+    from ..engine.progress import byte_progress
+
+    partial = start_partial(out, keep=run.resume)
+    try:
+        pending = open_output(merge_plan, partial, max_shard_size=shard_bytes, device=device, resume=run.resume)
+        with byte_progress(merge_plan.total_bytes, enabled=run.progress) as advance:
+            shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address)
+        try:
+            write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
+            write_run_settings(partial, settings_for(parse_dtype(run.dtype) if run.dtype else None,
+                                                     parse_dtype(run.out_dtype) if run.out_dtype else None,
+                                                     run.seed, device))
+        except OSError as exc:
+            raise OutputError(f"cannot write {os.path.basename(exc.filename or '') or 'a file'}: {exc.strerror}",
+                              file=partial, hint=f"free some disk space and run again ({LEFTOVER})") from None
+        pending.finish()
+    except KeyboardInterrupt:
+        raise Interrupted(f"{out} was not written; the unfinished files are in {partial} ({LEFTOVER})") from None
+    commit_partial(partial, out)
+    seconds = time.perf_counter() - started
+    log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)
+    return MergeResult(os.path.abspath(out), len(merge_plan.jobs), shards.total_size, seconds, len(shards.files),
+                       warnings=merge_plan.warnings, resumed_shards=len(pending.done))
+
+

@@ -1,0 +1,165 @@
+"""What tensor names and config keys mean, for any transformer layout: the one table of names.
+
+mergekit keeps one JSON file per architecture and fails on anything new ("No JSON architecture found" is
+among its most reported issues). Merging needs much less: which layer a tensor belongs to (for gradients
+and layer stacking), which tensor stands in for a missing tied ``lm_head``, which config keys hold the
+layer count and the widths, which modules are an MLP's or attention's projections, and which model types
+store linear weights transposed (transformers' Conv1D). Those follow a handful of naming conventions, all
+listed here, so the planner, the LoRA fold and validation cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Optional
+
+# `model.layers.3.mlp.up_proj.weight`, `transformer.h.3.attn.c_attn.weight`, `encoder.layer.3....`,
+# `blocks.3....`: a container name, then the layer number as its own dotted component.
+LAYER_PATTERN = re.compile(r"(^|\.)(layers|h|layer|blocks)\.(\d+)\.")
+
+OUTPUT_EMBEDDING = "lm_head.weight"
+# Output-embedding names, each with the input embeddings a tied checkpoint uses instead (in the order tried).
+TIED_OUTPUT_EMBEDDINGS: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": (
+        "model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+        "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight", "model.embed_in.weight",
+        "transformer.embd.wte.weight", "model.language_model.embed_tokens.weight",
+        "model.text_model.embed_tokens.weight", "embed_tokens.weight", "wte.weight",
+    ),
+}
+
+INPUT_EMBEDDINGS = TIED_OUTPUT_EMBEDDINGS[OUTPUT_EMBEDDING]
+FINAL_NORMS = ("model.norm.weight", "transformer.ln_f.weight", "model.final_layernorm.weight",
+               "gpt_neox.final_layer_norm.weight", "model.language_model.norm.weight")
+
+# Config keys of the model's widths, by quantity, most common first (within one config section).
+WIDTH_KEYS: dict[str, tuple[str, ...]] = {
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "vocab": ("vocab_size",),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"),
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
+    "head_dim": ("head_dim",),
+}
+# Where multimodal configs keep the text model's keys.
+TEXT_SECTION = "text_config."
+# Architectures that read an added `head_dim` from config.json (transformers 5 modeling code), so heads can be
+# added without making them narrower even when their config.json has no head_dim.
+READS_HEAD_DIM = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3",
+                  "starcoder2", "olmo", "olmo2", "granite", "cohere", "stablelm", "phi3", "smollm3")
+# transformers' Conv1D (weight stored (in, out)) by model_type: the layer names that are Conv1D. The names
+# matter only for square weights, where the shape cannot tell (GPT-2's attn.c_proj); peft's saved
+# fan_in_fan_out is not reliable (it holds whatever the last adapted module set it to).
+CONV1D_LAYERS: dict[str, frozenset[str]] = {
+    "gpt2": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}), "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+    "imagegpt": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
+    "decision_transformer": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}), "clvp": frozenset({"c_fc", "c_proj"}),
+}
+
+# Module names of a layer's MLP and attention blocks, and of their projections: the input projections with
+# the number of projections fused in each, and the output projection.
+MLP_BLOCKS = ("mlp", "feed_forward", "ffn")
+ATTENTION_BLOCKS = ("self_attn", "attn", "attention", "self_attention")
+MLP_IN = {"gate_proj": 1, "up_proj": 1, "c_fc": 1, "fc1": 1, "w1": 1, "w3": 1, "dense_h_to_4h": 1,
+          "gate_up_proj": 2}
+MLP_OUT = ("down_proj", "c_proj", "fc2", "w2", "dense_4h_to_h")
+ATTENTION_IN = {"q_proj": 1, "k_proj": 1, "v_proj": 1}
+ATTENTION_OUT = ("o_proj", "out_proj")
+
+# Config keys holding the number of layers, most common first; dotted keys are nested.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers",
+                    "language_config.num_hidden_layers", "llm_config.num_hidden_layers")
+
+# Config lists with one entry per layer (next to the layer count key): re-sliced when layers are stacked.
+PER_LAYER_KEYS = ("layer_types", "layers_block_type", "no_rope_layers")
+
+# Tensors outside the numbered layers, by a dotted component's start: before the layers (embeddings) or
+# after them (final norm, head). Checked in this order, so `word_embeddings_layernorm` is before the layers.
+BEFORE_LAYERS = ("embed_tokens", "embed_in", "embed_positions", "embeddings", "word_embeddings", "wte", "wpe")
+AFTER_LAYERS = ("lm_head", "embed_out", "norm", "ln_f", "final_layernorm", "final_layer_norm", "score")
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The layer a tensor belongs to, or None for embeddings, final norms, heads."""
+    match = LAYER_PATTERN.search(name)
+    return int(match.group(3)) if match else None
+
+
+def layer_stack(name: str) -> Optional[str]:
+    """The name up to the layer number (``model.layers.``): tensors of one stack of layers share it."""
+    match = LAYER_PATTERN.search(name)
+    return name[:match.start(3)] if match else None
+
+
+def outside_position(name: str) -> Optional[str]:
+    """For a tensor outside the layers: "before" (embeddings) or "after" (final norm, head); None if unknown."""
+    parts = name.split(".")
+    for position, starts in (("before", BEFORE_LAYERS), ("after", AFTER_LAYERS)):
+        if any(part.startswith(start) for part in parts for start in starts):
+            return position
+    return None
+
+
+def rename_layer(name: str, index: int) -> str:
+    """The same tensor name in another layer: used when layers are stacked and renumbered."""
+    match = LAYER_PATTERN.search(name)
+    if match is None:
+        raise ValueError(f"'{name}' is not a layer tensor")
+    return f"{name[:match.start(3)]}{index}{name[match.end(3):]}"
+
+
+def count_layers(names: Iterable[str]) -> int:
+    """Number of layers as seen in tensor names (highest index + 1; 0 when there are none)."""
+    indices = [i for i in map(layer_index, names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def layer_position(index: Optional[int], num_layers: int) -> float:
+    """Where a tensor sits in depth, 0..1, for gradients: mergekit's rule.
+
+    Layer i of L gets i/(L-1) (1 when L == 1); embeddings, final norm and lm_head get 0, i.e. the first
+    value of a gradient.
+    """
+    if index is None:
+        return 0.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def tied_source(name: str, available: Iterable[str]) -> Optional[str]:
+    """For a missing output embedding (``lm_head.weight``), the input embedding a tied model uses."""
+    present = set(available)
+    for candidate in TIED_OUTPUT_EMBEDDINGS.get(name, ()):
+        if candidate in present:
+            return candidate
+    return None
+
+
+def get_config_value(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def set_config_value(config: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def layer_count_key(config: dict[str, Any]) -> Optional[str]:
+    """The config key that holds the layer count, or None if the config has none we know."""
+    for key in LAYER_COUNT_KEYS:
+        value = get_config_value(config, key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return key
+    return None
+
+
+def sibling_key(dotted: str, name: str) -> str:
+    """``name`` in the same (possibly nested) section of the config as ``dotted``."""
+    return dotted.rsplit(".", 1)[0] + "." + name if "." in dotted else name

@@ -1,0 +1,82 @@
+"""What pulling and pushing share: loading huggingface_hub lazily, where the token comes from, and keeping it
+out of every message.
+
+huggingface_hub (1.30 or later, 2.x included) is imported only when a Hub repo is used, so ``import
+mergekit_lite`` and local merges never pay for it. Nothing here makes a network call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from types import ModuleType
+from typing import Optional
+
+from ..errors import HubError
+
+AUTH_HINT = "run `hf auth login` or set HF_TOKEN, with write access to {namespace}"
+# What huggingface_hub tokens look like, so that one echoed back by a server is masked too.
+TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9_]{8,}")
+
+
+def client() -> ModuleType:
+    """The huggingface_hub package, or a HubError saying how to install it."""
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants  # noqa: F401  (endpoint, offline mode, token path)
+        import huggingface_hub.errors  # noqa: F401  (typed errors, as hf.errors)
+        import huggingface_hub.utils  # noqa: F401  (hf.utils.httpx: httpx on 1.x, httpx2 on 2.x)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise HubError("huggingface_hub is not installed", hint="pip install 'huggingface_hub>=1.30'") from None
+    return huggingface_hub
+
+
+def endpoint() -> str:
+    """The Hub's address: https://huggingface.co, or HF_ENDPOINT (read by huggingface_hub at import)."""
+    return client().constants.ENDPOINT
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE=1: every request huggingface_hub would make raises instead."""
+    return bool(client().constants.HF_HUB_OFFLINE)
+
+
+def token_source(token: Optional[str] = None) -> Optional[str]:
+    """Where the token a request would carry comes from, in huggingface_hub's order; None when there is none.
+
+    Says where, never what: this is what a dry run prints. Reads no token over the network (an OIDC
+    exchange in CI happens only when a push really runs).
+    """
+    if token:
+        return "the token argument"
+    if os.environ.get("HF_OIDC_RESOURCE"):
+        return "HF_OIDC_RESOURCE (exchanged for a token when the push runs)"
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(variable, "").strip():
+            return f"the {variable} environment variable"
+    path = client().constants.HF_TOKEN_PATH
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read().strip():
+                return f"the token file {path} (from `hf auth login`)"
+    except OSError:
+        pass
+    return None
+
+
+def redact(text: str, token: Optional[str] = None) -> str:
+    """``text`` with the token (and anything shaped like an HF token) replaced by ``hf_***``."""
+    if token:
+        text = text.replace(token, "hf_***")
+    return TOKEN_PATTERN.sub("hf_***", text)
+
+
+def server_message(exc: Exception) -> str:
+    """The Hub's own words for an HTTP error (X-Error-Message or the JSON ``error``), else the exception text."""
+    text = str(getattr(exc, "server_message", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def status_code(exc: Exception) -> Optional[int]:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)

@@ -1,0 +1,72 @@
+"""The settings of a `merge run` that the spec does not hold, written next to the spec as ``merge_run.json``.
+
+``mergekit_config.yml`` is the spec as the user wrote it, but ``--dtype``, ``--out-dtype`` and ``--seed``
+change the output too, and the device decides whether a recomputation can be bit-exact. Without them
+``merge validate OUT`` could not rebuild what was written, and a DARE merge could not be reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from ..dtypes import dtype_name, parse_dtype
+from ..errors import ModelError
+
+RUN_SETTINGS_FILE = "merge_run.json"
+FIELDS = ("dtype", "out_dtype", "seed", "device", "tool", "version")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    dtype: Optional[str] = None        # --dtype (None: the spec's)
+    out_dtype: Optional[str] = None    # --out-dtype (None: the spec's)
+    seed: int = 0
+    device: Optional[str] = None       # device type the arithmetic ran on ("cpu", "cuda"); None when unknown
+    tool: str = "mergekit_lite"
+    version: str = ""
+
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        return parse_dtype(self.dtype) if self.dtype else None
+
+    @property
+    def torch_out_dtype(self) -> Optional[torch.dtype]:
+        return parse_dtype(self.out_dtype) if self.out_dtype else None
+
+
+def settings_for(dtype: Optional[torch.dtype], out_dtype: Optional[torch.dtype], seed: int,
+                 device: torch.device) -> RunSettings:
+    from .. import __version__
+
+    return RunSettings(dtype_name(dtype) if dtype else None, dtype_name(out_dtype) if out_dtype else None, seed,
+                       device.type, version=__version__)
+
+
+def write_run_settings(folder: str, settings: RunSettings) -> None:
+    with open(os.path.join(folder, RUN_SETTINGS_FILE), "w", encoding="utf-8") as f:
+        f.write(json.dumps(asdict(settings), indent=2) + "\n")
+
+
+def read_run_settings(folder: str) -> Optional[RunSettings]:
+    """The recorded settings; None when the folder has none (e.g. a mergekit output). Raises ModelError when
+    the file is there but unreadable, because guessing the settings could make a sound output look broken."""
+    path = os.path.join(folder, RUN_SETTINGS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        settings = RunSettings(**{k: data[k] for k in FIELDS if k in data})
+        if not isinstance(settings.seed, int) or isinstance(settings.seed, bool):
+            raise ValueError(f"seed {settings.seed!r} is not an integer")
+        settings.torch_dtype, settings.torch_out_dtype  # noqa: B018 - unknown dtype names raise ValueError
+        return settings
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelError(f"cannot read the run settings: {exc}", file=path,
+                         hint="the file is corrupt; restore it or delete it (defaults: the spec's dtypes, seed 0)"
+                         ) from None

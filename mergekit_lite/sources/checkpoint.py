@@ -1,0 +1,216 @@
+"""One input model on disk: its tensors (from safetensors headers), its config, and reading tensor bytes.
+
+Opening a checkpoint reads only headers and JSON; tensor data is read on demand, one tensor at a time,
+with positional reads into a fresh buffer. Nothing is memory-mapped, so resident memory holds only the
+tensors in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ModelError
+from ..safetensors_format import TensorInfo, read_header, read_into, refuse_duplicates
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Checkpoint:
+    label: str                      # the reference as the spec wrote it, for messages
+    folder: str                     # absolute local folder
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)     # about this input, for the merge's warnings
+    card_notes: list[str] = field(default_factory=list)   # facts the output's model card should state
+    commit: Optional[str] = None    # the Hub commit the files came from (None for a local folder)
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """Every folder this input reads (an output inside any of them is refused)."""
+        return (self.folder,)
+
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Read one tensor (or the block of its rows [start, end)) into a new CPU tensor of its stored dtype."""
+        info = self.tensors[name]
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if rows is not None:  # rows are contiguous in safetensors' row-major layout
+            row_bytes = info.nbytes // shape[0]
+            shape = (rows[1] - rows[0], *shape[1:])
+            start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            try:
+                read_into(self._fd(info.path), start, memoryview(buffer.numpy()))
+            except (OSError, EOFError) as exc:
+                raise ModelError(f"cannot read tensor '{name}': {exc}", file=info.path,
+                                 hint="the file changed or was truncated after the merge started") from None
+        return buffer.view(info.dtype).reshape(shape)
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for Ray workers) without its open descriptors, which are reopened on the first read."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        state["_fds"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:  # descriptors are a finite resource in long notebook sessions
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def read_index(index_path: str) -> dict[str, str]:
+    """The weight_map of a shard index (safetensors or pickle): tensor name -> shard file name, as written."""
+    unique = refuse_duplicates(lambda key: ModelError(f"the index lists '{key}' twice", file=index_path,
+                                                      hint="the index is corrupt; download it again"))
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f, object_pairs_hook=unique)
+    except OSError as exc:
+        raise ModelError(f"cannot read the shard index: {exc.strerror}", file=index_path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelError(f"the shard index is not valid JSON ({why})", file=index_path,
+                         hint="the index is corrupt; download it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError("the index has no weight_map of tensor name -> shard file", file=index_path,
+                         hint="the index is corrupt; download it again")
+    return weight_map
+
+
+def read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in read_index(index_path).items():
+        by_shard.setdefault(shard, []).append(name)
+    tensors: dict[str, TensorInfo] = {}
+    for shard, names in by_shard.items():
+        path = shard_path(folder, shard, index_path)
+        found, _ = read_header(path)
+        for name in names:
+            if name not in found:
+                raise ModelError(f"the index lists tensor '{name}' in {shard}, but that shard does not have it",
+                                 file=index_path, hint="the index and shards are from different versions")
+            tensors[name] = found[name]
+        extra = sorted(set(found) - set(names))
+        if extra:
+            raise ModelError(f"shard {shard} holds tensor '{extra[0]}' that the index does not list",
+                             file=index_path, hint="the index and shards are from different versions")
+    return tensors
+
+
+def shard_path(folder: str, shard: str, index_path: str) -> str:
+    """Resolve a shard name, refusing anything that leaves the model folder (path traversal)."""
+    if "\0" in shard or not shard.strip():
+        raise ModelError(f"shard name {shard!r} is not a file name", file=index_path,
+                         hint="the index is corrupt; download it again")
+    if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+        raise ModelError(f"shard name '{shard}' points outside the model folder", file=index_path,
+                         hint="refusing it: shard names must be plain file names inside the folder")
+    path = os.path.join(folder, shard)
+    if not _stays_inside(folder, path):
+        raise ModelError(f"shard '{shard}' is a link that leaves the model folder", file=index_path,
+                         hint="refusing it: copy the real file into the folder")
+    if not os.path.isfile(path):
+        raise ModelError(f"the index names shard '{shard}', which does not exist", file=index_path,
+                         hint="the download is incomplete; download the missing shard again")
+    return path
+
+
+def contained_path(folder: str, name: str, label: str) -> str:
+    """``folder/name``, refusing a symlink that leads out of the model folder (a crafted folder could make a
+    merge read, and copy into its output, any file the user can read)."""
+    path = os.path.join(folder, name)
+    if not _stays_inside(folder, path):
+        raise ModelError(f"{name} is a link that leaves the model folder", file=label,
+                         hint="refusing it: copy the real file into the folder")
+    return path
+
+
+def _stays_inside(folder: str, path: str) -> bool:
+    """Whether ``path``, links resolved, is inside the folder's link root (see _link_root)."""
+    root = _link_root(folder)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
+
+
+def _link_root(folder: str) -> str:
+    """Where a model folder's links may lead: the folder itself, or for a snapshot in the Hugging Face cache
+    (``models--org--name/snapshots/<commit>/``, whose files link to ``../../blobs/``) that repo's cache folder."""
+    real = os.path.realpath(folder)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        return os.path.dirname(parent)
+    return real
+
+
+def pickle_weights(folder: str) -> bool:
+    return any(name.endswith(PICKLE_SUFFIXES) for name in os.listdir(folder))
+
+
+def no_weights_error(folder: str, label: str) -> ModelError:
+    names = sorted(os.listdir(folder))
+    if "adapter_config.json" in names:
+        return ModelError("this is a PEFT adapter folder, not a model", file=label,
+                          hint="fold it into its base: write the model as base+adapter (e.g. ./base+./adapter)")
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        return ModelError(f"only pickle checkpoints found ({', '.join(pickles[:3])}); they are refused because "
+                          "loading a pickle can run arbitrary code", file=label,
+                          hint="use a safetensors version of the model, or, if you trust its source, pass "
+                               "--allow-pickle "
+                               "(loads tensors only, with torch.load(weights_only=True), which refuses code)")
+    others = [n for n in names if n.endswith(".safetensors")]
+    if others:
+        return ModelError(f"no {SINGLE_FILE} or {INDEX_FILE}; found {', '.join(others[:3])}", file=label,
+                          hint=f"rename a single file to {SINGLE_FILE}, or add an {INDEX_FILE} for shards")
+    return ModelError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder", file=label,
+                      hint="give the folder that holds the model's safetensors files")
+
+
+def read_config(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    contained_path(folder, "config.json", folder)
+    return read_json_object(path, "config.json", path, "the file is corrupt; download it again")
+
+
+def read_json_object(path: str, name: str, blame: str, hint: str, nested: str = "nested too deeply") -> dict[str, Any]:
+    """The JSON object in ``path`` (called ``name`` in messages), or a ModelError naming ``blame``: the file
+    cannot be read, is not JSON, nests deeper than the parser goes (``nested`` says so), or is not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = nested if isinstance(exc, RecursionError) else exc
+        raise ModelError(f"cannot read {name}: {why}", file=blame, hint=hint) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{name} is not a JSON object", file=blame)
+    return data

@@ -1,0 +1,300 @@
+"""The merge spec: mergekit's YAML, read strictly.
+
+Every key is checked against what we know, so a typo is an error naming its YAML path with a suggestion,
+instead of being silently dropped (mergekit's pydantic models ignore unknown keys). This module checks the
+*structure* of the spec; parameter names and values are checked against the chosen strategy by the planner,
+which knows which strategy declares what.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+
+from ..dtypes import parse_dtype
+from ..errors import SpecError, did_you_mean
+from .references import ModelRef, parse_reference
+from .safe_yaml import HINT, MAX_SPEC_BYTES, load_yaml
+
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+# mergekit keys we parse but do not implement yet: refusing them is better than a different output.
+UNSUPPORTED_KEYS = {
+    "tokenizer": "tokenizer merging is not supported yet; use tokenizer_source: base or a model reference",
+    "modules": "multi-module (VLM, encoder-decoder) merges are not supported yet; use models or slices",
+    "chat_template": "chat_template is not supported yet; the base model's chat template is copied as is",
+}
+MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+SETTING_KEYS = ("filter", "value")
+
+Scalar = Union[bool, int, float, str]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A parameter value as written: scalar, gradient (list of scalars), or list of {filter, value}."""
+
+    raw: Any
+    where: str
+
+
+Parameters = dict[str, Setting]
+
+
+@dataclass(frozen=True)
+class InputModel:
+    ref: ModelRef
+    parameters: Parameters
+    where: str  # YAML path of this entry, e.g. "models[1]"
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    ref: ModelRef
+    layer_range: tuple[int, int]
+    parameters: Parameters
+    where: str
+
+
+@dataclass(frozen=True)
+class Slice:
+    sources: tuple[SliceSource, ...]
+    parameters: Parameters
+    base_model: Optional[ModelRef]
+    where: str
+
+
+@dataclass(frozen=True)
+class Spec:
+    merge_method: str
+    models: Optional[tuple[InputModel, ...]]
+    slices: Optional[tuple[Slice, ...]]
+    base_model: Optional[ModelRef]
+    parameters: Parameters
+    dtype: Optional[torch.dtype] = None
+    out_dtype: Optional[torch.dtype] = None
+    tokenizer_source: Union[str, ModelRef, None] = None   # None or "base" mean the base (or first) model
+    text: str = ""                                       # the spec as the user wrote it
+    file: Optional[str] = None                           # where it came from, for error messages
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def references(self) -> list[tuple[ModelRef, str]]:
+        """Every model reference with the YAML path where it first appears, base first."""
+        found: dict[ModelRef, str] = {}
+        if self.base_model is not None:
+            found[self.base_model] = "base_model"
+        for entry in self.models or ():
+            found.setdefault(entry.ref, f"{entry.where}.model")
+        for piece in self.slices or ():
+            if piece.base_model is not None:
+                found.setdefault(piece.base_model, f"{piece.where}.base_model")
+            for source in piece.sources:
+                found.setdefault(source.ref, f"{source.where}.model")
+        if isinstance(self.tokenizer_source, ModelRef):
+            found.setdefault(self.tokenizer_source, "tokenizer_source")
+        return list(found.items())
+
+    def error(self, what: str, where: Optional[str] = None, hint: Optional[str] = None) -> SpecError:
+        return SpecError(what, where=where, hint=hint, file=self.file)
+
+
+SpecLike = Union[str, os.PathLike, dict, Spec]   # what load_spec and run_merge take
+
+
+def load_spec(source: Union[str, os.PathLike, dict, Spec]) -> Spec:
+    """Read a spec from a YAML file path, a YAML string, a dict, or pass a Spec through."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        try:
+            text = yaml.safe_dump(source, sort_keys=False)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"the spec cannot be written as YAML: {exc}", hint=HINT) from None
+        return parse_spec(source, text=text, file=None)
+    text_or_path = os.fspath(source)
+    if "\n" not in text_or_path and (os.path.exists(text_or_path) or text_or_path.endswith((".yaml", ".yml"))):
+        try:
+            with open(text_or_path, encoding="utf-8") as f:
+                text = f.read(MAX_SPEC_BYTES + 1)
+        except OSError as exc:
+            raise SpecError(f"cannot read the spec: {exc.strerror}", file=text_or_path,
+                            hint="check the path of the YAML file") from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"the spec is not UTF-8 text (byte {exc.start})", file=text_or_path,
+                            hint="check that this is the YAML file of the merge") from None
+        return parse_spec(load_yaml(text, text_or_path), text=text, file=text_or_path)
+    return parse_spec(load_yaml(text_or_path, None), text=text_or_path, file=None)
+
+
+def parse_spec(data: Any, *, text: str = "", file: Optional[str] = None) -> Spec:
+    def fail(what: str, where: Optional[str] = None, hint: Optional[str] = None) -> SpecError:
+        return SpecError(what, where=where, hint=hint, file=file)
+
+    if not isinstance(data, dict):
+        raise fail(f"the spec must be a YAML mapping, got {type(data).__name__}",
+                   hint="start from an example in merge_configs/")
+    _check_keys(data, TOP_LEVEL_KEYS, "", fail)
+    for key, why in UNSUPPORTED_KEYS.items():
+        if key in data:
+            raise fail(why.split(";")[0], where=key, hint=why.split("; ", 1)[-1])
+    method = data.get("merge_method")
+    if not isinstance(method, str) or not method:
+        raise fail("merge_method is missing" if method is None else "merge_method must be a string",
+                   where="merge_method", hint="e.g. merge_method: linear (see `merge methods`)")
+    present = [key for key in ("models", "slices") if data.get(key) is not None]
+    if len(present) != 1:
+        raise fail("exactly one of 'models' or 'slices' must be given" if present else "no models to merge",
+                   where=None, hint="list the inputs under models: (whole models) or slices: (layer ranges)")
+    base = _reference(data, "base_model", "base_model", fail)
+    models = _models(data["models"], fail) if "models" in present else None
+    slices = _slices(data["slices"], fail) if "slices" in present else None
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source is not None:
+        if tokenizer_source == "union":
+            raise fail("tokenizer_source: union is not supported yet", where="tokenizer_source",
+                       hint="use tokenizer_source: base, or name the model whose tokenizer to copy")
+        if tokenizer_source != "base":
+            tokenizer_source = _reference(data, "tokenizer_source", "tokenizer_source", fail)
+    return Spec(
+        merge_method=method, models=models, slices=slices, base_model=base,
+        parameters=_parameters(data.get("parameters"), "parameters", fail),
+        dtype=_dtype(data, "dtype", fail), out_dtype=_dtype(data, "out_dtype", fail),
+        tokenizer_source=tokenizer_source, text=text, file=file, raw=data,
+    )
+
+
+def _check_keys(node: dict, allowed: tuple[str, ...], where: str, fail) -> None:
+    for key in node:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else str(key)
+            raise fail("unknown key." + did_you_mean(str(key), allowed), where=path,
+                       hint="allowed here: " + ", ".join(allowed))
+
+
+def _reference(node: dict, key: str, where: str, fail) -> Optional[ModelRef]:
+    if node.get(key) is None:
+        return None
+    try:
+        return parse_reference(node[key], where)
+    except SpecError as exc:
+        raise fail(exc.what, where=exc.where, hint=exc.hint) from None
+
+
+def _mapping(node: Any, where: str, fail) -> dict:
+    if not isinstance(node, dict):
+        raise fail(f"expected a mapping, got {type(node).__name__}", where=where)
+    return node
+
+
+def _list(node: Any, where: str, fail) -> list:
+    if not isinstance(node, list) or not node:
+        raise fail("expected a non-empty list", where=where)
+    return node
+
+
+def _models(node: Any, fail) -> tuple[InputModel, ...]:
+    entries = []
+    for i, entry in enumerate(_list(node, "models", fail)):
+        where = f"models[{i}]"
+        if isinstance(entry, str):  # shorthand some configs use: "- org/model"
+            entry = {"model": entry}
+        entry = _mapping(entry, where, fail)
+        _check_keys(entry, MODEL_KEYS, where, fail)
+        if "model" not in entry:
+            raise fail("'model' is missing", where=where, hint="each entry needs model: <folder or org/name>")
+        entries.append(InputModel(_reference(entry, "model", f"{where}.model", fail),
+                                  _parameters(entry.get("parameters"), f"{where}.parameters", fail), where))
+    return tuple(entries)
+
+
+def _slices(node: Any, fail) -> tuple[Slice, ...]:
+    slices = []
+    for i, entry in enumerate(_list(node, "slices", fail)):
+        where = f"slices[{i}]"
+        entry = _mapping(entry, where, fail)
+        _check_keys(entry, SLICE_KEYS, where, fail)
+        sources = []
+        for j, source in enumerate(_list(entry.get("sources"), f"{where}.sources", fail)):
+            swhere = f"{where}.sources[{j}]"
+            source = _mapping(source, swhere, fail)
+            _check_keys(source, SOURCE_KEYS, swhere, fail)
+            if "model" not in source:
+                raise fail("'model' is missing", where=swhere)
+            sources.append(SliceSource(_reference(source, "model", f"{swhere}.model", fail),
+                                       _layer_range(source.get("layer_range"), f"{swhere}.layer_range", fail),
+                                       _parameters(source.get("parameters"), f"{swhere}.parameters", fail), swhere))
+        slices.append(Slice(tuple(sources), _parameters(entry.get("parameters"), f"{where}.parameters", fail),
+                            _reference(entry, "base_model", f"{where}.base_model", fail), where))
+    return tuple(slices)
+
+
+def _layer_range(node: Any, where: str, fail) -> tuple[int, int]:
+    if not (isinstance(node, list) and len(node) == 2 and all(type(v) is int for v in node)):
+        raise fail("layer_range must be two integers [start, end)", where=where,
+                   hint="ranges are half-open: [0, 8] means layers 0..7")
+    start, end = node
+    if start < 0 or end <= start:
+        raise fail(f"layer_range [{start}, {end}) is empty or negative", where=where,
+                   hint="write [start, end) with 0 <= start < end; ranges are half-open")
+    return start, end
+
+
+def _parameters(node: Any, where: str, fail) -> Parameters:
+    if node is None:
+        return {}
+    node = _mapping(node, where, fail)
+    return {str(name): Setting(_setting(value, f"{where}.{name}", fail), f"{where}.{name}")
+            for name, value in node.items()}
+
+
+def _setting(value: Any, where: str, fail) -> Any:
+    """Check a setting's structure; values are checked against the parameter's type later."""
+    if _is_scalar(value):
+        return value
+    if isinstance(value, dict):
+        _check_keys(value, SETTING_KEYS, where, fail)
+        if "value" not in value:
+            raise fail("a conditional setting needs 'value'", where=where,
+                       hint="write - filter: mlp\n  value: 0.5 (an entry without filter is the fallback)")
+        flt = value.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            raise fail("filter must be a string (a substring of tensor names)", where=f"{where}.filter")
+        inner = value["value"]
+        if not (_is_scalar(inner) or _is_gradient(inner)):
+            raise fail("value must be a number, a boolean, a string or a list of those (a gradient)",
+                       where=f"{where}.value")
+        return {"filter": flt, "value": inner}
+    if isinstance(value, list):
+        if not value:
+            raise fail("empty list", where=where, hint="give a value, a gradient list, or filter entries")
+        if _is_gradient(value):
+            return value
+        if all(isinstance(item, dict) for item in value):
+            return [_setting(item, f"{where}[{i}]", fail) for i, item in enumerate(value)]
+        raise fail("a list must be all values (a gradient) or all {filter, value} entries", where=where)
+    raise fail(f"unsupported value of type {type(value).__name__}", where=where)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def _is_gradient(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_scalar(v) for v in value)
+
+
+def _dtype(node: dict, key: str, fail) -> Optional[torch.dtype]:
+    if node.get(key) is None:
+        return None
+    if not isinstance(node[key], str):
+        raise fail(f"{key} must be a name such as bfloat16, got {type(node[key]).__name__}", where=key)
+    try:
+        return parse_dtype(node[key])
+    except ValueError as exc:
+        raise fail(str(exc), where=key) from None

@@ -1,0 +1,89 @@
+"""One tensor's inputs, read in float32 chunks: how a whole-tensor strategy runs without whole float32 copies.
+
+SLERP needs two norms and a dot product of whole tensors before it can write one element; DARE's rescale
+needs each task vector's L1 norm before and after the random drop. Given whole float32 tensors, such a
+method holds (inputs + result) x 4 bytes per element, and one thread does all the work. Written against
+``Chunks``, the same method makes a few passes over chunks of the raw (bf16) inputs instead: each pass is
+spread over the merging threads, each chunk is converted to float32 while in cache, and memory holds the
+raw inputs and the output, whatever the tensor's size. A per-chunk reduction (a chunk's norm, its L1 row
+sums) combined in chunk order gives the same bits on any number of threads.
+
+A strategy written this way has one body: ``whole`` runs it on whole float32 tensors (the reference the
+engine uses off the CPU, and validation's recomputation), so the two paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import torch
+
+from ..dtypes import compute_dtype
+
+Result = TypeVar("Result")
+# fn over items, results in order: the engine runs it on its merging threads
+Spread = Callable[[Callable[[Any], Any], Sequence[Any]], list]
+Convert = Callable[[torch.Tensor], torch.Tensor]
+
+
+def in_order(fn: Callable[[Any], Result], items: Sequence[Any]) -> list[Result]:
+    return [fn(item) for item in items]
+
+
+class Chunks:
+    """The flat inputs (and base) of one output tensor, handed out as float32 chunks, and the output.
+
+    Chunks are read-only (on the whole-tensor path they are views of the inputs); ``emit`` takes each
+    chunk's merged float32 values. Different threads emit disjoint ranges, so no lock is needed.
+    """
+
+    def __init__(self, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor],
+                 emit: Callable[[int, torch.Tensor], None], convert: Optional[Convert] = None,
+                 spread: Spread = in_order):
+        self._inputs = [t.reshape(-1) for t in inputs]          # (numel,) each, stored dtype
+        self._base = base.reshape(-1) if base is not None else None
+        self._convert = convert
+        self._spread = spread
+        self.emit = emit
+        self.count = len(self._inputs)
+        self.numel = self._inputs[0].numel() if self._inputs else 0
+        self.device = self._inputs[0].device if self._inputs else torch.device("cpu")
+        # the dtype chunks come in (float32, or float64 for float64 inputs): scalars are made in it, as the
+        # whole-tensor functions make them in their inputs' dtype
+        self.dtype = compute_dtype((self._base if self._base is not None else self._inputs[-1]).dtype)
+
+    def input(self, i: int, start: int, end: int) -> torch.Tensor:
+        """Input ``i``'s elements [start, end) in float32. (end - start,)"""
+        return self._read(self._inputs[i], start, end)
+
+    def base(self, start: int, end: int) -> torch.Tensor:
+        assert self._base is not None
+        return self._read(self._base, start, end)
+
+    def _read(self, flat: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        chunk = flat[start:end]
+        return chunk if self._convert is None else self._convert(chunk)
+
+    def map(self, fn: Callable[[int, int], Result], step: int) -> list[Result]:
+        """``fn(start, end)`` for every chunk of ``step`` elements (the last may be shorter), on the merging
+        threads; the results in chunk order."""
+        ranges = [(start, min(start + step, self.numel)) for start in range(0, self.numel, step)]
+        return self._spread(lambda r: fn(*r), ranges)
+
+
+def whole(body: Callable[..., None]) -> Callable[..., torch.Tensor]:
+    """A strategy function on whole float32 tensors, from a body written against ``Chunks``."""
+
+    def strategy(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: Any, **params: Any) -> torch.Tensor:
+        like = base if base is not None else inputs[0]
+        result = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+
+        def emit(start: int, values: torch.Tensor) -> None:
+            result[start:start + values.numel()] = values
+
+        body(Chunks(inputs, base, emit), ctx, **params)
+        return result.view(like.shape)
+
+    strategy.__name__ = strategy.__qualname__ = getattr(body, "__name__", "strategy")
+    strategy.__doc__ = body.__doc__
+    return strategy
