@@ -55,7 +55,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 SIDES = ("old", "new")
 OUT_NAME = "merged"
@@ -93,7 +92,7 @@ class Side:
     env: dict
     ray_tmp: str
     package: str = ""
-    error: str = ""          # set when the checkout cannot run at all (e.g. it does not import)
+    error: str = ""          # the checkout cannot run at all (e.g. it does not import): nothing is compared
 
 
 @dataclass
@@ -134,14 +133,16 @@ def main() -> int:
     prepare_work(work, parser)
     print(f"work folder: {work}")
 
-    sides = [make_side(name, path, options.python, work) for name, path in zip(SIDES, checkouts)]
+    sides = [make_side(name, path) for name, path in zip(SIDES, checkouts)]
     try:
         for side in sides:
             probe(side, options.python, work)
             print(f"{side.name}: {side.checkout} -> mergekit_lite from {side.package or '(none)'}"
                   + (f"\n     ERROR: {side.error}" if side.error else ""))
-        if sides[0].error:
-            print("the old checkout cannot run; nothing to compare")
+        if any(side.error for side in sides):
+            print("a checkout cannot run: nothing to compare")
+            if temporary and not options.keep:
+                shutil.rmtree(work, ignore_errors=True)
             return 1
         make_inputs(sides[0], options.python, work)
         cases = make_cases(work, checkouts)
@@ -180,7 +181,7 @@ def prepare_work(work: str, parser: argparse.ArgumentParser) -> None:
     os.makedirs(os.path.join(work, "logs"))
 
 
-def make_side(name: str, checkout: str, python: str, work: str) -> Side:
+def make_side(name: str, checkout: str) -> Side:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
     # A short private Ray temp folder (Unix socket paths are limited to 107 bytes): ray.init(address=None)
@@ -198,7 +199,7 @@ def inside(path: str, folder: str) -> bool:
 
 def probe(side: Side, python: str, work: str) -> None:
     """Which mergekit_lite a process started like the merges imports (same interpreter, env and cwd)."""
-    done = subprocess.run([python, "-c", PROBE], cwd=work, env=side.env, capture_output=True, text=True,
+    done = subprocess.run([python, "-c", PROBE], check=False, cwd=work, env=side.env, capture_output=True, text=True,
                           timeout=TIMEOUT)
     if done.returncode != 0:
         side.error = "cannot import mergekit_lite: " + last_lines(done.stderr, 3)
@@ -208,10 +209,10 @@ def probe(side: Side, python: str, work: str) -> None:
         side.error = f"imports {side.package}, not the checkout's package (PYTHONPATH is not first?)"
 
 
-def ray_probe(side: Side, python: str, work: str) -> tuple[Optional[str], str]:
+def ray_probe(side: Side, python: str, work: str) -> tuple[str | None, str]:
     """(an error or None, the package a Ray worker of a local instance started by this environment imports)."""
-    done = subprocess.run([python, "-c", RAY_PROBE], cwd=work, env=side.env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    done = subprocess.run([python, "-c", RAY_PROBE], check=False, cwd=work, env=side.env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
     if done.returncode != 0:
         return "Ray probe failed: " + last_lines(done.stderr, 3), ""
     found = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
@@ -224,8 +225,8 @@ def make_inputs(old: Side, python: str, work: str) -> None:
     """The demo models and adapters, with the old checkout's generator (relative paths: the adapters' configs
     name demo/models/base, as the specs do), and the old checkout's specs."""
     script = os.path.join(old.checkout, "scripts", "make_demo_models.py")
-    done = subprocess.run([python, script, "demo/models"], cwd=work, env=old.env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    done = subprocess.run([python, script, "demo/models"], check=False, cwd=work, env=old.env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
     if done.returncode != 0:
         sys.exit(f"make_demo_models.py failed:\n{done.stderr}")
     print(done.stdout.strip())
@@ -270,15 +271,14 @@ def cli(side: Side, python: str, work: str, args: list[str], out: str, log: str,
     argv = [python, "-m", "mergekit_lite", *[out if a == "{out}" else a for a in args]]
     with open(log, "a") as f:
         f.write("$ " + " ".join(argv) + "\n")
-        done = subprocess.run(argv, cwd=work, env=side.env, capture_output=True, text=True, timeout=TIMEOUT)
+        done = subprocess.run(argv, check=False, cwd=work, env=side.env, capture_output=True, text=True,
+                              timeout=TIMEOUT)
         f.write(done.stdout + done.stderr + f"[exit {done.returncode}]\n")
     return done
 
 
-def run_one(case: Case, side: Side, python: str, work: str) -> Optional[str]:
+def run_one(case: Case, side: Side, python: str, work: str) -> str | None:
     """Run a case with one checkout; the error, or None."""
-    if side.error:
-        return side.error
     out = out_dir(work, side.name, case.name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     log = os.path.join(work, "logs", f"{side.name}-{case.name.replace(':', '_')}.log")
@@ -311,7 +311,7 @@ def journal_records(partial: str) -> int:
     return 0
 
 
-def run_resume(case: Case, side: Side, python: str, work: str, out: str, log: str) -> Optional[str]:
+def run_resume(case: Case, side: Side, python: str, work: str, out: str, log: str) -> str | None:
     """The uninterrupted reference, then a run killed mid-way and resumed with --resume into ``out``."""
     reference = out_dir(work, side.name, "resume-uninterrupted")
     os.makedirs(os.path.dirname(reference), exist_ok=True)
@@ -353,7 +353,7 @@ def run_resume(case: Case, side: Side, python: str, work: str, out: str, log: st
 
 def run_cases(cases: list[Case], sides: list[Side], options, work: str) -> list[Row]:
     """Plain cases a few at a time; then resume (timing-sensitive) and Ray (uses both cores) one at a time."""
-    errors: dict[tuple[str, str], Optional[str]] = {}
+    errors: dict[tuple[str, str], str | None] = {}
     plain = [c for c in cases if c.kind == "plain"]
     with concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool:
         futures = {pool.submit(run_one, c, s, options.python, work): (c.name, s.name) for c in plain for s in sides}
@@ -395,7 +395,8 @@ def files_of(folder: str) -> dict[str, str]:
         for name in sorted(names):
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder)
-            data = open(path, "rb").read()
+            with open(path, "rb") as f:
+                data = f.read()
             for pattern, key, _ in NORMALIZED:
                 if fnmatch.fnmatch(relative, pattern):
                     content = json.loads(data)
@@ -426,7 +427,8 @@ def explain(old: str, new: str) -> list[str]:
             return [f"(not a readable safetensors file: {exc})"]
         names = sorted(set(x) | set(y))
         diff = [n for n in names if x.get(n) != y.get(n)]
-        return [f"{len(diff)} of {len(names)} tensors differ: {', '.join(diff[:6])}" + (" ..." if len(diff) > 6 else "")]
+        more = " ..." if len(diff) > 6 else ""
+        return [f"{len(diff)} of {len(names)} tensors differ: {', '.join(diff[:6])}{more}"]
     try:
         lines = list(difflib.unified_diff(read(old).splitlines(), read(new).splitlines(), "old", "new", lineterm=""))
         return lines[:20] + (["..."] if len(lines) > 20 else [])

@@ -21,9 +21,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+from helpers.parser_fuzz import (  # noqa: E402
+    YAML_TEXTS,
+    Outcomes,
+    check_header,
+    check_index,
+    check_yaml,
+    header_files,
+    indexes,
+    mutated,
+)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from parser_fuzz import YAML_TEXTS, Outcomes, check_header, check_index, check_yaml, header_files, indexes, mutated  # noqa: E402
 
 
 def valid_file() -> bytes:

@@ -3,7 +3,7 @@
     python scripts/hostile_report.py                    # catalogue + environment + 60 s of fuzzing + 200 specs
     python scripts/hostile_report.py --fuzz-seconds 600 --specs 1000
 
-For each case of tests/hostile_cases.py it builds the damaged input in a fresh folder, runs
+For each case of tests/helpers/hostile/ it builds the damaged input in a fresh folder, runs
 `python -m mergekit_lite ...` with an audit hook that records any attempt to start a process or call
 os.system, and checks: the exit code and stderr are exactly the expected ones; the file the planted code
 (a pickle or a YAML tag) would write does not exist and no process was started ("code executed"); OUT does
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
-from hostile_cases import CASES, build_models, leftover_problems, linear_spec  # noqa: E402
+from helpers.hostile import CASES, build_models, leftover_problems, linear_spec  # noqa: E402
 
 AUDITED = ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty")
 LAUNCHER = f"""
@@ -119,13 +119,13 @@ def run_environment(work: Path) -> dict[str, Row]:
     else:
         print("  (cannot mount a tmpfs: the disk-full case is covered by the tests' write hook only)", file=sys.stderr)
 
-    # Two merges into one OUT, and SIGINT: the first run pauses mid-merge (tests/paused_merge.py).
+    # Two merges into one OUT, and SIGINT: the first run pauses mid-merge (tests/helpers/paused_merge.py).
     for name in ("second merge", "SIGINT"):
         folder = work / name.replace(" ", "-")
         folder.mkdir()
         out = folder / "out"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_merge.py"), str(folder), "run",
+        first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "helpers" / "paused_merge.py"), str(folder), "run",
                                   str(spec), "-o", str(out), "--quiet", "--no-validate"], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env)
         while not (folder / "paused").exists():

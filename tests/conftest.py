@@ -8,30 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
+from helpers.models import SHAPE, SHARD, TIED, build_set
 
-from mergekit_lite.testing.synthetic import LlamaShape, write_model
+from mergekit_lite.testing.synthetic import write_model
 
 # No test reaches the real Hugging Face Hub. huggingface_hub's calls home (telemetry and its agent registry,
 # update checks) are off, and a Hub call a test makes by mistake goes to a closed local port. Tests of the Hub
-# start the fake Hub of tests/fakehub.py and run the CLI in a subprocess pointed at it (tests/hubcli.py).
+# start the fake Hub of tests/helpers/fakehub.py and run the CLI in a subprocess pointed at it (helpers/hubcli.py).
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_UPDATE_CHECK"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead and noise on a shared 2-core box
-
-SHAPE = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
-TIED = LlamaShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, tied=True)
-SHARD = 60_000  # bytes: every tiny model is split over several shards, so the streaming path is exercised
-FINETUNES = {"ft-a": 1, "ft-b": 2, "ft-c": 3}
-
-
-def build_set(root: Path, dtype: torch.dtype, shape: LlamaShape = SHAPE) -> Path:
-    write_model(str(root / "base"), shape, dtype=dtype, seed=0, max_shard_size=SHARD)
-    for name, delta_seed in FINETUNES.items():
-        write_model(str(root / name), shape, dtype=dtype, seed=0, delta_seed=delta_seed, max_shard_size=SHARD)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -52,23 +40,6 @@ def models_tied(tmp_path_factory) -> Path:
     return root
 
 
-def read_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an output folder, read with the safetensors library (an independent reader)."""
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                for key in f.keys():
-                    assert key not in tensors, f"{key} is in two shards"
-                    tensors[key] = f.get_tensor(key)
-    return tensors
-
-
-def write_spec(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 @pytest.fixture
 def cli():
     """Run `merge ...` in-process; returns click's Result (exit_code, stdout, stderr)."""
@@ -84,7 +55,7 @@ def cli():
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny transformers checkpoints of several layouts (tests/hf_models.py); transformers is imported here only."""
     pytest.importorskip("transformers")
-    import hf_models as hf
+    from helpers import hf_models as hf
 
     return hf.build(tmp_path_factory.mktemp("hf"))
 
@@ -92,7 +63,7 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def fake_hub(tmp_path):
     """A Hub-compatible server on 127.0.0.1 (tests/fakehub.py), with its Xet store under tmp_path."""
-    from fakehub_routes import serve
+    from helpers.fakehub_routes import serve
 
     hub = serve(tmp_path / "xet-cas")
     yield hub

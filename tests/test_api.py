@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_folder, write_spec
+from helpers.models import read_folder, write_spec
 
 from mergekit_lite import MergeResult, Param, Strategy, load_spec, run_merge
 from mergekit_lite.errors import SpecError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_folder
+from helpers.models import read_folder
 from safetensors.torch import load_file, save_file
 
 from mergekit_lite import run_merge

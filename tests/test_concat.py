@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-import hf_models as hf
 import pytest
 import torch
-from conftest import read_folder
+from helpers import hf_models as hf
+from helpers.models import read_folder
 
 from mergekit_lite import run_merge
 from mergekit_lite.plan.planner import make_plan

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import SHARD, write_spec
+from helpers.models import SHARD, write_spec
 
 from mergekit_lite.testing.synthetic import LlamaShape, write_model
 

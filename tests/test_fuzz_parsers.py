@@ -3,9 +3,18 @@ the same targets for longer. Every input must end in our error or in a result co
 
 from __future__ import annotations
 
+from helpers.parser_fuzz import (
+    YAML_TEXTS,
+    Outcomes,
+    check_header,
+    check_index,
+    check_yaml,
+    header_files,
+    indexes,
+    mutated,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parser_fuzz import YAML_TEXTS, Outcomes, check_header, check_index, check_yaml, header_files, indexes, mutated
 
 from mergekit_lite.testing.synthetic import LlamaShape, write_model
 

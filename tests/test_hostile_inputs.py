@@ -1,4 +1,4 @@
-"""Every hostile or broken input of tests/hostile_cases.py gets its exact error and exit code; no planted code
+"""Every hostile or broken input of tests/helpers/hostile/ gets its exact error and exit code; no planted code
 runs; nothing that looks like a finished output is left; the shared inputs are never modified."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import os
 import pickle
 from pathlib import Path
 
-import hostile_cases
 import pytest
 import torch
-from hostile_cases import CASES, MODEL_FILE, Models, build_models, hostile_pickle, leftover_problems, linear_spec
+from helpers.hostile import CASES, MODEL_FILE, Models, build_models, hostile_pickle, leftover_problems, linear_spec
+from helpers.hostile.catalogue import PlantedCode
+from helpers.hostile.models import _poisoned
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,7 @@ def test_the_planted_pickle_runs_code_when_unpickled_unsafely(tmp_path):
     assert marker.read_text() == "code ran"
     marker.unlink()
     with open(tmp_path / "raw.pkl", "wb") as f:
-        pickle.dump(hostile_cases.PlantedCode(f"open({str(marker)!r}, 'w').write('code ran')"), f, protocol=2)
+        pickle.dump(PlantedCode(f"open({str(marker)!r}, 'w').write('code ran')"), f, protocol=2)
     with open(tmp_path / "raw.pkl", "rb") as f:
         pickle.load(f)  # noqa: S301 - the point: this is what an unguarded loader does
     assert marker.read_text() == "code ran"
@@ -114,7 +115,7 @@ def test_sharded_pickle_index_is_checked_like_safetensors(cli, tiny, tmp_path):
 
 
 def test_nonfinite_opt_in_carries_on_and_says_so(cli, tiny, tmp_path):
-    bad = hostile_cases._poisoned(tmp_path, tiny, float("nan"))
+    bad = _poisoned(tmp_path, tiny, float("nan"))
     spec = linear_spec(tmp_path, tiny.b, bad)
     result = cli("run", spec, "-o", tmp_path / "out", "--allow-nonfinite")
     assert result.exit_code == 0, result.output

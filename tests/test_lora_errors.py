@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import SHAPE, write_spec
+from helpers.models import SHAPE, write_spec
 
 from mergekit_lite.testing.adapters import AdapterShape, write_adapter
 from mergekit_lite.testing.synthetic import LlamaShape

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAPE, read_folder
+from helpers.models import SHAPE, read_folder
 from safetensors.torch import load_file
 
 from mergekit_lite import fold_lora, run_merge

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from conftest import read_folder  # noqa: E402
-from lora_oracle import assert_same_tensors, gpt2, llama, logits, make_adapter, peft_merge, save_base  # noqa: E402
+from helpers.lora_oracle import assert_same_tensors, gpt2, llama, logits, make_adapter, peft_merge, save_base  # noqa: E402
+from helpers.models import read_folder  # noqa: E402
 
 from mergekit_lite import fold_lora  # noqa: E402
 

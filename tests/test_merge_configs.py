@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_folder
+from helpers.models import read_folder
 
 from mergekit_lite import load_spec, run_merge
 from mergekit_lite.strategies.registry import MERGEKIT_PARAMETERS, all_strategies, builtins

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import read_folder
-from mergekit_oracle import max_diff_in_scale_ulps, run_mergekit
+from helpers.mergekit_oracle import max_diff_in_scale_ulps, run_mergekit
+from helpers.models import read_folder
 
 from mergekit_lite import run_merge
 

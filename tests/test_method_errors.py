@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_spec
+from helpers.models import write_spec
 from test_errors import check
 
 

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import torch
-from conftest import read_folder
+from helpers.models import read_folder
 
 TIES = """\
 ties: TIES

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FINETUNES, SHAPE, read_folder, write_spec
+from helpers.models import FINETUNES, SHAPE, read_folder, write_spec
 
 from mergekit_lite import run_merge
 from mergekit_lite.strategies.registry import get_strategy

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hostile_cases import Models, build_models, leftover_problems, linear_spec
+from helpers.hostile import Models, build_models, leftover_problems, linear_spec
 from safetensors import SafetensorError, safe_open
 
 from mergekit_lite.output.folder import OutputLock
@@ -131,7 +131,7 @@ def test_a_second_merge_into_the_same_output_is_refused(cli, tiny, tmp_path):
 def _start_paused(tiny: Models, tmp_path: Path, out: Path) -> subprocess.Popen:
     spec = linear_spec(tmp_path, tiny.a, tiny.b, name="paused.yaml")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_merge.py"), str(tmp_path), "run",
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "helpers" / "paused_merge.py"), str(tmp_path), "run",
                                 str(spec), "-o", str(out), "--quiet", "--no-validate"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     while not (tmp_path / "paused").exists():   # waits for a state, not for a time

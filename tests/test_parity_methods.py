@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_folder
+from helpers.models import read_folder
 from test_mergekit_parity import assert_same, both
 from test_random_methods import wide_models  # noqa: F401  (fixture)
 from test_sparsifiers import stable_mergekit_sort  # noqa: F401  (fixture)

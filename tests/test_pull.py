@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import read_folder, write_spec
-from fakehub import folder_files
-from hubcli import TOKEN, hub_env, merge
+from helpers.fakehub import folder_files
+from helpers.hubcli import TOKEN, hub_env, merge
+from helpers.models import read_folder, write_spec
 
 from mergekit_lite import run_merge
 
@@ -136,7 +136,7 @@ def test_offline_with_a_cold_cache_names_the_reference(cli, hub_in_process, tmp_
 
 def test_fold_of_a_hub_adapter_into_a_hub_base(hub_models, models_f32, tmp_path):
     """`base+adapter` from the Hub: the adapter repo gives only its config and safetensors."""
-    from conftest import SHAPE
+    from helpers.models import SHAPE
 
     from mergekit_lite import fold_lora
     from mergekit_lite.testing.adapters import write_adapter

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from hubcli import TOKEN, hub_env, merge, python
+from helpers.hubcli import TOKEN, hub_env, merge, python
 
 from mergekit_lite import run_merge
 

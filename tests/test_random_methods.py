@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_folder
+from helpers.models import read_folder
 
 from mergekit_lite import run_merge
 from mergekit_lite.strategies.registry import get_strategy

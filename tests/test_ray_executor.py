@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import write_spec
+from helpers.models import write_spec
 
 from mergekit_lite import run_merge
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import write_spec
+from helpers.models import write_spec
 
 from mergekit_lite import run_merge
 from mergekit_lite.output.journal import JOURNAL

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_folder
-from hostile_cases import Models, build_models
+from helpers.hostile import Models, build_models
+from helpers.models import read_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import re
 
-import hf_models as hf
 import pytest
 import torch
-from conftest import FINETUNES, SHAPE, read_folder
+from helpers import hf_models as hf
+from helpers.models import FINETUNES, SHAPE, read_folder
 
 from mergekit_lite import run_merge
 from mergekit_lite.plan.planner import make_plan

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import read_folder
-from mergekit_oracle import run_mergekit
+from helpers.mergekit_oracle import run_mergekit
+from helpers.models import read_folder
 
 from mergekit_lite import run_merge
 from mergekit_lite.strategies.registry import all_strategies

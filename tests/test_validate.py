@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_folder
-from validation_specs import DEVICES, LINEAR, PASSING, TASK_ARITHMETIC
+from helpers.models import read_folder
+from helpers.validation_specs import DEVICES, LINEAR, PASSING, TASK_ARITHMETIC
 
 from mergekit_lite import run_merge, validate
 from mergekit_lite.safetensors_format import TensorInfo
@@ -375,7 +375,7 @@ def test_a_source_changed_since_the_merge(models_f32, tmp_path):
 
 def test_validates_a_mergekit_output(models_f32, tmp_path):
     """An output mergekit wrote (no merge_run.json) validates too, with the 1-ulp cross-tool tolerance."""
-    from mergekit_oracle import run_mergekit
+    from helpers.mergekit_oracle import run_mergekit
 
     spec = LINEAR.format(root=models_f32)
     out = run_mergekit(spec, tmp_path / "mergekit")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_spec
-from validation_specs import LINEAR
+from helpers.models import write_spec
+from helpers.validation_specs import LINEAR
 
 from mergekit_lite import run_merge
 

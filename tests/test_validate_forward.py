@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAPE, read_folder
-from validation_specs import DEVICES, LINEAR
+from helpers.models import SHAPE, read_folder
+from helpers.validation_specs import DEVICES, LINEAR
 
 from mergekit_lite import run_merge, validate
 

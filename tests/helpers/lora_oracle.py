@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from conftest import read_folder
+
+from .models import read_folder
 
 LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)

@@ -1,6 +1,6 @@
 """`merge ...` that pauses in the middle of writing tensors, for tests that act on a run in progress.
 
-Usage: python tests/paused_merge.py PAUSE_DIR run SPEC -o OUT ...  When the second merged piece is handed to
+Usage: python tests/helpers/paused_merge.py PAUSE_DIR run SPEC -o OUT ...  When the second merged piece is handed to
 the writer (on the main thread, with the first shard file open) it creates PAUSE_DIR/paused and waits
 (interruptibly) until PAUSE_DIR/go exists. Only tests use this.
 """

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fakehub import FakeHub
+from .fakehub import FakeHub
 
 TOKEN = "hf_fake_write_token"     # the fake Hub's write token: no output may ever contain it
 ROOT = Path(__file__).resolve().parent.parent

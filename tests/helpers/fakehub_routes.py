@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from fakehub import LFS_SUFFIXES, Blob, FakeHub, HubError, Reply, Repo, Request, Route
+from .fakehub import LFS_SUFFIXES, Blob, FakeHub, HubError, Reply, Repo, Request, Route
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 REV = r"(?P<rev>[^/]+)"
