@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
 
-from ..dtypes import parse_dtype
 from ..engine.devices import resolve_device
 from ..engine.executors import check_executor
 from ..errors import Interrupted, OutputError, UsageError
 from ..output.companions import check_tokenizer_files, write_companions
 from ..output.folder import LEFTOVER, OutputLock, check_free_space, check_output, commit_partial, start_partial
 from ..output.run_settings import settings_for, write_run_settings
-from ..plan.planner import MergePlan, make_plan
+from ..plan.planner import MergePlan, dtype_setting, make_plan
 from ..spec.schema import SpecLike
 from ..strategy import Strategy
 from ..units import parse_size
@@ -181,9 +180,8 @@ def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.de
             shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address)
         try:
             write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
-            write_run_settings(partial, settings_for(parse_dtype(run.dtype) if run.dtype else None,
-                                                     parse_dtype(run.out_dtype) if run.out_dtype else None,
-                                                     run.seed, device))
+            write_run_settings(partial, settings_for(dtype_setting(run.dtype, "dtype"),
+                                                     dtype_setting(run.out_dtype, "out_dtype"), run.seed, device))
         except OSError as exc:
             raise OutputError(f"cannot write {os.path.basename(exc.filename or '') or 'a file'}: {exc.strerror}",
                               file=partial, hint=f"free some disk space and run again ({LEFTOVER})") from None

@@ -28,7 +28,7 @@ from ..strategies.registry import get_strategy, known_parameters
 from ..strategy import Strategy
 from .concat import ConcatLayout
 from .inputs import open_inputs
-from .jobs import Dtypes, Layout, Source, TensorJob  # noqa: F401  (Source, TensorJob: re-exported)
+from .jobs import Dtypes, Layout, TensorJob
 from .parameters import check_setting
 from .stacking import Stacking
 from .whole_models import WholeModels
@@ -202,12 +202,13 @@ def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optiona
               strategies: Iterable[Strategy] = (), allow_pickle: bool = False,
               allow_nonfinite: bool = False) -> MergePlan:
     """Check a spec and plan the merge from the inputs' headers, without reading tensor data."""
-    return plan_merge(load_spec(spec), strategies=strategies, dtype=_dtype(dtype, "dtype"),
-                      out_dtype=_dtype(out_dtype, "out_dtype"), seed=seed, allow_pickle=allow_pickle,
+    return plan_merge(load_spec(spec), strategies=strategies, dtype=dtype_setting(dtype, "dtype"),
+                      out_dtype=dtype_setting(out_dtype, "out_dtype"), seed=seed, allow_pickle=allow_pickle,
                       allow_nonfinite=allow_nonfinite)
 
 
-def _dtype(name: Optional[str], where: str) -> Optional[torch.dtype]:
+def dtype_setting(name: Optional[str], where: str) -> Optional[torch.dtype]:
+    """A dtype setting's name (``dtype``, ``out_dtype``) as a torch dtype; a UsageError naming the setting."""
     if name is None:
         return None
     try:
