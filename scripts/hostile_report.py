@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
-from helpers.hostile import CASES, build_models, leftover_problems, linear_spec  # noqa: E402
+from helpers.hostile import CASES, build_models, leftover_problems, linear_spec, snapshot  # noqa: E402
 
 AUDITED = ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty")
 LAUNCHER = f"""
@@ -80,13 +80,14 @@ def run_catalogue(work: Path) -> dict[str, Row]:
         folder = work / case.name
         folder.mkdir()
         scenario = case.build(folder, models)
+        kept = snapshot(scenario.preserved)
         audit = folder / "audit.log"
         process = merge(scenario.args, audit)
         stdout, stderr = process.communicate(timeout=600)
         spawned = audit.exists() and audit.read_text().strip() != ""
         executed = spawned or (scenario.marker is not None and scenario.marker.exists())
         problems = leftover_problems(folder / "out")
-        corrupted = bool(problems) or digest(models.root) != before
+        corrupted = bool(problems) or digest(models.root) != before or snapshot(scenario.preserved) != kept
         exact = (process.returncode, stderr) == (scenario.code, scenario.stderr)
         if not exact or executed or corrupted:
             print(f"  {case.name}: exit {process.returncode}, exact={exact}, executed={executed}, {problems}\n"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.hostile import CASES, MODEL_FILE, Models, build_models, hostile_pickle, leftover_problems, linear_spec
+from helpers.hostile import (CASES, MODEL_FILE, Models, build_models, hostile_pickle, leftover_problems, linear_spec,
+                             snapshot)
 from helpers.hostile.catalogue import PlantedCode
 from helpers.hostile.models import _poisoned
 
@@ -33,6 +34,7 @@ def tree_digest(root: Path) -> str:
 def test_case(case, cli, tiny, tmp_path):
     before = tree_digest(tiny.root)
     scenario = case.build(tmp_path, tiny)
+    kept = snapshot(scenario.preserved)
     result = cli(*scenario.args)
     assert (result.exit_code, result.stderr) == (scenario.code, scenario.stderr)
     assert "Traceback" not in result.output and "internal error" not in result.output
@@ -40,6 +42,7 @@ def test_case(case, cli, tiny, tmp_path):
         assert not scenario.marker.exists(), "the planted code ran"
     assert leftover_problems(tmp_path / "out") == []
     assert tree_digest(tiny.root) == before
+    assert snapshot(scenario.preserved) == kept, "the run deleted or changed a file it did not write"
 
 
 def test_catalogue_covers_the_issue():

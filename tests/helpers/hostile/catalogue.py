@@ -49,6 +49,7 @@ class Scenario:
     stderr: str                          # expected stderr, exactly
     marker: Optional[Path] = None        # a file the planted code would write: it must never exist
     out: Optional[Path] = None           # the -o folder: must not exist after a refused run
+    preserved: tuple[Path, ...] = ()     # the user's files and folders: byte-for-byte the same afterwards
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,23 @@ def hostile_pickle(folder: Path, marker: Path) -> None:
     state = {"model.embed_tokens.weight": torch.zeros(2, 2),
              "payload": PlantedCode(f"open({str(marker)!r}, 'w').write('code ran')")}
     torch.save(state, folder / "pytorch_model.bin")
+
+
+def snapshot(paths: tuple[Path, ...]) -> dict[str, object]:
+    """Everything under ``paths`` as the user left it: kind, bytes or link target, walked without following
+    links, so a case can check that a run deleted, replaced or wrote through nothing of theirs."""
+    state: dict[str, object] = {}
+    for root in paths:
+        for path in [root, *(sorted(root.rglob("*")) if root.is_dir() and not root.is_symlink() else [])]:
+            if path.is_symlink():
+                state[str(path)] = ("link", os.readlink(path))
+            elif path.is_file():
+                state[str(path)] = ("file", path.read_bytes())
+            elif path.is_dir():
+                state[str(path)] = ("dir",)
+            else:
+                state[str(path)] = ("missing" if not os.path.lexists(path) else "other",)
+    return state
 
 
 def leftover_problems(out: Path) -> list[str]:
