@@ -73,6 +73,66 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "t
 # Config lists with one entry per layer (next to the layer count key): re-sliced when layers are stacked.
 PER_LAYER_KEYS = ("layer_types", "layers_block_type", "no_rope_layers")
 
+# config.json keys that change what a model computes without changing any tensor's shape (transformers'
+# configs): inputs that disagree on one cannot be merged into one config.json without choosing. Looked up at the
+# top level and in TEXT_SECTION. Not here: tie_word_embeddings (decided by which tensors the output writes,
+# planner._output_config), widths and layer counts (the tensors' shapes check those), training-only keys
+# (dropout, initializer_range), token ids (they go with the tokenizer).
+BEHAVIOUR_KEYS = (
+    # positions
+    "rope_theta", "rope_scaling", "partial_rotary_factor", "rotary_pct", "rotary_emb_base", "rope_local_base_freq",
+    "max_position_embeddings", "position_embedding_type",
+    # activations and norms
+    "hidden_act", "hidden_activation", "activation_function", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon",
+    "norm_epsilon",
+    # attention
+    "head_dim", "sliding_window", "use_sliding_window", "max_window_layers", "sliding_window_pattern",
+    "attention_bias", "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+    "attention_multiplier", "use_qk_norm", "qk_layernorm", "clip_qkv", "layer_types",
+    # MLP, residual stream, logits
+    "mlp_bias", "use_parallel_residual", "parallel_attn", "residual_multiplier", "embedding_multiplier",
+    "logits_scaling", "logit_scale", "scale_embedding",
+    # mixture-of-experts routing
+    "num_experts_per_tok", "norm_topk_prob",
+)
+
+
+def behaviour_settings(config: dict[str, Any], per_layer: bool = True) -> dict[str, Any]:
+    """The BEHAVIOUR_KEYS a config sets (dotted for TEXT_SECTION), comparable across transformers versions:
+    transformers 5's ``rope_parameters`` is read as ``rope_theta`` plus ``rope_scaling`` (without the default
+    rope type); an absent ``head_dim`` is hidden_size / num_attention_heads; ``layer_types`` of full attention
+    only is the same as none; ``use_sliding_window: false`` is the same as no window keys at all. ``per_layer``:
+    include PER_LAYER_KEYS (not when layers are stacked: those lists are re-sliced per slice)."""
+    found: dict[str, Any] = {}
+    sections = [""] + ([TEXT_SECTION] if isinstance(config.get(TEXT_SECTION[:-1]), dict) else [])
+    for section in sections:
+        node = get_config_value(config, section[:-1]) if section else config
+        for key in BEHAVIOUR_KEYS:
+            value = _rope(node, key) if key in ("rope_theta", "rope_scaling") else node.get(key)
+            if key == "head_dim" and value is None:
+                hidden, heads = node.get("hidden_size"), node.get("num_attention_heads")
+                value = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+            if key == "layer_types" and isinstance(value, list) and all(v == "full_attention" for v in value):
+                value = None
+            if key in ("sliding_window", "max_window_layers", "use_sliding_window") and \
+                    node.get("use_sliding_window") is False:   # off: as if the model had no such keys
+                value = None
+            if value is not None and (per_layer or key not in PER_LAYER_KEYS):
+                found[section + key] = value
+    return found
+
+
+def _rope(node: dict[str, Any], key: str) -> Any:
+    parameters = node.get("rope_parameters") if isinstance(node.get("rope_parameters"), dict) else {}
+    scaling = node.get("rope_scaling") if isinstance(node.get("rope_scaling"), dict) else {}
+    if key == "rope_theta":
+        return parameters.get("rope_theta", node.get("rope_theta"))
+    merged = {("rope_type" if k == "type" else k): v for k, v in {**scaling, **parameters}.items() if k != "rope_theta"}
+    if not merged and node.get("rope_scaling") is not None and not scaling:
+        return node.get("rope_scaling")     # not a mapping: compared as it is
+    return None if merged in ({}, {"rope_type": "default"}) else merged
+
+
 # Tensors outside the numbered layers, by a dotted component's start: before the layers (embeddings) or
 # after them (final norm, head). Checked in this order, so `word_embeddings_layernorm` is before the layers.
 BEFORE_LAYERS = ("embed_tokens", "embed_in", "embed_positions", "embeddings", "word_embeddings", "wte", "wpe")

@@ -9,15 +9,20 @@ every input page resident (the naive loop in shared/research/bench.md peaked at 
 Layout: 8-byte little-endian header length N, N bytes of JSON, then the data block. JSON maps each tensor
 name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the data block, plus an optional
 ``__metadata__`` map of strings. Offsets must tile the data block exactly, without gaps or overlaps.
+
+It also holds the one way this package opens a file of a user's folder (``open_regular``, ``read_regular``):
+never through a FIFO that would block forever or a device that never ends, and never more bytes than a limit.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -53,23 +58,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     duplicate names, an unknown dtype, a shape that does not match its byte range, byte ranges that
     overlap, leave gaps or run past the end of the file. Nothing else is raised for any input bytes.
     """
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-            raise ModelError("is not a regular file", file=path, hint="give the model's safetensors files themselves")
-        size = info.st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ModelError(f"file is {size} bytes, too short to be safetensors", file=path,
-                                 hint="the file is truncated or empty; download or copy it again")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise ModelError(f"header length {header_len} does not fit in a file of {size} bytes",
-                                 file=path, hint="the file is truncated or not safetensors; download it again")
-            raw = f.read(header_len)
-    except OSError as exc:
-        raise ModelError(f"cannot read: {exc.strerror}", file=path) from None
+    raw, header_len, size = _raw_header(path)
     header = _parse_json(raw, path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
@@ -78,6 +67,86 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors = {name: _tensor_info(path, name, entry, data_start, size) for name, entry in header.items()}
     _check_tiling(path, tensors.values(), data_start, size)
     return tensors, metadata
+
+
+class NotRegularFile(OSError):
+    """``open_regular`` found a FIFO, device, socket or folder where a file should be."""
+
+
+class FileTooLarge(OSError):
+    """``read_regular`` found more bytes than its limit."""
+
+
+MAX_INT_DIGITS = getattr(sys.int_info, "default_max_str_digits", 4300)   # Python's own: beyond it int() is quadratic
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def open_regular(path: str, *, follow_links: bool = True) -> int:
+    """A read-only descriptor of the regular file at ``path``, or NotRegularFile (an OSError).
+
+    Opened non-blocking, because opening a FIFO for reading otherwise waits for a writer that may never come;
+    then the descriptor itself is checked (fstat, so a file swapped after a check cannot slip through).
+    ``follow_links=False`` refuses a symbolic link (for files this package wrote itself and reads back)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((f"is {name}, not a regular file" for test, name in _KINDS if test(mode)), "is not a regular file")
+        raise NotRegularFile(errno.EINVAL, kind, path)
+    return fd
+
+
+def read_regular(path: str, limit: int, *, follow_links: bool = True) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``limit`` of them, else FileTooLarge (an OSError)."""
+    fd = open_regular(path, follow_links=follow_links)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        data = f.read(limit + 1) if size <= limit else b""   # read past the limit: the file may be growing
+    if size > limit or len(data) > limit:
+        raise FileTooLarge(errno.EFBIG, f"is {max(size, len(data)):,} bytes, more than the {limit:,} allowed", path)
+    return data
+
+
+def bounded_int(text: str) -> int:
+    """``json``'s parse_int: an integer of at most MAX_INT_DIGITS digits, else ValueError (not Python's message,
+    which suggests raising an interpreter limit)."""
+    digits = len(text) - (text[0] == "-")
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"holds an integer of {digits:,} digits, more than the {MAX_INT_DIGITS:,} read")
+    return int(text)
+
+
+def _raw_header(path: str) -> tuple[bytes, int, int]:
+    """(header JSON bytes, their length, file size), after the checks that need no parsing."""
+    try:
+        fd = open_regular(path)
+    except NotRegularFile:  # a FIFO or device would block or never end
+        raise ModelError("is not a regular file", file=path, hint="give the model's safetensors files themselves"
+                         ) from None
+    except OSError as exc:
+        raise ModelError(f"cannot read: {exc.strerror}", file=path) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ModelError(f"file is {size} bytes, too short to be safetensors", file=path,
+                                 hint="the file is truncated or empty; download or copy it again")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ModelError(f"header length {header_len} does not fit in a file of {size} bytes",
+                                 file=path, hint="the file is truncated or not safetensors; download it again")
+            return f.read(header_len), header_len, size
+    except OSError as exc:
+        raise ModelError(f"cannot read: {exc.strerror}", file=path) from None
 
 
 def refuse_duplicates(error: Callable[[str], ModelError]) -> Callable[[list], dict]:
@@ -97,8 +166,8 @@ def _parse_json(raw: bytes, path: str) -> dict:
     unique = refuse_duplicates(lambda name: ModelError(f"header lists tensor '{name}' twice", file=path,
                                                        hint="the file is corrupt or was crafted; download it again"))
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique, parse_int=bounded_int)
+    except ValueError as exc:   # not UTF-8, not JSON, or an integer of thousands of digits
         raise ModelError(f"header is not valid JSON ({exc})", file=path,
                          hint="the file is corrupt or not safetensors; download it again") from None
     except RecursionError:

@@ -308,7 +308,8 @@ def main() -> None:
     with timer("score"):
         for label, folder, report in models:
             rows.append(score(folder, label))
-            rows[-1].validation = None if report is None else ("passed" if report.passed else "FAILED")
+            rows[-1].validation = None if report is None else {"passed": "passed", "failed": "FAILED",
+                                                                "not_checked": "NOT CHECKED"}[report.status]
             print(f"  {label}: X {rows[-1].recall['X']:.2f}, Y {rows[-1].recall['Y']:.2f}, "
                   f"perplexity {rows[-1].perplexity:.1f}", flush=True)
     verdicts = {label: verdict(report) for label, _, report in models if report is not None}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from helpers.models import SHARD, write_spec
 
@@ -96,15 +98,23 @@ def test_existing_output_needs_overwrite(cli, models_f32, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", f"merge_method: linear\nmodels:\n  - model: {models_f32}/ft-a\n"
                                               "    parameters: {weight: 1}\n")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    assert cli("run", spec, "-o", out, "--quiet", "--no-validate").exit_code == 0
     check(cli("run", spec, "-o", out), 2,
           f"error: {out}: output folder already exists and is not empty\n"
           "Hint: pass --overwrite to replace it, or choose another output path with -o")
-    assert (out / "keep.txt").read_text() == "precious"
     result = cli("run", spec, "-o", out, "--overwrite", "--quiet")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces only an output of a merge: a folder holding a file of the user's is refused, with or
+    # without it, and kept as it is
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    for flags in ([], ["--overwrite"]):
+        check(cli("run", spec, "-o", mine, *flags), 2,
+              f"error: {mine}: this folder was not written by a merge (it has no merge_run.json; found keep.txt), so "
+              "a merge never replaces it\nHint: choose another output path with -o, or move your files out of the "
+              "folder first (--overwrite replaces only the output of an earlier merge, or an empty folder)")
+        assert os.listdir(mine) == ["keep.txt"] and (mine / "keep.txt").read_text() == "precious"
 
 
 def test_required_parameter_missing_for_some_tensors(cli, models_f32, tmp_path):

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.hostile import (CASES, MODEL_FILE, Models, build_models, hostile_pickle, leftover_problems, linear_spec,
-                             snapshot)
+from helpers.hostile import (
+    CASES,
+    MODEL_FILE,
+    Models,
+    build_models,
+    hostile_pickle,
+    leftover_problems,
+    linear_spec,
+    snapshot,
+)
 from helpers.hostile.catalogue import PlantedCode
 from helpers.hostile.models import _poisoned
 
@@ -47,7 +55,8 @@ def test_case(case, cli, tiny, tmp_path):
 
 def test_catalogue_covers_the_issue():
     groups = {c.group for c in CASES}
-    assert groups == {"safetensors file", "shard index", "pickle", "spec", "models", "lora adapter"}
+    assert groups == {"safetensors file", "shard index", "pickle", "spec", "models", "lora adapter",
+                      "output ownership", "strict inputs", "push", "internal errors"}
     assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
 
 
@@ -123,18 +132,20 @@ def test_nonfinite_opt_in_carries_on_and_says_so(cli, tiny, tmp_path):
     result = cli("run", spec, "-o", tmp_path / "out", "--allow-nonfinite")
     assert result.exit_code == 0, result.output
     verdict = result.stdout.splitlines()[1]
-    assert verdict.startswith("Validation passed on cpu in ")
-    assert verdict.endswith(" s: structure, finite, recompute (21/21 tensors bit-exact), forward SKIPPED (the weights "
-                            "hold 1 NaN/Inf values (--allow-nonfinite), so the logits would say nothing)")
+    assert verdict.startswith("Validation NOT CHECKED on cpu in ")   # the merge succeeded: exit 0, but no PASSED
+    assert verdict.endswith(" s: structure, finite, recompute (21/21 tensors bit-exact), forward NOT CHECKED (the "
+                            "weights hold 1 NaN/Inf values (--allow-nonfinite), so the logits would say nothing)")
     from safetensors.torch import load_file
 
     a = load_file(str(tiny.b / MODEL_FILE))["model.embed_tokens.weight"]
     merged = load_file(str(tmp_path / "out" / MODEL_FILE))["model.embed_tokens.weight"]
     assert torch.isnan(merged[1, 3]) and int(torch.isnan(merged).sum()) == 1
     assert torch.equal(merged[0], (a[0] * 0.5 + load_file(str(bad / MODEL_FILE))["model.embed_tokens.weight"][0] * 0.5))
-    allowed = json.loads(cli("validate", tmp_path / "out", "--allow-nonfinite", "--json").stdout)
+    validated = cli("validate", tmp_path / "out", "--allow-nonfinite", "--json")
+    allowed = json.loads(validated.stdout)
     finite = next(c for c in allowed["checks"] if c["name"] == "finite")
-    assert (allowed["passed"], finite["status"], finite["numbers"]["nan"]) == (True, "passed", 1)
+    assert (validated.exit_code, allowed["verdict"], finite["status"], finite["numbers"]["nan"]) == (
+        3, "not_checked", "passed", 1)
     from mergekit_lite import validate
 
     refused = validate(tmp_path / "out", device="cpu", forward=False)   # without the opt-in

@@ -15,7 +15,7 @@ import pytest
 from helpers.hostile import Models, build_models, leftover_problems, linear_spec
 from safetensors import SafetensorError, safe_open
 
-from mergekit_lite.output.folder import OutputLock
+from mergekit_lite.output.folder import LOCK_SUFFIX, OutputLock
 
 ROOT = Path(__file__).resolve().parent.parent
 LEFTOVER = ("the next run of this merge deletes them, or continues from the finished shards with --resume; "
@@ -93,24 +93,36 @@ def test_not_enough_space_is_refused_before_reading(cli, tiny, small_disk, tmp_p
     assert sorted(os.listdir(small_disk)) == ["filler"]
 
 
-def test_disk_that_fills_up_during_the_merge(cli, tiny, small_disk, tmp_path, monkeypatch):
+@pytest.fixture
+def disk_128k(tmp_path):
+    """A real 128 kB filesystem (tmpfs; needs root, else the test is skipped)."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "128k")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_disk_that_fills_up_during_the_merge(cli, tiny, disk_128k, tmp_path, monkeypatch):
     """Real ENOSPC from the kernel: the free-space check passes, then another writer takes the space (here the
     check is skipped, as if the disk filled up in between)."""
     import mergekit_lite.api.merge as merge
 
     monkeypatch.setattr(merge, "check_free_space", lambda out, needed: None)
-    (small_disk / "filler").write_bytes(b"\0" * 56 * 1024)
+    # 16 kB left: a 4 kB page each for the lock, the partial folder's marker and its journal, then the shards
+    # run out of space
+    (disk_128k / "filler").write_bytes(b"\0" * 112 * 1024)
     spec = linear_spec(tmp_path, tiny.a, tiny.b)
-    out = small_disk / "out"
+    out = disk_128k / "out"
     result = cli("run", spec, "-o", out, "--quiet", "--max-shard-size", "4kB")
     assert result.exit_code == 1
     message, hint = result.stderr.splitlines()
     assert message.startswith(f"error: {out}.partial/model-000") and message.endswith(": No space left on device")
     assert hint == FULL
     assert_only_partial(out)
-    (small_disk / "filler").unlink()
-    result = cli("run", spec, "-o", out, "--quiet", "--no-validate")
-    assert result.exit_code == 0 and not Path(f"{out}.partial").exists()
+    # the next run of this merge replaces the leftover (another merge's leftover is replaced only on --overwrite)
+    (disk_128k / "filler").unlink()
+    result = cli("run", spec, "-o", out, "--quiet", "--no-validate", "--max-shard-size", "4kB")
+    assert result.exit_code == 0 and not Path(f"{out}.partial").exists(), result.stderr
 
 
 def test_a_second_merge_into_the_same_output_is_refused(cli, tiny, tmp_path):
@@ -125,7 +137,7 @@ def test_a_second_merge_into_the_same_output_is_refused(cli, tiny, tmp_path):
         f"error: {out}: another merge (process {os.getpid()}) is writing this output now\n"
         "Hint: wait for it to finish, or write to another output path with -o\n"))
     assert (partial / "model.safetensors").read_bytes() == b"the other run's work"
-    assert not out.exists() and not Path(f"{out}.lock").exists()
+    assert not out.exists() and not Path(f"{out}{LOCK_SUFFIX}").exists()
 
 
 def _start_paused(tiny: Models, tmp_path: Path, out: Path) -> subprocess.Popen:
@@ -153,7 +165,7 @@ def test_two_processes_merging_into_one_output(cli, tiny, tmp_path):
     finally:
         (tmp_path / "go").touch()
     assert first.wait(timeout=120) == 0, first.communicate()
-    assert not Path(f"{out}.partial").exists() and not Path(f"{out}.lock").exists()
+    assert not Path(f"{out}.partial").exists() and not Path(f"{out}{LOCK_SUFFIX}").exists()
     from mergekit_lite import validate
 
     assert validate(out, device="cpu", forward=False).passed

@@ -128,9 +128,11 @@ def test_offline_with_a_cold_cache_names_the_reference(cli, hub_in_process, tmp_
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     spec = write_spec(tmp_path / "spec.yaml", SPEC.format(base="org/base", a="org/ft-a", b="org/ft-b"))
     result = cli("run", spec, "-o", tmp_path / "out")
-    assert (result.exit_code, result.stderr) == (1, f"error: {spec}: base_model: 'org/base' is not in the local Hub "
-                                                    "cache and HF_HUB_OFFLINE is set\nHint: unset HF_HUB_OFFLINE, or "
-                                                    "download the model once while online\n")
+    assert (result.exit_code, result.stderr) == (1, f"error: {spec}: base_model: no local folder 'org/base', and as a "
+                                                    "Hub repo it is not in the local Hub cache (HF_HUB_OFFLINE is set)\n"
+                                                    "Hint: check the path (relative paths are relative to the current "
+                                                    "directory); for a Hub repo, unset HF_HUB_OFFLINE, or download it "
+                                                    "once while online\n")
     assert hub_in_process.log == []
 
 

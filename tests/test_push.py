@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,16 @@ def download(hub, env: dict, repo_id: str, folder: Path, revision: str = "main")
     return Path(python(code, env).strip())
 
 
+def published(folder: Path, name: str) -> bytes:
+    """A file's bytes as a push sends them: the run record without the local folder it ran in."""
+    data = (folder / name).read_bytes()
+    if name != "merge_run.json":
+        return data
+    record = json.loads(data)
+    del record["working_dir"]
+    return (json.dumps(record, indent=2) + "\n").encode()
+
+
 @pytest.mark.parametrize("xet", [False, True], ids=["lfs", "xet"])
 def test_push_sends_the_model_files_and_they_come_back(merged, fake_hub, tmp_path, xet):
     env = hub_env(fake_hub, tmp_path / "home", xet=xet)
@@ -79,7 +91,7 @@ def test_push_sends_the_model_files_and_they_come_back(merged, fake_hub, tmp_pat
     for name in weights:  # recorded by sha256, in both paths
         assert commit["lfsFile"][name]["oid"] == hashlib.sha256((merged / name).read_bytes()).hexdigest()
     for name, entry in commit["file"].items():
-        assert base64.b64decode(entry["content"]) == (merged / name).read_bytes()
+        assert base64.b64decode(entry["content"]) == published(merged, name)
     if xet:
         assert fake_hub.requests("GET", "/xet-write-token/main$") and not fake_hub.requests("PUT")
     else:
@@ -95,7 +107,11 @@ def test_push_sends_the_model_files_and_they_come_back(merged, fake_hub, tmp_pat
     got = sorted(p.name for p in snapshot.iterdir())
     assert got == sorted([".gitattributes", *SENT])
     for name in SENT:
-        assert (snapshot / name).read_bytes() == (merged / name).read_bytes(), name
+        assert (snapshot / name).read_bytes() == published(merged, name), name
+    record = json.loads((snapshot / "merge_run.json").read_text())
+    local = json.loads((merged / "merge_run.json").read_text())
+    assert os.path.isabs(local["working_dir"]) and "working_dir" not in record   # the local folder stays local
+    assert record == {k: v for k, v in local.items() if k != "working_dir"}
 
 
 @pytest.mark.parametrize("xet", [False, True], ids=["lfs", "xet"])
@@ -105,12 +121,9 @@ def test_create_pr_leaves_main_alone(merged, fake_hub, tmp_path, xet):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Pushed 11 files (")
     assert f" to pull request {fake_hub.url}/org/merged/discussions/1\n" in result.stdout
-    if xet:  # the pipeline opens the PR itself, then commits to its ref
-        assert fake_hub.requests("POST", "^/api/models/org/merged/discussions$")[0].body["title"] == \
-            "Upload merged model (linear, 2 models)"
-        assert fake_hub.requests("POST", r"^/api/models/org/merged/commit/refs%2Fpr%2F1$")
-    else:  # the legacy path asks the server to open it with the commit
-        assert fake_hub.requests("POST", "^/api/models/org/merged/commit/main$")[0].query == {"create_pr": "1"}
+    # one commit, through either upload path: the server opens the pull request with it
+    assert fake_hub.requests("POST", "^/api/models/org/merged/commit/main$")[0].query == {"create_pr": "1"}
+    assert fake_hub.repos["org/merged"].discussions[0]["title"] == "Upload merged model (linear, 2 models)"
     assert sorted(fake_hub.files("org/merged", "main")) == [".gitattributes"]
     assert sorted(fake_hub.files("org/merged", "refs/pr/1")) == sorted([".gitattributes", *SENT])
 
@@ -184,7 +197,7 @@ def test_interrupted_upload_resumes_without_sending_the_weights_again(merged, fa
     assert second.returncode == 0, second.stderr
     assert not [r for r in fake_hub.log[sent_before:] if r.method == "PUT"]
     stored = fake_hub.files("user/merged")
-    assert all(stored[name].data == (merged / name).read_bytes() for name in SENT)
+    assert all(stored[name].data == published(merged, name) for name in SENT)
 
 
 def test_run_pushes_after_the_merge(models_f32, fake_hub, tmp_path):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import struct
 from pathlib import Path
 
 import pytest
 
 from mergekit_lite import push_to_hub, run_merge
 from mergekit_lite.hub.card_check import check_card
-from mergekit_lite.hub.push_plan import select_files
+from mergekit_lite.hub.push_files import select_files
 from mergekit_lite.output.card import card_text
 from mergekit_lite.spec.references import ModelPath
 
@@ -45,9 +47,18 @@ def offline_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", SECRET)
 
 
+def safetensors(size: int) -> bytes:
+    """A safetensors file of exactly ``size`` bytes: one uint8 tensor filling what the header leaves."""
+    header = b""
+    for _ in range(2):  # the tensor's length changes the header's length by at most a digit: settle it
+        data = size - 8 - len(header)
+        header = json.dumps({"w": {"dtype": "U8", "shape": [data], "data_offsets": [0, data]}}).encode()
+    return struct.pack("<Q", len(header)) + header + b"\0" * (size - 8 - len(header))
+
+
 def model_folder(root: Path, card: str | None = CARD, **extra: bytes) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    files = {"model.safetensors": b"\0" * 3000, "config.json": b"{}", "tokenizer.json": b"{}" * 10,
+    files = {"model.safetensors": safetensors(3000), "config.json": b"{}", "tokenizer.json": b"{}" * 10,
              "mergekit_config.yml": b"merge_method: linear\nmodels:\n  - model: org/model-a\n  - model: org/model-b\n"}
     for name, data in {**files, **extra}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -80,11 +91,11 @@ files     : 5 to upload, 3.25 kB; 5 excluded
   mergekit_config.yml                            75 B
   model.safetensors                           3.00 kB  (large: Xet/LFS)
   tokenizer.json                                 20 B
+  excluded: .cache/ (hidden)
   excluded: notes.txt (not a model file)
+  excluded: old.partial/ (left by an interrupted merge)
   excluded: pytorch_model.bin (pickle (loading one can run code))
-  excluded: .cache/x (hidden)
-  excluded: old.partial/y (left by an interrupted merge)
-  excluded: runs/extra.safetensors (in a subfolder (a merge writes none))
+  excluded: runs/ (a subfolder: a merge writes none)
 model card: base_model=[org/model-a, org/model-b] base_model_relation=merge library_name=transformers \
 license=apache-2.0 tags=[merge, mergekit]
 warning   : pickle files present (not uploaded): pytorch_model.bin
@@ -124,7 +135,7 @@ def test_card_warnings(cli, tmp_path):
 
 @pytest.mark.parametrize("card, message", [
     ("---\nbase_model: [org/a\n---\n",
-     "metadata is not valid YAML at line 2: expected ',' or ']', but got '<stream end>'"),
+     "metadata is not valid YAML at line 2, column 19: expected ',' or ']', but got '<stream end>'"),
     ("---\n- a\n- b\n---\n", "metadata must be a mapping of keys to values, not a list"),
     ("---\nbase_model: [org/a, ./models/ft-b]\n---\n",
      "base_model: './models/ft-b' is not a Hub repo id (org/name); the Hub rejects a local path there. "
@@ -154,7 +165,7 @@ def test_index_naming_a_missing_shard(cli, tmp_path):
     index = b'{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", ' \
             b'"b": "model-00002-of-00002.safetensors"}}'
     folder = model_folder(tmp_path / "out", **{"model.safetensors.index.json": index,
-                                               "model-00001-of-00002.safetensors": b"\0" * 8})
+                                               "model-00001-of-00002.safetensors": safetensors(100)})
     result = dry_run(cli, folder)
     assert result.exit_code == 1
     assert result.stderr == ("error: model.safetensors.index.json: the index lists 1 shard(s) that are not in the "
@@ -202,11 +213,12 @@ def test_selection_is_the_files_a_merge_reads_plus_card_and_recipe(tmp_path):
              "training_args.bin", "optimizer.pt", "rng_state.pth", "notes.md", ".gitattributes"]
     for name in names:
         (tmp_path / name).write_text("x")
-    sent, left = select_files(str(tmp_path))
+    sent, left, refused = select_files(str(tmp_path))
     assert sorted(f.path for f in sent) == sorted(names[:15])
     assert {f.path: f.reason for f in left} == {
         ".gitattributes": "hidden", "notes.md": "not a model file", "optimizer.pt": "pickle (loading one can run code)",
         "rng_state.pth": "pickle (loading one can run code)", "training_args.bin": "pickle (loading one can run code)"}
+    assert refused == []
 
 
 def test_our_own_card_passes_the_check():
@@ -243,7 +255,7 @@ def test_a_merge_that_fails_validation_is_not_pushed(models_f32, tmp_path, monke
     import mergekit_lite.validation as validation
 
     class Failed:
-        passed = False
+        passed, failed = False, True
 
     monkeypatch.setattr(validation, "validate", lambda *args, **kwargs: Failed())
     monkeypatch.setattr(logging.getLogger("mergekit_lite"), "propagate", True)  # a CLI test may have turned it off

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,25 +150,38 @@ def test_resume_of_a_different_merge_is_refused(models_bf16, tmp_path, cli, monk
     assert result.stderr == (
         f"error: {out}.partial: the partial output belongs to a different merge (started {started} from a spec): "
         "the spec, the inputs, the options or the mergekit_lite version differ\n"
-        "Hint: resume with exactly the same spec, inputs and options, or run without --resume to start over "
-        "(the partial folder is replaced)\n")
-    # A different shard size is a different layout: refused too. Without --resume the partial is replaced.
+        "Hint: resume with exactly the same spec, inputs and options, or run with --overwrite instead of --resume to "
+        "start over (the partial folder is replaced)\n")
+    # A different shard size is a different layout: refused too. Another merge's partial folder is replaced only
+    # with --overwrite (tests/test_ownership.py).
     assert cli("run", other, "-o", out, "--max-shard-size", "8kB", "--resume", "--no-validate").exit_code == 2
-    assert cli("run", other, "-o", out, "--max-shard-size", SHARD, "--quiet", "--no-validate").exit_code == 0
+    assert cli("run", other, "-o", out, "--max-shard-size", SHARD, "--quiet", "--no-validate",
+               "--overwrite").exit_code == 0
 
 
 def test_partial_without_journal_is_refused_and_resume_without_partial_just_merges(models_bf16, tmp_path, cli,
-                                                                                    reference):
+                                                                                    reference, monkeypatch):
     spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
     out = tmp_path / "run" / "merged"
+    interrupted(monkeypatch, spec_text(models_bf16), out, 10)
     partial = Path(str(out) + ".partial")
-    partial.mkdir(parents=True)
-    (partial / "model-00001-of-00039.safetensors").write_bytes(b"junk")
+    (partial / JOURNAL).unlink()
     result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {partial}: cannot resume: the partial folder has no readable journal of finished shards "
         f"({JOURNAL})\nHint: run without --resume to start over (the partial folder is replaced)\n")
+    # a folder of that name that no merge made is never resumed from, nor replaced
+    shutil.rmtree(partial)
+    partial.mkdir()
+    (partial / "model-00001-of-00039.safetensors").write_bytes(b"junk")
+    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
+    assert (result.exit_code, result.stderr) == (2, (
+        f"error: {partial}: this folder was not made by a merge (it has no .mergekit_lite-partial.json; found "
+        "model-00001-of-00039.safetensors), and a merge writes its unfinished output under this name\nHint: a merge "
+        "writes its unfinished output under this name: move it away (or delete it yourself), or choose another "
+        "output path with -o\n"))
+    assert (partial / "model-00001-of-00039.safetensors").read_bytes() == b"junk"
     (partial / "model-00001-of-00039.safetensors").unlink()
     partial.rmdir()
     result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--quiet", "--no-validate")
@@ -247,23 +261,26 @@ def test_symbolic_links_in_the_partial_folder_are_refused(models_bf16, tmp_path,
     link = partial / f"model-{unfinished:05d}-of-00039.safetensors"
     link.unlink(missing_ok=True)
     link.symlink_to(victim)
-    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
-    assert (result.exit_code, result.stderr) == (2, (
-        f"error: {partial}: cannot resume: {link.name} in the partial folder is a symbolic link, which a merge "
-        "never writes\nHint: run without --resume to start over (the partial folder is replaced)\n"))
-    assert victim.read_text() == "precious"
-    # the partial folder itself a link: refused with --resume, and only the link removed without it
+    for flags in (["--resume"], []):   # not followed, and not removed either: it is not the merge's
+        result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--no-validate", *flags)
+        assert (result.exit_code, result.stderr) == (2, (
+            f"error: {partial}: the partial output folder holds files that no merge wrote ({link.name} (a symbolic "
+            "link))\nHint: move them out of it and run again\n"))
+        assert victim.read_text() == "precious" and link.is_symlink()
+    # the partial folder itself a link: refused with or without --resume; neither it nor its target is touched
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("kept")
-    import shutil
-
     shutil.rmtree(partial)
     partial.symlink_to(elsewhere, target_is_directory=True)
-    result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--resume", "--no-validate")
-    assert (result.exit_code, result.stderr) == (2, (
-        f"error: {partial}: cannot resume: the partial folder is a symbolic link, which a merge never makes\n"
-        "Hint: run without --resume to start over (the link is removed)\n"))
+    for flags in (["--resume"], []):
+        result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--no-validate", *flags)
+        assert (result.exit_code, result.stderr) == (2, (
+            f"error: {partial}: the partial output folder is a symbolic link, which a merge never makes\n"
+            "Hint: a merge writes its unfinished output under this name: move it away (or delete it yourself), or "
+            "choose another output path with -o\n"))
+        assert partial.is_symlink() and sorted(os.listdir(elsewhere)) == ["keep.txt"]
+    partial.unlink()
     result = cli("run", spec, "-o", out, "--max-shard-size", SHARD, "--quiet", "--no-validate")
     assert result.exit_code == 0 and (elsewhere / "keep.txt").read_text() == "kept"
     assert sorted(os.listdir(elsewhere)) == ["keep.txt"] and out.is_dir() and not out.is_symlink()

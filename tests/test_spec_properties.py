@@ -19,6 +19,8 @@ from helpers.models import read_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mergekit_lite.output.folder import LOCK_SUFFIX
+
 NUMBERS = st.one_of(st.sampled_from([0.0, 0.5, 1.0, -0.5, -1.0, 1e-9, 2.0, 1e30, 3e38, 1e39, float("nan"),
                                      float("inf"), -float("inf")]),
                     st.floats(-10, 10), st.integers(-3, 3), st.integers(10**20, 10**30))
@@ -120,7 +122,7 @@ def test_merges_end_in_a_finite_output_or_our_error(cli, tiny, tmp_path_factory)
             tensors = read_folder(out)
             assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
             merged.append(spec["merge_method"])
-        assert not Path(f"{out}.lock").exists()
+        assert not Path(f"{out}{LOCK_SUFFIX}").exists()
 
     check()
     assert len(merged) >= 3, "the generator should produce some valid specs"

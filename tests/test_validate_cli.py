@@ -86,8 +86,9 @@ def test_validate_errors(cli, tmp_path):
 FINDING = {"tensor": (str, type(None)), "file": (str, type(None)), "message": str}
 CHECK = {"name": str, "status": str, "summary": str, "seconds": float, "numbers": dict, "failures": list,
          "failures_total": int}
-REPORT = {"schema": int, "path": str, "passed": bool, "device": str, "spec": (str, type(None)), "full": bool,
-          "seconds": float, "checks": list}
+REPORT = {"schema": int, "path": str, "passed": bool, "verdict": str, "exit_code": int, "device": str,
+          "spec": (str, type(None)), "sources_from": (dict, type(None)), "full": bool, "seconds": float,
+          "checks": list}
 OPTIONAL_FLOAT = (float, type(None))
 NUMBERS = {
     "structure": {"files": int, "tensors": int, "bytes": int, "planned_tensors": (int, type(None)),
@@ -111,11 +112,15 @@ def assert_layout(value: dict, layout: dict, where: str) -> None:
 
 def assert_report_layout(report: dict) -> None:
     assert_layout(report, REPORT, "report")
-    assert report["schema"] == 1
+    assert report["schema"] == 2
+    assert (report["verdict"], report["exit_code"]) in (("passed", 0), ("failed", 1), ("not_checked", 3))
+    assert report["passed"] == (report["verdict"] == "passed")
+    if report["sources_from"] is not None:
+        assert list(report["sources_from"]) == ["folder", "reason"]
     assert [c["name"] for c in report["checks"]] == ["structure", "finite", "recompute", "forward"]
     for check in report["checks"]:
         assert_layout(check, CHECK, check["name"])
-        assert check["status"] in ("passed", "failed", "skipped")
+        assert check["status"] in ("passed", "failed", "not_checked", "not_applicable")
         assert_layout(check["numbers"], NUMBERS[check["name"]], f"{check['name']}.numbers")
         for finding in check["failures"]:
             assert_layout(finding, FINDING, f"{check['name']}.failures[]")
@@ -205,7 +210,8 @@ def test_forward_can_be_left_out(models_f32, tmp_path, forward):
 
     out = merged(models_f32, tmp_path / "out")
     check = validate(out, device="cpu", forward=forward).check("forward")
-    assert (check.status, check.summary == "not requested") == (("passed", False) if forward else ("skipped", True))
+    assert (check.status, check.summary == "not requested") == (
+        ("passed", False) if forward else ("not_applicable", True))
 
 
 def readme_blocks(language: str) -> list[str]:
@@ -238,7 +244,7 @@ def test_readme_snippets_run(cli, tmp_path, monkeypatch, capsys):
     assert "Validation of " in capsys.readouterr().out
 
 
-def test_forward_is_skipped_without_transformers_or_memory(models_f32, tmp_path, monkeypatch):
+def test_forward_is_not_checked_without_transformers_or_memory(models_f32, tmp_path, monkeypatch):
     import sys
 
     from mergekit_lite import validate
@@ -247,11 +253,11 @@ def test_forward_is_skipped_without_transformers_or_memory(models_f32, tmp_path,
     out = merged(models_f32, tmp_path / "out")
     monkeypatch.setattr(inference, "available_memory", lambda device: 100_000)
     forward = validate(out, device="cpu").check("forward")
-    assert (forward.status, forward.summary) == ("skipped", "the model needs about 904.00 kB in float32 on cpu, "
-                                                            "100.00 kB is free")   # 1.25 x 4 bytes x 180,800 values
+    assert (forward.status, forward.summary) == ("not_checked", "the model needs about 904.00 kB in float32 on cpu, "
+                                                                "100.00 kB is free")   # 1.25 x 4 bytes x 180,800 values
     monkeypatch.setitem(sys.modules, "transformers", None)     # as if not installed
     report = validate(out, device="cpu")
-    assert report.passed and report.check("forward").summary == (
+    assert report.status == "not_checked" and report.check("forward").summary == (
         "transformers is not installed: pip install 'mergekit-lite[validate]'")
-    assert report.verdict().endswith(", forward SKIPPED (transformers is not installed: pip install "
+    assert report.verdict().endswith(", forward NOT CHECKED (transformers is not installed: pip install "
                                      "'mergekit-lite[validate]')")

@@ -7,6 +7,7 @@ config, tokenizer and model card as every merge, and a ``mergekit_config.yml`` t
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import ExitStack
 from typing import Optional, Sequence, Union
@@ -14,6 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..errors import MergeError, UsageError
+from ..spec.references import FLOAT32_MAX
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,6 +32,10 @@ def fold_spec(base: PathLike, adapters: Sequence[PathLike], weights: Optional[Se
         raise UsageError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)", where="--weight",
                          hint="give one weight per adapter, in the same order, or none (all 1)")
     lora = []
+    for i, weight in enumerate(weights):   # the spec checks them too, but here the option can be named
+        if not math.isfinite(float(weight)) or abs(float(weight)) > FLOAT32_MAX:
+            raise UsageError(f"weight {weight!r} of adapter {i + 1} is not a finite float32 number", where="--weight",
+                             hint="1 applies the adapter's change as trained, 0.5 half of it")
     for path, weight in zip(adapters, weights):
         entry: dict = {"path": path, "weight": float(weight)}
         if not check_base:
@@ -50,7 +56,9 @@ def fold_lora(base: PathLike, adapters: Union[PathLike, Sequence[PathLike]], out
     """Fold LoRA adapters into ``base`` (local folders or Hub ids ``org/name[@revision]``).
 
     With ``out``: write the folded model folder (``options`` go to ``run_merge``: ``max_shard_size``,
-    ``out_dtype``, ``overwrite``, ``dry_run``, ``device``, ``progress``) and return its MergeResult.
+    ``out_dtype``, ``overwrite``, ``dry_run``, ``device``, ``progress``, ``validate``) and return its
+    MergeResult; ``result.validation.status`` is passed, failed or not_checked (its forward check compares
+    the fold with the base plus the adapters applied by peft: not checked when that reference cannot run).
     Without: return ``{tensor name: tensor}`` in the base's dtypes, for small models (a notebook's
     load-time weight edit). ``weights`` scale each adapter's change (default 1 each); ``tied_embeddings``
     is ``untie`` (write lm_head separately; default) or ``shared`` (peft's single shared tensor).

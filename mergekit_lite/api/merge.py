@@ -15,7 +15,9 @@ from ..engine.devices import resolve_device
 from ..engine.executors import check_executor
 from ..errors import Interrupted, OutputError, UsageError
 from ..output.companions import check_tokenizer_files, write_companions
-from ..output.folder import LEFTOVER, OutputLock, check_free_space, check_output, commit_partial, start_partial
+from ..output.folder import LEFTOVER, OutputLock, check_free_space
+from ..output.journal import fingerprint
+from ..output.place import Place, check_path, check_place, commit_partial, start_partial
 from ..output.run_settings import settings_for, write_run_settings
 from ..plan.planner import MergePlan, dtype_setting, make_plan
 from ..spec.schema import SpecLike
@@ -71,7 +73,7 @@ class MergeSettings:
     out_dtype: Optional[str] = None      # the precision to write (None: the spec's)
     device: str = "auto"
     seed: int = 0
-    overwrite: bool = False
+    overwrite: bool = False             # replace an earlier merge's output at OUT (never a folder of other files)
     dry_run: bool = False
     progress: bool = True
     validate: bool = True
@@ -82,6 +84,7 @@ class MergeSettings:
     resume: bool = False
     executor: str = "local"
     ray_address: Optional[str] = None
+    config_from: Optional[str] = None    # the model whose config.json the output takes (plan/configs.py)
 
 
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[MergeSettings] = None, *,
@@ -92,7 +95,8 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[M
     keyword arguments change single fields (``run_merge(spec, out, overwrite=True)``). ``strategies`` adds
     merge methods that are not built in (they take precedence by name). Raises a MergeError subclass on bad
     input. With ``validate`` (the default) the written output is checked (``mergekit_lite.validate``) and the
-    report is ``result.validation``; a failed validation does not raise and leaves the output in place;
+    report is ``result.validation`` (``.status``: passed, failed or not_checked); a failed or not checked
+    validation does not raise and leaves the output in place;
     ``result.pushed`` says where a push went. Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt)
     saying what was left behind.
     """
@@ -102,15 +106,18 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[M
     shard_bytes, device = _check_settings(run)
     strategies = list(strategies)
     merge_plan = make_plan(spec, dtype=run.dtype, out_dtype=run.out_dtype, seed=run.seed, strategies=strategies,
-                           allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite)
+                           allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite,
+                           config_from=run.config_from)
     try:
-        check_output(out, [f for c in merge_plan.checkpoints.values() for f in c.folders], run.overwrite)
+        check_path(out)   # before a lock file is made next to it
         check_free_space(out, merge_plan.total_bytes)
         check_tokenizer_files(merge_plan)
         if run.dry_run:
+            _check_place(merge_plan, out, shard_bytes, device, run)
             return _dry_run(merge_plan, out, shard_bytes, run, started)
         with OutputLock(out):   # held until validated: a second run cannot replace OUT under the validation
-            result = _execute(merge_plan, out, shard_bytes, device, started, run)
+            place = _check_place(merge_plan, out, shard_bytes, device, run)   # under the lock: no other run moves
+            result = _execute(merge_plan, place, shard_bytes, device, started, run)
             if run.validate:
                 result = dataclasses.replace(result, validation=_validate(merge_plan, out, device, strategies, run))
     finally:
@@ -136,6 +143,16 @@ def _check_settings(run: MergeSettings) -> tuple[int, torch.device]:
     return shard_bytes, device
 
 
+def _check_place(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device,
+                 run: MergeSettings) -> Place:
+    """Before any tensor is read: what is at OUT and OUT.partial, and that nothing there is lost (output/place.py)."""
+    from ..plan.shards import output_layout
+
+    merge = fingerprint(merge_plan, output_layout(merge_plan, shard_bytes), device)
+    inputs = [folder for checkpoint in merge_plan.checkpoints.values() for folder in checkpoint.folders]
+    return check_place(out, inputs, merge_plan.spec.file, merge, overwrite=run.overwrite, resume=run.resume)
+
+
 def _dry_run(merge_plan: MergePlan, out: str, shard_bytes: int, run: MergeSettings, started: float) -> MergeResult:
     from ..plan.describe import describe_plan
 
@@ -157,23 +174,29 @@ def _validate(merge_plan: MergePlan, out: str, device: torch.device, strategies:
 
 
 def _push(result: MergeResult, out: str, run: MergeSettings) -> MergeResult:
-    """Last: after the output was written and passed its validation."""
-    if result.validation is not None and not result.validation.passed:
+    """Last: after the output was written and its validation found nothing wrong. A validation that failed
+    stops the push; one that could not check everything (NOT CHECKED: no transformers for the forward pass,
+    say) does not, since what it checked passed, but the log says what went unchecked."""
+    if result.validation is not None and result.validation.failed:
         log.warning("not pushed to %s: the validation failed (after a look at the report, "
                     "`merge push %s --repo %s` pushes it anyway)", run.push_to_hub, out, run.push_to_hub)
         return result
+    if result.validation is not None and not result.validation.passed:
+        log.warning("pushing to %s though the validation could not check everything: %s", run.push_to_hub,
+                    "; ".join(f"{c.name}: {c.summary}" for c in result.validation.unchecked))
     from ..hub.push import push_to_hub as push
 
     return dataclasses.replace(result, pushed=push(result.path, run.push_to_hub, private=run.private,
                                                    progress=run.progress))
 
 
-def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device, started: float,
+def _execute(merge_plan: MergePlan, place: Place, shard_bytes: int, device: torch.device, started: float,
              run: MergeSettings) -> MergeResult:
     from ..engine.executors import open_output
     from ..engine.progress import byte_progress
 
-    partial = start_partial(out, keep=run.resume)
+    out = place.out
+    partial = start_partial(place, merge_plan.spec.file, resume=run.resume)
     try:
         pending = open_output(merge_plan, partial, max_shard_size=shard_bytes, device=device, resume=run.resume)
         with byte_progress(merge_plan.total_bytes, enabled=run.progress) as advance:
@@ -181,14 +204,15 @@ def _execute(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.de
         try:
             write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
             write_run_settings(partial, settings_for(dtype_setting(run.dtype, "dtype"),
-                                                     dtype_setting(run.out_dtype, "out_dtype"), run.seed, device))
+                                                     dtype_setting(run.out_dtype, "out_dtype"), run.seed, device,
+                                                     config_from=merge_plan.config_from))
         except OSError as exc:
             raise OutputError(f"cannot write {os.path.basename(exc.filename or '') or 'a file'}: {exc.strerror}",
                               file=partial, hint=f"free some disk space and run again ({LEFTOVER})") from None
         pending.finish()
     except KeyboardInterrupt:
         raise Interrupted(f"{out} was not written; the unfinished files are in {partial} ({LEFTOVER})") from None
-    commit_partial(partial, out)
+    commit_partial(place)
     seconds = time.perf_counter() - started
     log.info("merged %d tensors into %s in %.1f s", len(merge_plan.jobs), out, seconds)
     return MergeResult(os.path.abspath(out), len(merge_plan.jobs), shards.total_size, seconds, len(shards.files),

@@ -15,7 +15,7 @@ from ..errors import Interrupted, MergeError, UsageError
 # line it is the option's name.
 FLAGS = {"max_shard_size": "--max-shard-size", "dtype": "--dtype", "out_dtype": "--out-dtype", "device": "--device",
          "private": "--private", "push_to_hub": "--push-to-hub", "executor": "--executor",
-         "ray_address": "--ray-address"}
+         "ray_address": "--ray-address", "config_from": "--config-from"}
 
 
 class _Formatter(logging.Formatter):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import common_options
+from .validate import print_verdict
 
 
 @click.command()
@@ -22,7 +23,8 @@ from .common import common_options
               help="Largest output shard in bytes; accepts 500MB, 2GiB, ...")
 @click.option("--out-dtype", default=None, help="Precision to write (default: the base's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the output of an earlier merge at OUT (never a folder holding other files).")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
 @click.option("--allow-pickle", is_flag=True,
               help="Load a base or adapter that has only pickle weights, with torch.load(weights_only=True).")
@@ -46,3 +48,4 @@ def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, .
         click.echo(result.summary)
     elif not quiet:
         click.echo(str(result).replace("Merged", "Folded", 1))
+    print_verdict(result.validation, quiet)   # as `merge run`: FAILED exits 1, NOT CHECKED says so

@@ -20,9 +20,11 @@ def push(out: str, repo_id: str, private: bool, revision: str | None, create_pr:
          dry_run: bool, quiet: bool) -> None:
     """Upload the merged model in OUT to the Hugging Face Hub.
 
-    Only the model's files are sent: *.safetensors and their index, config.json, generation_config.json,
-    tokenizer files, README.md (the model card), mergekit_config.yml and merge_run.json. The token comes
-    from HF_TOKEN or `hf auth login`, and is never printed.
+    Only the model's files are sent, by their exact names: *.safetensors and their index, config.json,
+    generation_config.json, the tokenizer's files, README.md (the model card), mergekit_config.yml and
+    merge_run.json. A link or a special file among them, a file holding a secret (a token, a private key, a
+    cloud key) or weights that are not safetensors stop the push, naming the file. The token comes from
+    HF_TOKEN or `hf auth login`, and is never printed.
     """
     from ..hub.push import push_to_hub
     from ..hub.push_plan import plan_push

@@ -24,7 +24,9 @@ def validate(out: str, spec: str | None, device: str, full: bool, as_json: bool,
              allow_nonfinite: bool, quiet: bool) -> None:
     """Check the merged model in OUT: structure, NaN/Inf, recomputed tensors, a forward pass.
 
-    Exit code 0 when every check passed or was skipped, 1 when one failed.
+    Exit code 0 when every check that applies passed, 1 when one failed, 3 when nothing failed but a check
+    that applies could not be carried out (NOT CHECKED: missing sources, no transformers, ...; the report
+    says why). Recompute does not apply to a plain model folder (no merge record).
     """
     from ..validation import validate as run_validation
 
@@ -34,17 +36,25 @@ def validate(out: str, spec: str | None, device: str, full: bool, as_json: bool,
         click.echo(report.to_json())
     elif not quiet or not report.passed:
         click.echo(str(report))
-    if not report.passed:
-        sys.exit(1)
+    if report.exit_code:
+        sys.exit(report.exit_code)
 
 
 def print_verdict(report, quiet: bool) -> None:
-    """After `merge run`: one verdict line; on failure the whole report and exit code 1 (the output folder stays)."""
+    """After `merge run` / `merge fold`: one verdict line. On failure the whole report and exit code 1 (the
+    output folder stays). NOT CHECKED does not fail the merge, which was written: the line says NOT CHECKED
+    and why, a warning names the checks, and the exit code stays 0 (`merge validate` returns 3 for it)."""
     if report is None:
         return
     if report.passed:
         if not quiet:
             click.echo(report.verdict())
+        return
+    if not report.failed:
+        click.echo(report.verdict())
+        names = ", ".join(check.name for check in report.unchecked)
+        click.echo(f"warning: the output in {report.path} was written, but its validation could not check "
+                   f"everything ({names}); `merge validate` says why", err=True)
         return
     click.echo(str(report))
     click.echo(f"error: validation failed; the output was written and stays in {report.path} for inspection",

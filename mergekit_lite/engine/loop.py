@@ -14,6 +14,7 @@ of work (``write_shard``): the local executor runs them in one pipeline, Ray run
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from ..dtypes import compute_dtype, itemsize
+from ..output.journal import InputChecksums
 from ..output.writer import ShardRecord, ShardWriter
 from ..plan.jobs import TensorJob
 from ..plan.planner import MergePlan
@@ -92,7 +94,8 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
     """Compute ``shards`` into ``folder`` in one pipeline (reading runs ahead across shard boundaries).
 
     Each shard's tensors are computed in the order they are stored, so its CRC-32 is computed on the way;
-    ``on_shard`` gets each shard's record once the shard is complete and flushed (from the writer thread).
+    ``on_shard`` gets each shard's record once the shard is complete and flushed (from the writer thread), with
+    the CRC-32 of the input bytes read for it (so that a resumed run can tell an input that changed).
     Row blocks of element-wise merges (small, independent) are merged by up to ``threads`` threads at once
     (default: ``merge_threads()``); whole tensors one at a time, so memory holds one whole-tensor merge.
     """
@@ -102,6 +105,7 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
     pieces = [(shard, p) for shard, job in order for p in split(job, job.strategy, blocked)]
     threads = merge_threads() if threads is None else threads
     writers: dict[str, ShardWriter] = {}
+    checksums, finished = _with_inputs(on_shard, shards, paths)
 
     def hand_over(shard: ShardPlan, piece: _Piece, result: torch.Tensor) -> None:
         """To the writer thread, in file order."""
@@ -115,9 +119,9 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
     with _merge_session(device), ThreadPoolExecutor(threads, "mergekit-lite-merge", _one_torch_thread) as pool:
         # chunked merges spread each pass over the pool (then idle: whole tensors wait for the row blocks)
         spread = (lambda fn, items: list(pool.map(fn, items))) if threads > 1 else in_order
-        reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite),
+        reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite, checksums),
                         lambda p: _loaded_bytes(p, device))
-        behind = WriteBehind(on_shard)
+        behind = WriteBehind(finished)
         running: deque[tuple[ShardPlan, _Piece, Future]] = deque()   # merging in the pool, in file order
         try:
             for (shard, piece), (_, loaded) in zip(pieces, reader):
@@ -141,6 +145,18 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
             raise
         finally:
             reader.stop()
+
+
+def _with_inputs(on_shard: Optional[Callable[[ShardRecord], None]], shards: Sequence[ShardPlan],
+                 paths: Optional[dict[str, str]]) -> tuple[Optional[InputChecksums],
+                                                          Optional[Callable[[ShardRecord], None]]]:
+    """``on_shard`` given each shard's record with the CRC-32 of the input bytes read for it, and the checksums
+    the reader adds those bytes to (None, None without ``on_shard``: nobody records them)."""
+    if on_shard is None:
+        return None, None
+    checksums = InputChecksums()
+    by_file = {os.path.basename((paths or {}).get(s.file) or s.file): s for s in shards}
+    return checksums, lambda record: on_shard(dataclasses.replace(record, inputs=checksums.shard(by_file[record.file])))
 
 
 def _finished(running: deque) -> tuple[ShardPlan, _Piece, torch.Tensor]:
@@ -204,12 +220,15 @@ def _compute(plan: MergePlan, piece: _Piece, loaded: list[torch.Tensor], device:
     return merge_prepared(plan, piece.job, prepared, piece.rows)
 
 
-def _load(piece: _Piece, device: torch.device, check: bool) -> list[torch.Tensor]:
+def _load(piece: _Piece, device: torch.device, check: bool,
+          checksums: Optional[InputChecksums] = None) -> list[torch.Tensor]:
     """A piece's inputs as the merging thread wants them: raw for blocked merges (checked there) and off-CPU
     devices (moved and converted there), converted to float32 and checked for NaN and Inf (``check``) here
-    otherwise, in the reader thread."""
+    otherwise, in the reader thread (which reads pieces in order: ``checksums`` sees each input's rows in order)."""
     job = piece.job
     raw = read_sources(job, piece.rows)
+    if checksums is not None:
+        checksums.add(job, raw)
     return raw if piece.raw or device.type != "cpu" else prepare_inputs(job, raw, device, piece.rows,
                                                                             check=check)
 

@@ -28,7 +28,13 @@ ALLOW_HINT = "pass --allow-nonfinite to merge anyway (NaN and Inf then spread in
 
 def count_nonfinite(tensor: torch.Tensor) -> Optional[tuple[int, int, int]]:
     """None when every value is finite; else (NaN count, Inf count, flat index of the first bad value)."""
-    if not tensor.dtype.is_floating_point or not tensor.numel() or bool(torch.isfinite(tensor.sum())):
+    if not tensor.dtype.is_floating_point or not tensor.numel():
+        return None
+    if tensor.element_size() == 1:   # float8: torch sums it only into a wider dtype, and has no isfinite for it
+        if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+            return None
+        tensor = tensor.float()
+    elif bool(torch.isfinite(tensor.sum())):
         return None
     flat = tensor.reshape(-1)
     finite = torch.isfinite(flat)

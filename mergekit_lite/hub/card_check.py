@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
-
+from ..errors import SpecError
 from ..spec.references import REPO_ID
+from ..spec.safe_yaml import load_yaml
 
 FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|\Z)", re.DOTALL)
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
@@ -49,12 +49,13 @@ def check_card(text: Optional[str]) -> CardCheck:
         result.warnings.append("README.md has no metadata (a YAML block between '---' lines at the top): "
                                "no base_model, license or library_name")
         return result
-    try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 2}" if mark is not None else ""  # +1 for 0-based, +1 for the opening '---'
-        result.errors.append(f"metadata is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}")
+    try:  # bounded like a spec: no alias bombs, no nesting deep enough to exhaust the stack
+        data = load_yaml("\n" + match.group(1), None)  # "\n": lines count from the opening '---'
+    except SpecError as exc:
+        at = f" at {exc.where}" if exc.where else ""
+        syntax = exc.what.startswith("not valid YAML: ")
+        result.errors.append(f"metadata is not valid YAML{at}: {exc.what.removeprefix('not valid YAML: ')}" if syntax
+                             else f"metadata{at}: {exc.what}")
         return result
     if data is None:
         data = {}
@@ -73,7 +74,7 @@ def _check_base_model(data: dict, result: CardCheck) -> None:
         return
     ids = base if isinstance(base, list) else [base]
     for value in ids:
-        if not isinstance(value, str) or not REPO_ID.match(value):
+        if not isinstance(value, str) or not REPO_ID.fullmatch(value):
             result.errors.append(f"base_model: {value!r} is not a Hub repo id (org/name); the Hub rejects "
                                  "a local path there. List Hub ids only, or remove base_model")
     relation = data.get("base_model_relation")

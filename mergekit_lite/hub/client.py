@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from types import ModuleType
 from typing import Optional
 
@@ -17,6 +18,7 @@ from ..errors import HubError
 AUTH_HINT = "run `hf auth login` or set HF_TOKEN, with write access to {namespace}"
 # What huggingface_hub tokens look like, so that one echoed back by a server is masked too.
 TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9_]{8,}")
+TOKEN_FILE_LIMIT = 64 << 10   # a token is ~40 characters
 
 
 def client() -> ModuleType:
@@ -56,12 +58,18 @@ def token_source(token: Optional[str] = None) -> Optional[str]:
             return f"the {variable} environment variable"
     path = client().constants.HF_TOKEN_PATH
     try:
-        with open(path, encoding="utf-8") as f:
-            if f.read().strip():
-                return f"the token file {path} (from `hf auth login`)"
+        if _token_file(path).strip():
+            return f"the token file {path} (from `hf auth login`)"
     except OSError:
         pass
     return None
+
+
+def _token_file(path: str) -> bytes:
+    """The token file's first bytes; b"" unless it is a regular file. Opened without blocking: a FIFO there must
+    not hang a dry run. (safetensors_format.read_regular does the same, but importing it loads torch.)"""
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+        return f.read(TOKEN_FILE_LIMIT) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
 
 
 def redact(text: str, token: Optional[str] = None) -> str:

@@ -69,9 +69,10 @@ def resolve(path: ModelPath, where: str, patterns: tuple[str, ...] = MODEL_PATTE
         info = api.model_info(path.path, revision=commit)
         if info.gated:  # the metadata of a gated repo is public; its files are not, unless access was granted
             api.auth_check(path.path)
-    except hf.utils.httpx.TransportError as exc:
-        return _from_cache(path, where, patterns, cause=exc)
     except Exception as exc:
+        cause = _unreachable(exc)
+        if cause is not None:
+            return _from_cache(path, where, patterns, cause=cause)
         raise _error(exc, path, where) from None
     files = needed_files([s.rfilename for s in info.siblings or ()], patterns)
     if not any(f.endswith(".safetensors") for f in files):
@@ -100,21 +101,69 @@ def _from_cache(path: ModelPath, where: str, patterns: tuple[str, ...], cause: O
     try:
         folder = hf.snapshot_download(path.path, revision=path.revision, allow_patterns=list(patterns),
                                       ignore_patterns=SUBFOLDERS, local_files_only=True)
+    except _kinds("IncompleteSnapshotError"):
+        raise HubError(f"'{path}' is only partly in the local Hub cache (an interrupted download), and "
+                       + ("HF_HUB_OFFLINE is set" if cause is None else f"the Hub cannot be reached ({_describe(cause)})"),
+                       where=where, hint="re-run once online: the download resumes") from None
     except hf.errors.LocalEntryNotFoundError:
-        if cause is None:
-            raise HubError(f"'{path}' is not in the local Hub cache and HF_HUB_OFFLINE is set", where=where,
-                           hint="unset HF_HUB_OFFLINE, or download the model once while online") from None
-        raise HubError(f"cannot reach the Hub to look up '{path}' ({redact(str(cause))}), and it is not in the "
-                       "local cache", where=where, hint="check the network connection (and HF_ENDPOINT), then re-run")
+        raise _not_cached(path, where, cause) from None
+    except Exception as exc:
+        raise _error(exc, path, where) from None
     commit = os.path.basename(os.path.normpath(folder))
     if cause is not None:
         log.warning("cannot reach the Hub (%s); using the cached copy of '%s' (commit %s)",
-                    redact(str(cause)), path, commit)
+                    _describe(cause), path, commit)
     return HubInput(path, where, commit, (), folder)
 
 
-def _error(exc: Exception, path: ModelPath, where: str) -> Exception:
-    """Turn a huggingface_hub failure about one reference into a HubError naming it."""
+def _unreachable(exc: Exception) -> Optional[Exception]:
+    """The network failure behind ``exc`` when the Hub could not be asked at all (then the cache may answer)."""
+    hf = client()
+    if isinstance(exc, _kinds("RevisionResolutionError")):   # unreachable (or down), and no cached ref
+        return exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    if isinstance(exc, (hf.utils.httpx.TransportError, hf.errors.OfflineModeIsEnabled)):
+        return exc
+    return None
+
+
+def _kinds(*names: str) -> tuple[type, ...]:
+    """huggingface_hub's error classes of these names that this version has (some are newer than 1.30)."""
+    errors = client().errors
+    return tuple(getattr(errors, name) for name in names if isinstance(getattr(errors, name, None), type))
+
+
+def _not_cached(path: ModelPath, where: str, cause: Optional[Exception]) -> HubError:
+    """Not in the local Hub cache: offline (cause None) or with the Hub unreachable. A reference without a
+    revision could also have been a local folder (a typo in a path such as models/ft-b): the message says both."""
+    local = path.revision is None
+    check_path = "check the path (relative paths are relative to the current directory); for a Hub repo, "
+    if cause is None:
+        if local:
+            return HubError(f"no local folder '{path}', and as a Hub repo it is not in the local Hub cache "
+                            "(HF_HUB_OFFLINE is set)", where=where,
+                            hint=check_path + "unset HF_HUB_OFFLINE, or download it once while online")
+        return HubError(f"'{path}' is not in the local Hub cache and HF_HUB_OFFLINE is set", where=where,
+                        hint="unset HF_HUB_OFFLINE, or download the model once while online")
+    status = status_code(cause)   # the Hub answered, with a server error (5xx)
+    if local:
+        failed = "could not be reached" if status is None else f"answered {status}"
+        return HubError(f"no local folder '{path}', and the Hub {failed} when asked for it as a repo "
+                        f"({_describe(cause)}); it is not in the local Hub cache either", where=where,
+                        hint=check_path + "check the network connection (and HF_ENDPOINT), then re-run")
+    failed = "cannot reach the Hub to look up" if status is None else f"the Hub answered {status} when asked for"
+    return HubError(f"{failed} '{path}' ({_describe(cause)}), and it is not in the local cache", where=where,
+                    hint="check the network connection (and HF_ENDPOINT), then re-run")
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming a network failure: 'ConnectError: [Errno 111] Connection refused' (an HTTP error: the
+    Hub's own words)."""
+    text = redact(server_message(exc) if status_code(exc) else str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _error(exc: Exception, path: ModelPath, where: str) -> HubError:
+    """Turn any huggingface_hub failure about one reference into a HubError naming it and what to do."""
     hf = client()
     errors = hf.errors
     if isinstance(exc, errors.GatedRepoError):
@@ -124,20 +173,33 @@ def _error(exc: Exception, path: ModelPath, where: str) -> Exception:
         return HubError(f"revision '{path.revision}' of '{path.path}' not found", where=where,
                         hint="check the branch, tag or commit after '@'")
     if isinstance(exc, errors.RepositoryNotFoundError):
-        return HubError(f"no local folder '{path.path}' and no Hub repository of that name", where=where,
+        what = (f"no local folder '{path.path}' and no Hub repository of that name" if path.revision is None
+                else f"no Hub repository '{path.path}'")
+        return HubError(what, where=where,
                         hint="check the spelling; for a private repo run `hf auth login` or set HF_TOKEN")
+    if isinstance(exc, _kinds("DisabledRepoError")):
+        return HubError(f"'{path.path}' has been disabled on the Hub", where=where,
+                        hint="its files cannot be downloaded; use another repo")
+    if isinstance(exc, _kinds("RemoteEntryNotFoundError")):
+        return HubError(f"a file of '{path}' is no longer on the Hub: {redact(server_message(exc))}", where=where,
+                        hint="the repo changed while it was being read; re-run")
     if isinstance(exc, errors.HfHubHTTPError):
         hint = ("check HF_TOKEN or run `hf auth login`" if status_code(exc) in (401, 403)
                 else "re-run to retry; files already downloaded are kept")
         return HubError(f"the Hub answered {status_code(exc)} for '{path}': {redact(server_message(exc))}",
                         where=where, hint=hint)
+    if isinstance(exc, _kinds("HFValidationError", "HfUriError")):
+        return HubError(f"'{path}' is not a valid Hub reference: {redact(str(exc))}", where=where,
+                        hint="a local folder: check the path; a Hub repo: write org/name[@revision]")
     if isinstance(exc, errors.OfflineModeIsEnabled):
-        return HubError(f"'{path}' is not in the local Hub cache and HF_HUB_OFFLINE is set", where=where,
-                        hint="unset HF_HUB_OFFLINE, or download the model once while online")
-    if isinstance(exc, (hf.utils.httpx.TransportError, errors.LocalEntryNotFoundError)):
-        return HubError(f"network failure while downloading '{path}': {redact(str(exc))}", where=where,
+        return _not_cached(path, where, None)
+    if isinstance(exc, _kinds("RevisionResolutionError")):
+        return _not_cached(path, where, _unreachable(exc))
+    if isinstance(exc, (hf.utils.httpx.TransportError, errors.LocalEntryNotFoundError, *_kinds("XetDownloadError"))):
+        return HubError(f"network failure while downloading '{path}': {_describe(exc)}", where=where,
                         hint="check the network connection, then re-run: the download resumes")
     if isinstance(exc, OSError):
         return HubError(f"download of '{path}' failed: {redact(str(exc))}", where=where,
                         hint="check disk space (HF_HOME, HF_HUB_CACHE), then re-run: the download resumes")
-    return exc
+    return HubError(f"the Hub client failed on '{path}': {_describe(exc)}", where=where,
+                    hint="re-run; if it fails again, run with --debug and report the traceback")

@@ -1,16 +1,17 @@
 """Publishing a merged model to the Hugging Face Hub: ``push_to_hub(out, "org/name")`` and ``merge push``.
 
 A push is the local plan (push_plan.py: which files, is the card sound, is there a token), then
-``create_repo(exist_ok=True)`` and ``upload_folder`` with exactly the planned files. huggingface_hub does
-the transfer: through Xet when hf_xet is installed (the default), else through LFS; either way an
-interrupted upload resumes when the same push is run again, because files the Hub already holds are
-not sent twice. Every failure becomes a HubError that says what to do, and the token never appears in
-one.
+``create_repo(exist_ok=True)`` and one commit of exactly the planned files, as the bytes that were checked
+(push_files.py): each file is opened again without following links and must be the file the plan read; the
+small ones are sent as the very bytes scanned, the weights by path, and checked to be the same files once
+uploaded, before the commit that publishes them. huggingface_hub does the transfer: through Xet when hf_xet is
+installed (the default), else through LFS; either way an interrupted upload resumes when the same push is run
+again, because files the Hub already holds are not sent twice. Every failure becomes a HubError that says
+what to do, and the token never appears in one.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Iterator, Optional
 from ..errors import HubError, MergeError
 from ..units import format_size
 from .client import AUTH_HINT, client, redact, server_message, status_code
+from .push_files import check_unchanged, upload_sources
 from .push_plan import PushPlan, check_repo_id, plan_push, target_problems
 
 log = logging.getLogger("mergekit_lite")
@@ -53,7 +55,8 @@ def push_to_hub(out: str | os.PathLike, repo_id: str, *, private: bool = False, 
                 token: Optional[str] = None, progress: bool = True) -> PushResult:
     """Upload the merged model in ``out`` to the Hub repo ``repo_id`` (created if missing).
 
-    Only the model's files are sent (weights, index, config, tokenizer, README.md and the recipe).
+    Only the model's files are sent (weights, index, config, tokenizer, README.md and the recipe), as regular
+    files checked for secrets; a link, a special file or a secret among them raises a HubError naming it.
     ``dry_run`` checks everything locally and makes no request. ``token`` defaults to HF_TOKEN or the
     token of `hf auth login`. Raises a HubError (or UsageError) that says what to do.
     """
@@ -96,10 +99,18 @@ def _upload(plan: PushPlan, token: Optional[str]):
             _ensure_branch(api, hf, plan)
     log.info("uploading %d files (%s) to %s", len(plan.files), format_size(plan.total_bytes), plan.url)
     with _translated("upload the files", plan, secret):
-        return api.upload_folder(repo_id=plan.repo_id, folder_path=plan.folder,
-                                 allow_patterns=[glob.escape(f.path) for f in plan.files],
-                                 commit_message=plan.commit_message, create_pr=plan.create_pr or None,
-                                 revision=None if plan.create_pr else plan.revision)
+        return _commit(api, hf, plan)
+
+
+def _commit(api, hf, plan: PushPlan):
+    """Upload the planned files as they were checked, then commit them, unless one changed meanwhile."""
+    revision = None if plan.create_pr else plan.revision
+    additions = [hf.CommitOperationAdd(path_in_repo=name, path_or_fileobj=source)
+                 for name, source in upload_sources(plan.folder, plan.files)]
+    api.preupload_lfs_files(plan.repo_id, additions, revision=revision, create_pr=plan.create_pr)
+    check_unchanged(plan.folder, plan.files)  # the weights went by path: still the files checked?
+    return api.create_commit(plan.repo_id, additions, commit_message=plan.commit_message, revision=revision,
+                             create_pr=plan.create_pr or None)
 
 
 def _secret(hf, token: Optional[str]) -> Optional[str]:

@@ -4,10 +4,11 @@ This is ``merge push --dry-run``, and the first step of every real push, so a pu
 (no weights, an incomplete folder, bad card metadata, no token) fails before any request is made. It
 makes no network call and never reads the token's value.
 
-Only the model's files are sent: the files a merge reads from a repo (weights, index, config, tokenizer;
-see pull.MODEL_PATTERNS), plus the card and the recipe (the spec and the run's settings). Pickles,
-hidden files, leftovers of an interrupted merge and anything else in the folder stay local, and the plan
-says why.
+Only the model's files are sent, and only as regular files (push_files.py): weights and their index, config,
+tokenizer, the card and the recipe (the spec and the run's settings), each read and scanned for secrets first.
+A link or a special file among them, a secret in one, or a *.safetensors file that is not one stops the push,
+naming the file. Pickles, hidden files, subfolders, leftovers of an interrupted merge and anything else in the
+folder stay local, and the plan lists them with the reason.
 """
 
 from __future__ import annotations
@@ -17,30 +18,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import yaml
-
 from ..errors import HubError, MergeError, UsageError
 from ..spec.references import REPO_ID
+from ..spec.safe_yaml import load_yaml
 from ..units import format_size
 from .card_check import CardCheck, check_card
 from .client import AUTH_HINT, endpoint, offline, token_source
-from .pull import needed_files
-
-CARD, RECIPE = "README.md", "mergekit_config.yml"
-# The run's settings that the spec does not hold (--dtype, --seed, ...), written by `merge run` since validation
-# landed (run_settings.RUN_SETTINGS_FILE, not imported: it loads torch). Part of the recipe, so it is sent too.
-RUN_SETTINGS = "merge_run.json"
-# Suffixes of pickle checkpoints (loading one can run code): never uploaded. checkpoint.PICKLE_SUFFIXES says the
-# same for reading; it is not imported because checkpoint.py loads torch, which a push never needs.
-PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-INDEX_SUFFIX = ".safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str           # posix path relative to the folder
-    size: int
-    reason: str = ""    # why it is excluded; "" for a file that is sent
+from .push_files import CARD, INDEX, RECIPE, FileEntry, check_files, select_files, shown
 
 
 @dataclass
@@ -81,7 +65,7 @@ class PushPlan:
             f"files     : {len(self.files)} to upload, {format_size(self.total_bytes)}; {len(self.excluded)} excluded",
             *[f"  {f.path:<40} {format_size(f.size):>10}" + ("  (large: Xet/LFS)" if f.path.endswith(".safetensors")
                                                               else "") for f in self.files],
-            *[f"  excluded: {f.path} ({f.reason})" for f in self.excluded],
+            *[f"  excluded: {shown(f.path)} ({f.reason})" for f in self.excluded],
             f"model card: {self.card.summary()}",
             *[f"warning   : {w}" for w in self.warnings],
             *[f"error     : {p.what}" + (f" ({p.where})" if p.where else "") for p in self.problems],
@@ -92,7 +76,7 @@ class PushPlan:
 
 
 def check_repo_id(repo_id: str, where: str = "--repo") -> None:
-    if not REPO_ID.match(repo_id or "") or len(repo_id.split("/")[1]) > 96 or ".." in repo_id or "--" in repo_id:
+    if not REPO_ID.fullmatch(repo_id or "") or len(repo_id.split("/")[1]) > 96 or ".." in repo_id or "--" in repo_id:
         raise UsageError(f"'{repo_id}' is not a Hub repo id", where=where,
                          hint="write namespace/name (your user name or an organization, then the model's name)")
 
@@ -120,92 +104,90 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
     if not os.path.isdir(folder):
         raise UsageError(f"'{folder}' is not a folder", where="OUT",
                          hint="give the output folder of `merge run` (the one holding *.safetensors)")
-    files, excluded = select_files(folder)
-    card = check_card(_read_text(os.path.join(folder, CARD)))
+    try:
+        files, excluded, refused = select_files(folder)
+    except OSError as exc:
+        raise UsageError(f"cannot list '{folder}': {exc.strerror}", where="OUT",
+                         hint="check the folder's permissions") from None
+    contents, unsafe = check_files(folder, files)
+    card, card_problems = _card(contents.get(CARD), present=os.path.lexists(os.path.join(folder, CARD)))
     plan = PushPlan(folder, repo_id, endpoint(), private, revision or "main", create_pr,
-                    commit_message or default_message(folder), token_source(token), files, excluded, card)
+                    commit_message or default_message(contents.get(RECIPE)), token_source(token), files, excluded,
+                    card)
     plan.warnings += card.warnings
-    if any(f.reason.startswith("pickle") for f in excluded):
-        plan.warnings.append("pickle files present (not uploaded): " +
-                             ", ".join(f.path for f in excluded if f.reason.startswith("pickle")))
-    plan.problems += _folder_problems(folder, files)
-    plan.problems += [HubError(message, where=CARD, hint="fix the front matter of README.md, then re-run")
-                      for message in card.errors]
+    pickles = [shown(f.path) for f in excluded if f.reason.startswith("pickle")]
+    if pickles:
+        plan.warnings.append("pickle files present (not uploaded): " + ", ".join(pickles))
+    plan.problems += _folder_problems(folder, files, contents, refused + unsafe)
+    plan.problems += card_problems
     plan.problems += target_problems(repo_id, token)
     return plan
 
 
-def select_files(folder: str) -> tuple[list[FileEntry], list[FileEntry]]:
-    """Split the folder's files into those a push sends and those it leaves, with the reason."""
-    sent, left = [], []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in sorted(names):
-            path = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            reason = _exclusion(path)
-            (left if reason else sent).append(FileEntry(path, os.path.getsize(os.path.join(root, name)), reason))
-    return sent, left
+def _card(data: Optional[bytes], present: bool) -> tuple[CardCheck, list[MergeError]]:
+    """The card's check, and its errors as problems. A README.md that could not be read (a link, a secret) is
+    reported as such already: no "no model card" warning on top."""
+    if data is None:
+        return (check_card(None) if not present else CardCheck()), []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return CardCheck(), [HubError("is not UTF-8 text", where=CARD, hint="save README.md as UTF-8, then re-run")]
+    card = check_card(text)
+    return card, [HubError(message, where=CARD, hint="fix the front matter of README.md, then re-run")
+                  for message in card.errors]
 
 
-def _exclusion(path: str) -> str:
-    parts = path.split("/")
-    if any(p.startswith(".") for p in parts):
-        return "hidden"
-    if any(p.endswith(".partial") for p in parts):
-        return "left by an interrupted merge"
-    if path.lower().endswith(PICKLES):
-        return "pickle (loading one can run code)"
-    if len(parts) > 1:
-        return "in a subfolder (a merge writes none)"
-    if path in (CARD, RECIPE, RUN_SETTINGS) or needed_files([path]):
-        return ""
-    return "not a model file"
-
-
-def _folder_problems(folder: str, files: list[FileEntry]) -> list[MergeError]:
+def _folder_problems(folder: str, files: list[FileEntry], contents: dict[str, bytes],
+                     unsafe: list[MergeError]) -> list[MergeError]:
+    """What is wrong with the folder: unfinished, a file that must not be sent (``unsafe``), no weights, an
+    index naming missing shards."""
     names = {f.path for f in files}
-    weights = sorted(n for n in names if n.endswith(".safetensors"))
     if os.path.basename(os.path.normpath(folder)).endswith(".partial"):
         return [UsageError(f"'{folder}' is the unfinished output of a merge", where="OUT",
                            hint="push the final folder (without .partial), after the merge completed")]
-    if not weights:
-        return [HubError("no *.safetensors weights to upload", where=folder,
-                         hint="give the output folder of `merge run`; pickle weights are never uploaded")]
-    problems: list[MergeError] = []
-    for index in sorted(n for n in names if n.endswith(INDEX_SUFFIX)):
+    problems = list(unsafe)
+    if not any(n.endswith(".safetensors") for n in names):
+        problems.append(HubError("no *.safetensors weights to upload", where=folder,
+                                 hint="give the output folder of `merge run`; pickle weights are never uploaded"))
+    for index in sorted(n for n in contents if INDEX.fullmatch(n)):
         try:
-            with open(os.path.join(folder, index), encoding="utf-8") as f:
-                shards = set(json.load(f)["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            problems.append(HubError(f"cannot read the shard index: {exc}", where=index,
-                                     hint="re-run the merge; the index must list every tensor's shard"))
+            shards = _shards(contents[index], index)
+        except MergeError as exc:
+            problems.append(exc)
             continue
         missing = sorted(shards - names)
         if missing:
             problems.append(HubError(f"the index lists {len(missing)} shard(s) that are not in the folder: "
-                                     + ", ".join(missing[:3]), where=index,
+                                     + ", ".join(shown(m) for m in missing[:3]), where=index,
                                      hint="the folder is incomplete; re-run the merge"))
     return problems
 
 
-def default_message(folder: str) -> str:
-    """'Upload merged model (linear, 3 models)', from the recipe when there is one."""
+def _shards(data: bytes, index: str) -> set[str]:
+    """The shard files a safetensors index names, from the bytes push_files read and checked (a regular file, not
+    through a link, bounded). Parsed here rather than by sources.user_files.read_json_object, which reads the path
+    again and loads torch (2 to 6 s): a push never needs torch."""
+    hint = "re-run the merge; the index must list every tensor's shard"
     try:
-        with open(os.path.join(folder, RECIPE), encoding="utf-8") as f:
-            recipe = yaml.safe_load(f)
-        method = recipe["merge_method"]
-        entries = recipe.get("models") or [s for piece in recipe.get("slices") or () for s in piece["sources"]]
-        names = {str(entry["model"]) for entry in entries} | ({str(recipe["base_model"])} if recipe.get("base_model")
+        weight_map = json.loads(data.decode("utf-8")).get("weight_map")
+    except (ValueError, RecursionError, AttributeError) as exc:
+        why = "it is nested too deeply" if isinstance(exc, RecursionError) else \
+            "it is not a JSON object" if isinstance(exc, AttributeError) else exc
+        raise HubError(f"cannot read the shard index: {why}", where=index, hint=hint) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise HubError("the shard index has no weight_map of tensor names to shard files", where=index, hint=hint)
+    return set(weight_map.values())
+
+
+def default_message(recipe: Optional[bytes]) -> str:
+    """'Upload merged model (linear, 3 models)', from the recipe (its checked bytes) when there is one."""
+    try:
+        spec = load_yaml((recipe or b"").decode("utf-8"), RECIPE)
+        method = spec["merge_method"]
+        entries = spec.get("models") or [s for piece in spec.get("slices") or () for s in piece["sources"]]
+        names = {str(entry["model"]) for entry in entries} | ({str(spec["base_model"])} if spec.get("base_model")
                                                              else set())
         return f"Upload merged model ({method}, {len(names)} models)"
-    except (OSError, yaml.YAMLError, TypeError, KeyError):
+    except (MergeError, UnicodeDecodeError, TypeError, KeyError, AttributeError):
         return "Upload merged model"
-
-
-def _read_text(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-

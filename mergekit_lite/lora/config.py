@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import ModelError
-from ..sources.checkpoint import contained_path, read_json_object
+from ..sources.checkpoint import contained_path
+from ..sources.user_files import read_json_object
+from .patterns import SUFFIX, Pattern
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -64,12 +65,20 @@ class LoraSettings:
     base_model_name_or_path: Optional[str]
     revision: Optional[str]
     raw: dict
+    # rank_pattern and alpha_pattern keys, compiled and time-bounded (patterns.py)
+    keys: dict[str, dict[str, Pattern]] = field(default_factory=dict, repr=False, compare=False)
 
     def rank(self, module: str) -> int:
-        return int(self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r))
+        return int(self.rank_pattern.get(self._key("rank_pattern", module), self.r))
 
     def alpha(self, module: str) -> float:
-        return self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return self.alpha_pattern.get(self._key("alpha_pattern", module), self.lora_alpha)
+
+    def _key(self, field_name: str, module: str) -> str:
+        patterns = self.keys.get(field_name)
+        if patterns is None:
+            return pattern_key(getattr(self, field_name), module)
+        return next((key for key, pattern in patterns.items() if pattern.match(module)), module)
 
     def scaling(self, module: str) -> float:
         """peft's scaling of one module: a Python float, lora_alpha / r or lora_alpha / sqrt(r)."""
@@ -85,7 +94,7 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str:
     Without a match the module path itself is the key, which finds an exact full-path entry if there is one.
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if Pattern(key, "pattern key", None, SUFFIX).match(module):
             return key
     return module
 
@@ -107,14 +116,15 @@ def read_settings(folder: str, label: str) -> LoraSettings:
         raise ModelError("rank_pattern is not a map of module pattern -> rank", file=label)
     if not (isinstance(alpha_pattern, dict) and all(_number(v) for v in alpha_pattern.values())):
         raise ModelError("alpha_pattern is not a map of module pattern -> finite alpha", file=label)
-    for key in (*rank_pattern, *alpha_pattern):
-        _check_pattern(key, label)
+    keys = {name: {key: Pattern(key, f"{name} key", label, SUFFIX) for key in table}
+            for name, table in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern))}
+    targets = _check_module_lists(raw, label)
     return LoraSettings(
         r=r, lora_alpha=alpha, use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
         lora_bias=bool(raw.get("lora_bias")), mica=str(raw.get("init_lora_weights")).lower() == "mica",
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        target_modules=raw.get("target_modules"), base_model_name_or_path=raw.get("base_model_name_or_path") or None,
-        revision=raw.get("revision") or None, raw=raw)
+        target_modules=targets, base_model_name_or_path=raw.get("base_model_name_or_path") or None,
+        revision=raw.get("revision") or None, raw=raw, keys=keys)
 
 
 def _refuse_unsupported(raw: dict, label: str) -> None:
@@ -152,21 +162,26 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# A group that repeats and itself holds a repetition, e.g. (a+)+ or (.*)*: on a module path that almost
-# matches, the regex engine tries exponentially many ways (a few dozen characters take hours).
-_NESTED_REPEAT = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)\s*[*+{]")
-
-
-def _check_pattern(key: str, label: str) -> None:
-    """rank_pattern / alpha_pattern keys are regular expressions (peft matches them with re): refuse ones that
-    do not compile or that could backtrack for hours on a module path."""
-    where = "rank_pattern / alpha_pattern"
-    if len(key) > 500 or _NESTED_REPEAT.search(key):
-        raise ModelError(f"{where} key {_short(key)} is a pattern that could take exponential time to match",
-                         file=label, hint="use a plain module name or path, or a pattern without nested repeats")
-    try:
-        re.compile(key)
-        re.compile(rf"(.*\.)?({key})$")
-    except re.error as exc:
-        raise ModelError(f"{where} key {_short(key)} is not a valid regular expression ({exc})", file=label,
-                         hint="peft reads these keys as regular expressions; fix it in adapter_config.json") from None
+def _check_module_lists(raw: dict, label: str) -> Any:
+    """``target_modules`` and ``exclude_modules`` are a regex (a string) or a list of module names;
+    ``modules_to_save`` names modules that peft puts into a regex. Refuse what peft would: a value of another
+    type, a list entry that is not a string, a pattern that does not compile. Returns target_modules, with a
+    string compiled into a time-bounded Pattern."""
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = raw.get(name)
+        if value is None or (isinstance(value, str) and name != "modules_to_save"):
+            continue
+        if not isinstance(value, list):
+            raise ModelError(f"{name} is {_short(value)}, not a list of module names"
+                             + ("" if name == "modules_to_save" else " or a regular expression"), file=label,
+                             hint=f"fix {CONFIG_FILE}")
+        for i, entry in enumerate(value):
+            if not isinstance(entry, str):
+                raise ModelError(f"{name}[{i}] is {_short(entry)}, not a module name", file=label,
+                                 hint=f"fix {CONFIG_FILE}")
+            if name == "modules_to_save":   # peft: re.match(rf"(^|.*\.){m}($|\..*)", key)
+                Pattern(entry, f"{name}[{i}]", label, r"(^|.*\.){}($|\..*)")
+    if isinstance(raw.get("exclude_modules"), str):
+        Pattern(raw["exclude_modules"], "exclude_modules", label)
+    targets = raw.get("target_modules")
+    return Pattern(targets, "target_modules", label) if isinstance(targets, str) and targets != "all-linear" else targets

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from dataclasses import replace as replace_field
 from typing import Any, Optional
@@ -24,6 +23,7 @@ from ..safetensors_format import TensorInfo
 from ..sources.checkpoint import Checkpoint
 from .adapter import Adapter, LoraModule
 from .fold import delta_weight, fold, fold_bias
+from .patterns import Pattern
 
 
 @dataclass(frozen=True)
@@ -278,9 +278,9 @@ def check_targets(adapter: Adapter, modules: set[str]) -> None:
     targets = adapter.settings.target_modules
     if targets is None or targets == "all-linear":
         return
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, m) for m in modules):
-            raise ModelError(f"target_modules '{targets}' matches no module of the base", file=adapter.label,
+    if isinstance(targets, Pattern):   # a regex, matched in bounded time (patterns.py)
+        if not any(targets.fullmatch(m) for m in sorted(modules)):
+            raise ModelError(f"target_modules '{targets.source}' matches no module of the base", file=adapter.label,
                              hint="the adapter was made for another architecture; use the base it was trained on")
         return
     for target in targets:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..dtypes import is_float8
 from ..safetensors_format import TensorInfo
 from ..sources.checkpoint import Checkpoint
 from ..spec.references import ModelPath
@@ -83,6 +84,8 @@ class LoraSource:
             tensor = self.base.read(recipe.source)
             if swap is not None:
                 tensor = replace(tensor, swap.adapter.read(swap.key), swap.amount)
+        if is_float8(tensor.dtype):   # no float8 arithmetic: folded in float32 (the output dtype is set by the plan)
+            tensor = tensor.float()
         for folds in recipe.groups.values():
             unmerged = tensor        # DoRA norms use the module's weight before any adapter of it (peft's forward)
             for step in folds:

@@ -2,16 +2,21 @@
 
 ``base_model`` lists Hub ids only (a local path there would break the Hub's model tree), and
 ``base_model_relation: merge`` puts the result under "Merges" of its parents.
+
+Nothing the user wrote can change the card's structure: the front matter holds only strict Hub ids (as
+YAML), the spec sits in a code block whose fence is longer than any run of backticks in it (CommonMark's
+rule, so no line of the spec can close it), and names and paths are printed on one line, in code spans.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Union
 
 import yaml
 
 from .. import __version__
-from ..spec.references import ModelPath, ModelRef
+from ..spec.references import REPO_ID, ModelPath, ModelRef
 
 Model = Union[ModelPath, ModelRef]
 
@@ -22,7 +27,7 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
     """``commits`` pins each Hub input to the commit that was merged (its revision may be a moving branch)."""
     commits = commits or {}
     paths = [p for m in [*([base] if base else []), *models] for p in _paths(m)]
-    hub_ids = list(dict.fromkeys(p.repo_id for p in paths if p.repo_id))
+    hub_ids = list(dict.fromkeys(p.repo_id for p in paths if _hub_id(p)))
     meta: dict = {}
     if hub_ids:
         meta["base_model"] = hub_ids
@@ -30,18 +35,19 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
     meta["library_name"] = "transformers"
     meta["tags"] = list(tags)
     method = f"[{method_title}]({paper})" if paper else method_title
+    fence = "`" * max(3, _longest_backtick_run(spec_text) + 1)
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---",
-        f"# {name}", "",
+        f"# {_one_line(name)}", "",
         f"This is a merge of pre-trained language models created with mergekit_lite {__version__}.", "",
         "## Merge details", "",
         f"Method: {method}" + (f", with {_link(base, commits)} as the base." if base else "."), "",
         "Models merged:", "",
         *[f"- {_link(m, commits)}" for m in models], "",
-        *([*notes, ""] if notes else []),
+        *([*map(_one_line, notes), ""] if notes else []),
         "## Configuration", "",
         "The following spec produced this model (`merge run` of mergekit_lite, and mergekit-compatible):", "",
-        "```yaml", spec_text.rstrip(), "```", "",
+        f"{fence}yaml", spec_text.rstrip(), fence, "",
     ]
     return "\n".join(lines)
 
@@ -56,9 +62,32 @@ def _link(path: Model, commits: dict[ModelPath, str]) -> str:
         adapters = "".join(f" + LoRA adapter {_link(a.path, commits)}" +
                            (f" (weight {a.weight:g})" if a.weight != 1 else "") for a in path.adapters)
         return _link(path.model, commits) + adapters
-    if path.repo_id:
-        pins = [f"revision `{path.revision}`"] if path.revision and path.revision != commits.get(path) else []
-        pins += [f"commit `{commits[path]}`"] if path in commits else []
+    if _hub_id(path):
+        pins = [f"revision {_code(path.revision)}"] if path.revision and path.revision != commits.get(path) else []
+        pins += [f"commit {_code(commits[path])}"] if path in commits else []
         pinned = f" ({', '.join(pins)})" if pins else ""
         return f"[{path.repo_id}](https://huggingface.co/{path.repo_id}){pinned}"
-    return f"`{path.path}` (local)"
+    return f"{_code(path.path)} (local)"
+
+
+def _hub_id(path: ModelPath) -> bool:
+    """A Hub id the card may name as such: the whole string, so 'org/a\\n' (which REPO_ID's '$' lets through)
+    is not one."""
+    return bool(path.repo_id and REPO_ID.fullmatch(path.repo_id))
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: line breaks and other control characters escaped (\\n), as Python writes them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def _code(text: str) -> str:
+    """A code span holding ``text`` as it is: delimited by more backticks than any run inside, padded with
+    spaces when it holds one (CommonMark strips one space on each side)."""
+    text = _one_line(text)
+    ticks = _longest_backtick_run(text)
+    return f"`{text}`" if ticks == 0 else f"{'`' * (ticks + 1)} {text} {'`' * (ticks + 1)}"

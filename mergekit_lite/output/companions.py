@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from ..plan.planner import MergePlan
 from ..sources.checkpoint import contained_path
+from ..sources.user_files import check_copyable, read_copyable
 from ..spec.references import ModelPath
 from .card import card_text
+from .folder import write_new
 from .writer import INDEX_NAME, WrittenShards
 
 # Copied from the tokenizer source as they are: tokenizer, chat template and generation defaults.
@@ -24,7 +25,7 @@ def check_tokenizer_files(plan: MergePlan) -> None:
     if plan.tokenizer_folder:
         for filename in TOKENIZER_FILES:
             if os.path.lexists(os.path.join(plan.tokenizer_folder, filename)):
-                contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)
+                check_copyable(contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder), plan.tokenizer_folder)
 
 
 def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: str) -> None:
@@ -37,7 +38,7 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
         for filename in TOKENIZER_FILES:
             source = os.path.join(plan.tokenizer_folder, filename)
             if os.path.isfile(contained_path(plan.tokenizer_folder, filename, plan.tokenizer_folder)):
-                shutil.copyfile(source, os.path.join(folder, filename))
+                write_new(os.path.join(folder, filename), read_copyable(source), replace=True)   # checked above
     _write_text(os.path.join(folder, "mergekit_config.yml"), plan.spec.text.rstrip() + "\n")
     spec = plan.spec
     models = [m.ref for m in spec.models or ()] or [s.ref for p in spec.slices or () for s in p.sources]
@@ -58,7 +59,4 @@ def _commits(plan: MergePlan) -> dict[ModelPath, str]:
 
 
 def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(path, text.encode("utf-8"), replace=True)   # never through a link planted in the partial folder

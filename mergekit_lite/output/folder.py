@@ -1,15 +1,25 @@
-"""The output folder's safety rules: never overwrite without asking, never inside an input, never a
-folder that looks complete when it is not (everything is written to ``OUT.partial`` and renamed at the end),
-never two merges writing one folder at once (``OUT.lock``), and not a run that cannot fit on the disk.
+"""The output folder's low-level safety: the lock that keeps two merges out of one OUT, files created without
+ever following a link, a rename that never replaces, the marker that makes a partial folder recognisably ours,
+and the free-space check.
+
+What in OUT and ``OUT.partial`` is ours, and so may be replaced, is ownership.py; the checks and steps of an
+output's life built on it (check before reading, start the partial folder, the final rename) are place.py.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import shutil
-from typing import Iterable, Optional
+import stat
+import sys
+import time
+from typing import Any, Optional
 
-from ..errors import OutputError, UsageError
+from ..errors import MergeError, OutputError, UsageError
+from ..sources.checkpoint import read_json_object
 from ..units import format_size
 
 try:
@@ -20,39 +30,112 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are n
 
 LEFTOVER = ("the next run of this merge deletes them, or continues from the finished shards with --resume; "
             "delete them yourself to free the space now")
+MARKER = ".mergekit_lite-partial.json"      # in OUT.partial: created exclusively with the folder, says it is ours
+LOCK_SUFFIX = ".mergekit_lite.lock"         # OUT + this: a name no other tool uses (not OUT.lock: `-o uv`, uv.lock)
+LOCK_TEXT = "mergekit_lite lock, process {pid}\n"
+_LOCK_PATTERN = re.compile(r"mergekit_lite lock, process (\d+)\n\Z")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def partial_path(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".partial"
 
 
-def check_output(out: str, inputs: Iterable[str], overwrite: bool) -> None:
-    """Refuse an output that would destroy something: run before any tensor data is read."""
-    target = os.path.realpath(out)
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise UsageError("exists and is not a folder", file=out, hint="choose another output path with -o")
-        if os.listdir(out) and not overwrite:
-            raise UsageError("output folder already exists and is not empty", file=out,
-                             hint="pass --overwrite to replace it, or choose another output path with -o")
-    for folder in inputs:
-        source = os.path.realpath(folder)
-        if _inside(target, source):
-            raise UsageError(f"the output folder is inside input model folder {folder}", file=out,
-                             hint="write the merged model somewhere else: inputs are never written to")
-        if _inside(source, target):
-            raise UsageError(f"the output folder contains input model folder {folder}", file=out,
-                             hint="choose an output path that does not hold an input (it may be replaced)")
+def lock_path(out: str) -> str:
+    return os.path.abspath(out).rstrip(os.sep) + LOCK_SUFFIX
+
+
+def write_new(path: str, data: bytes, replace: bool = False) -> None:
+    """Create ``path`` holding ``data``, flushed to disk. The file is created exclusively (O_EXCL) and never
+    through a link (O_NOFOLLOW), so nothing that was at that name is ever written to. ``replace``: an entry
+    already at the name is unlinked first (the entry, never what a link points to); only for the files of a
+    folder the caller knows is ours."""
+    if replace:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_to(path: str, data: bytes) -> None:
+    """Append ``data`` to an existing file of ours and flush it to disk; never through a link."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | _CLOEXEC)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_marker(partial: str, fields: dict[str, Any]) -> None:
+    write_new(os.path.join(partial, MARKER), (json.dumps({"tool": "mergekit_lite", **fields}) + "\n").encode())
+
+
+def read_marker(partial: str) -> Optional[dict[str, Any]]:
+    """The marker of a partial folder a merge made; None when there is none, or it is not one of ours."""
+    path = os.path.join(partial, MARKER)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        marker = read_json_object(path, MARKER, partial, "")
+    except (OSError, MergeError):
+        return None
+    return marker if marker.get("tool") == "mergekit_lite" else None
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` only if nothing is at ``dst`` (FileExistsError otherwise): one atomic step with
+    Linux's renameat2(RENAME_NOREPLACE); elsewhere a check just before the rename."""
+    if _renameat2_noreplace(src, dst):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def _renameat2_noreplace(src: str, dst: str) -> bool:
+    """True when renamed; False when the call is not available here (the caller falls back)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, noreplace = -100, 1
+    if call(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), noreplace) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):   # an old kernel, or a filesystem without the flag
+        return False
+    raise OSError(code, os.strerror(code), dst)
 
 
 def check_free_space(out: str, needed: int) -> None:
-    """Refuse a run whose tensors cannot fit in the free space of OUT's filesystem (a leftover ``OUT.partial``,
-    which the run deletes first, counts as free). Checked before any tensor is read."""
+    """Refuse a run whose tensors cannot fit in the free space of OUT's filesystem (a leftover partial folder of
+    ours, which the run replaces or continues, counts as free). Checked before any tensor is read."""
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    partial = partial_path(out)
     try:
-        free = shutil.disk_usage(existing).free + _folder_bytes(partial_path(out))
+        reclaimed = _folder_bytes(partial) if read_marker(partial) is not None and not os.path.islink(partial) else 0
+        free = shutil.disk_usage(existing).free + reclaimed
     except OSError:
         return
     if needed > free:
@@ -72,13 +155,17 @@ def _folder_bytes(folder: str) -> int:
 
 
 class OutputLock:
-    """``OUT.lock``, exclusively locked (flock) for the whole run: a second merge writing the same OUT is
-    refused at once rather than interleaving its shards with the first one's. The kernel drops the lock when
-    its process dies, so a lock file left by a killed run never blocks the next one."""
+    """``OUT.mergekit_lite.lock``, exclusively locked (flock) for the whole run: a second merge writing the same
+    OUT is refused at once rather than interleaving its shards with the first one's. The kernel drops the lock
+    when its process dies; the file a killed run leaves is recognised (its text) and taken over.
+
+    The file is created exclusively and never through a link; an existing one is used only if it is a plain
+    file (no other hard links) holding nothing but a lock's text, and it is removed at the end only if the name
+    still holds the file this run locked."""
 
     def __init__(self, out: str):
         self.out = out
-        self.path = os.path.abspath(out).rstrip(os.sep) + ".lock"
+        self.path = lock_path(out)
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "OutputLock":
@@ -86,86 +173,82 @@ class OutputLock:
             return self
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._fd = self._lock()
+            for _ in range(100):   # the file may go away between our steps (its holder finished): try again
+                self._fd = self._lock()
+                if self._fd is not None:
+                    return self
+            raise OSError(errno.EAGAIN, "the lock file keeps changing")
         except OSError as exc:
             raise OutputError(f"cannot create the lock file: {exc.strerror}", file=self.path,
                               hint="check that the output's parent folder is writable") from None
-        return self
 
-    def _lock(self) -> int:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
+    def _lock(self) -> Optional[int]:
+        fd = self._open()
+        if fd is None:
+            return None
+        try:
+            try:   # first: the holder may be between truncating the file and writing its process id
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise OutputError(f"another merge (process {holder}) is writing this output now", file=self.out,
+                found = _LOCK_PATTERN.match(os.pread(fd, 64, 0).decode(errors="replace"))
+                raise OutputError(f"another merge (process {found.group(1) if found else 'unknown'}) is writing this "
+                                  "output now", file=self.out,
                                   hint="wait for it to finish, or write to another output path with -o") from None
-            try:   # the previous holder may have deleted the file between our open and our lock: retry
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
+            self._check_ours(fd)   # nothing was changed yet; closing the descriptor drops the lock
+            if not self._still_named(fd):
+                os.close(fd)
+                return None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, LOCK_TEXT.format(pid=os.getpid()).encode(), 0)
+            return fd
+        except BaseException:
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
+            raise
+
+    def _open(self) -> Optional[int]:
+        """A new lock file, or the one already there (opened without creating or truncating it)."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
+        except FileExistsError:
+            pass
+        try:
+            return os.open(self.path, os.O_RDWR | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or os.path.islink(self.path):
+                raise UsageError("the lock file is a symbolic link, which a merge never makes", file=self.path,
+                                 hint="delete the link yourself (what it points to is not a lock), or choose another "
+                                      "output path with -o") from None
+            raise
+
+    def _check_ours(self, fd: int) -> None:
+        """A plain file with one name, empty (a run stopped right after creating it) or holding a lock's text."""
+        info = os.fstat(fd)
+        if (not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > 64
+                or (info.st_size and not _LOCK_PATTERN.match(os.pread(fd, 64, 0).decode(errors="replace")))):
+            raise UsageError("this file is where the merge keeps its lock, but it is not a lock file of mergekit_lite",
+                             file=self.path, hint="move it away, or choose another output path with -o")
+
+    def _still_named(self, fd: int) -> bool:
+        """Whether the lock's name still holds this file (not replaced or removed since we opened it)."""
+        try:
+            named, held = os.lstat(self.path), os.fstat(fd)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._fd is None:
+        fd, self._fd = self._fd, None
+        if fd is None:
             return
         try:
-            os.unlink(self.path)    # while still holding the lock (see _lock's retry)
+            if self._still_named(fd):
+                os.unlink(self.path)    # while still holding the lock (see __enter__'s retry)
         except OSError:
             pass
-        os.close(self._fd)
-        self._fd = None
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def start_partial(out: str, keep: bool = False) -> str:
-    """Create a fresh ``OUT.partial`` folder (a leftover from an interrupted run is removed, unless ``keep``:
-    ``--resume`` continues from it, see journal.py)."""
-    partial = partial_path(out)
-    if keep and os.path.islink(partial):
-        raise UsageError("cannot resume: the partial folder is a symbolic link, which a merge never makes",
-                         file=partial, hint="run without --resume to start over (the link is removed)")
-    try:
-        if os.path.islink(partial):
-            os.unlink(partial)
-        elif os.path.exists(partial) and not keep:
-            shutil.rmtree(partial)
-        os.makedirs(partial, exist_ok=keep)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc.strerror}", file=partial,
-                          hint="check that the parent folder exists and is writable") from None
-    return partial
-
-
-def commit_partial(partial: str, out: str) -> None:
-    """Make the finished output appear under its name in one rename (replacing an old one if allowed)."""
-    old = None
-    try:
-        fsync_dir(partial)
-        if os.path.exists(out):
-            if os.listdir(out):
-                old = os.path.abspath(out).rstrip(os.sep) + ".old"
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.rename(out, old)
-            else:
-                os.rmdir(out)
-        os.rename(partial, out)
-        fsync_dir(os.path.dirname(os.path.abspath(out)))
-    except OSError as exc:
-        raise OutputError(f"cannot move the finished output into place: {exc.strerror}", file=out,
-                          hint=f"the complete result is in {partial}") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(path: str) -> None:
@@ -179,3 +262,7 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")

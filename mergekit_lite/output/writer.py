@@ -28,11 +28,13 @@ _FULL_HINT = f"free some disk space and run again ({LEFTOVER})"
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """A finished shard as written: its size and CRC-32 (of the whole file), for resuming."""
+    """A finished shard as written: its size and CRC-32 (of the whole file), for resuming; ``inputs``: the CRC-32
+    of the input bytes it was computed from (journal.InputChecksums), set by the loop."""
 
     file: str
     size: int
     crc32: int
+    inputs: Optional[int] = None
 
 
 def file_crc32(path: str, chunk: int = 64 << 20) -> int:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from ..dtypes import dtype_name, itemsize
+from ..dtypes import dtype_name, is_float8, itemsize
 from ..errors import ModelError, SpecError
 from ..sources.checkpoint import Checkpoint
 from ..spec.references import ModelRef
@@ -171,6 +171,13 @@ def make_job(name: str, inputs: tuple[Source, ...], base: Optional[Source], firs
                          where=f"tensor '{name}'",
                          hint="set dtype: (e.g. dtype: bfloat16) in the spec to say which precision to merge in")
     merge_dtype = load_dtype or first.info.dtype
+    if is_float8(merge_dtype):   # read and merged in float32, never rounded to or written in float8
+        if out_dtype is None:
+            raise ModelError(f"stored as {dtype_name(merge_dtype)}: float8 weights are read and merged in float32, "
+                             "but the output needs a dtype to be written in", where=f"tensor '{name}'",
+                             file=first.checkpoint.label,
+                             hint="set out_dtype: bfloat16 (or float16, float32) in the spec, or pass --out-dtype")
+        merge_dtype = out_dtype
     return TensorJob(name, shape, out_dtype or merge_dtype, merge_dtype, load_dtype, inputs, base, params, layer, t,
                      strategy)
 

@@ -27,6 +27,7 @@ from ..spec.schema import Parameters, Spec, SpecLike, load_spec
 from ..strategies.registry import get_strategy, known_parameters
 from ..strategy import Strategy
 from .concat import ConcatLayout
+from .configs import choose_config, refuse_unmergeable
 from .inputs import open_inputs
 from .jobs import Dtypes, Layout, TensorJob
 from .parameters import check_setting
@@ -49,6 +50,7 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     card_notes: list[str] = field(default_factory=list)   # facts a user of the output should read
     allow_nonfinite: bool = False        # merge inputs holding NaN/Inf (and let the output hold them)
+    config_from: Optional[str] = None    # YAML path of the model config.json comes from, when chosen (configs.py)
 
     @property
     def total_bytes(self) -> int:
@@ -61,11 +63,13 @@ class MergePlan:
 
 def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Optional[torch.dtype] = None,
                out_dtype: Optional[torch.dtype] = None, seed: int = 0, allow_pickle: bool = False,
-               allow_nonfinite: bool = False) -> MergePlan:
+               allow_nonfinite: bool = False, config_from: Optional[str] = None) -> MergePlan:
     """Check the spec against its strategy and inputs and plan every output tensor. Reads headers only.
 
     ``allow_pickle``: models with pickle weights only are loaded with torch.load(weights_only=True);
-    ``allow_nonfinite``: inputs holding NaN or Inf are merged (the output may hold them too)."""
+    ``allow_nonfinite``: inputs holding NaN or Inf are merged (the output may hold them too);
+    ``config_from``: the merged model whose config.json the output takes (as the spec writes it, or its YAML
+    path), needed when the models disagree on a key that changes what the model computes (configs.py)."""
     strategies = list(strategies)
     strategy = get_strategy(spec.merge_method, strategies, file=spec.file)
     layout = _layout(spec, strategy)
@@ -76,11 +80,15 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
         log.warning(message)
     with ExitStack() as opened:   # every input is closed if planning fails
         checkpoints = open_inputs(spec, opened, allow_pickle)
+        refuse_unmergeable(spec, checkpoints)
         with within(spec.file, kinds=(SpecError,)):
             planned = layout.plan(spec, strategy, checkpoints,
                                   Dtypes(dtype or spec.dtype, out_dtype or spec.out_dtype), strategies)
-        config, notes = _output_config(planned.config, planned.reference, planned.jobs,
+        config, notes, config_where = choose_config(spec, checkpoints, planned, config_from,
+                                                    per_layer=not isinstance(layout, Stacking))
+        config, tying = _output_config(config, planned.reference, planned.jobs,
                                        out_dtype or spec.out_dtype or dtype or spec.dtype)
+        notes += tying
         for message in notes:
             log.warning(message)
         warnings += notes
@@ -93,7 +101,7 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
         warnings += checkpoint.warnings
         notes += [note for note in checkpoint.card_notes if note not in notes]
     return MergePlan(spec, strategy, checkpoints, planned.jobs, config, reference, tokenizer_folder, seed, warnings,
-                     card_notes=notes, allow_nonfinite=allow_nonfinite)
+                     card_notes=notes, allow_nonfinite=allow_nonfinite, config_from=config_where)
 
 
 def _check_tokenizer_vocab(spec: Spec, checkpoints: dict[ModelRef, Checkpoint], jobs: list[TensorJob]) -> None:
@@ -200,11 +208,11 @@ def _output_config(config: dict[str, Any], reference: Checkpoint, jobs: list[Ten
 
 def make_plan(spec: SpecLike, *, dtype: Optional[str] = None, out_dtype: Optional[str] = None, seed: int = 0,
               strategies: Iterable[Strategy] = (), allow_pickle: bool = False,
-              allow_nonfinite: bool = False) -> MergePlan:
+              allow_nonfinite: bool = False, config_from: Optional[str] = None) -> MergePlan:
     """Check a spec and plan the merge from the inputs' headers, without reading tensor data."""
     return plan_merge(load_spec(spec), strategies=strategies, dtype=dtype_setting(dtype, "dtype"),
                       out_dtype=dtype_setting(out_dtype, "out_dtype"), seed=seed, allow_pickle=allow_pickle,
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, config_from=config_from)
 
 
 def dtype_setting(name: Optional[str], where: str) -> Optional[torch.dtype]:

@@ -7,7 +7,6 @@ tensors in flight.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 
 from ..errors import ModelError
 from ..safetensors_format import TensorInfo, read_header, read_into, refuse_duplicates
+from .user_files import INDEX_LIMIT, NestedTooDeeply, parse_json_file, read_json_object
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -91,12 +91,12 @@ def read_index(index_path: str) -> dict[str, str]:
     unique = refuse_duplicates(lambda key: ModelError(f"the index lists '{key}' twice", file=index_path,
                                                       hint="the index is corrupt; download it again"))
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f, object_pairs_hook=unique)
+        index = parse_json_file(index_path, limit=INDEX_LIMIT, object_pairs_hook=unique)
     except OSError as exc:
-        raise ModelError(f"cannot read the shard index: {exc.strerror}", file=index_path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelError(f"cannot read the shard index: {exc.strerror or exc}", file=index_path,
+                         hint="the index must be a regular file; download it again") from None
+    except ValueError as exc:
+        why = "nested too deeply" if isinstance(exc, NestedTooDeeply) else str(exc)
         raise ModelError(f"the shard index is not valid JSON ({why})", file=index_path,
                          hint="the index is corrupt; download it again") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -106,10 +106,11 @@ def read_index(index_path: str) -> dict[str, str]:
     return weight_map
 
 
-def read_sharded(folder: str, index_path: str) -> dict[str, TensorInfo]:
+def read_sharded(folder: str, index_path: str, label: Optional[str] = None) -> dict[str, TensorInfo]:
     by_shard: dict[str, list[str]] = {}
     for name, shard in read_index(index_path).items():
         by_shard.setdefault(shard, []).append(name)
+    refuse_two_layouts(folder, label or folder, SINGLE_FILE, INDEX_FILE, set(by_shard))
     tensors: dict[str, TensorInfo] = {}
     for shard, names in by_shard.items():
         path = shard_path(folder, shard, index_path)
@@ -170,6 +171,19 @@ def _link_root(folder: str) -> str:
     return real
 
 
+def refuse_two_layouts(folder: str, label: str, single: str, index: str, shards: set[str]) -> None:
+    """A folder with an index whose shards are not just ``single`` must not also hold ``single``.
+
+    transformers' from_pretrained loads ``single`` (model.safetensors, pytorch_model.bin) whenever it is a file,
+    and reads the index only without it; other tools (vLLM, mergekit, an index-first reader) take the index's
+    shards. With both, which weights are the model is not clear, so neither is guessed."""
+    if shards != {single} and os.path.isfile(os.path.join(folder, single)):
+        listed = ", ".join(sorted(shards)[:3]) + (", ..." if len(shards) > 3 else "")
+        raise ModelError(f"the folder holds both {single} and {index} (shards {listed}): transformers loads "
+                         f"{single}, other tools the index's shards, so which weights are meant is unclear",
+                         file=label, hint=f"move away what is not the model: {single}, or {index} with its shards")
+
+
 def pickle_weights(folder: str) -> bool:
     return any(name.endswith(PICKLE_SUFFIXES) for name in os.listdir(folder))
 
@@ -201,16 +215,3 @@ def read_config(folder: str) -> dict[str, Any]:
     contained_path(folder, "config.json", folder)
     return read_json_object(path, "config.json", path, "the file is corrupt; download it again")
 
-
-def read_json_object(path: str, name: str, blame: str, hint: str, nested: str = "nested too deeply") -> dict[str, Any]:
-    """The JSON object in ``path`` (called ``name`` in messages), or a ModelError naming ``blame``: the file
-    cannot be read, is not JSON, nests deeper than the parser goes (``nested`` says so), or is not an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        why = nested if isinstance(exc, RecursionError) else exc
-        raise ModelError(f"cannot read {name}: {why}", file=blame, hint=hint) from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{name} is not a JSON object", file=blame)
-    return data

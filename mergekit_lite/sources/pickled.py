@@ -22,8 +22,8 @@ import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS, dtype_name, itemsize
 from ..errors import ModelError
-from ..safetensors_format import TensorInfo
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint, contained_path, read_index, shard_path
+from ..safetensors_format import TensorInfo, open_regular
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint, contained_path, read_index, refuse_two_layouts, shard_path
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
@@ -85,6 +85,7 @@ def _weight_files(folder: str, label: str) -> list[tuple[str, Optional[list[str]
         by_shard: dict[str, list[str]] = {}
         for name, shard in read_index(contained_path(folder, PICKLE_INDEX, label)).items():
             by_shard.setdefault(shard, []).append(name)
+        refuse_two_layouts(folder, label, PICKLE_SINGLE, PICKLE_INDEX, set(by_shard))
         return [(shard_path(folder, shard, index_path), names) for shard, names in by_shard.items()]
     pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
     if PICKLE_SINGLE in pickles:
@@ -97,6 +98,11 @@ def _weight_files(folder: str, label: str) -> list[tuple[str, Optional[list[str]
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)`` of one file, checked to be a flat {name: dense tensor} dict."""
+    try:
+        os.close(open_regular(path))   # a FIFO would block torch.load's open forever, a device never end
+    except OSError as exc:
+        raise ModelError(f"cannot read: {exc.strerror or exc}", file=path,
+                         hint="give the model's weight files themselves") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch warns about pickle protocols; our error says what matters

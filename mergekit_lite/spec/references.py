@@ -12,6 +12,7 @@ says how adapters touching tied embeddings are folded (see mergekit_lite/lora/so
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +20,11 @@ from typing import Any, Optional
 
 from ..errors import SpecError, did_you_mean
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A Hub repo id as huggingface_hub validates it: org/name, each part starting and ending with a letter or digit,
+# no '--' or '..', at most 96 characters. Anything else (./x, ../x, /abs/x, ~/x, a bare name) is a local path
+# only and never sent to the Hub.
+REPO_ID = re.compile(r"^(?!.*(?:--|\.\.))(?=.{3,96}\Z)[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?/"
+                     r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?\Z")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ def parse_reference(value: Any, where: str) -> ModelRef:
 
 
 REFERENCE_KEYS = ("model", "lora", "tied_embeddings")
+FLOAT32_MAX = 3.4028234663852886e38
 ADAPTER_KEYS = ("path", "revision", "weight", "check_base")
 
 
@@ -132,6 +138,9 @@ def _adapter(value: Any, where: str) -> AdapterRef:
     weight = value.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise SpecError(f"weight must be a number, got {weight!r}", where=f"{where}.weight")
+    if not math.isfinite(weight) or abs(weight) > FLOAT32_MAX:   # the fold computes in float32
+        raise SpecError(f"weight must be a finite float32 number, got {weight!r}", where=f"{where}.weight",
+                        hint="1 applies the adapter's change as trained, 0.5 half of it")
     check_base = value.get("check_base", True)
     if not isinstance(check_base, bool):
         raise SpecError(f"check_base must be true or false, got {check_base!r}", where=f"{where}.check_base")
@@ -142,9 +151,17 @@ def _parse_path_value(value: Any, where: str) -> ModelPath:
     if isinstance(value, str):
         return _parse_path(value, where)
     if isinstance(value, dict) and "path" in value and set(value) <= {"path", "revision"}:
-        revision = value.get("revision")
-        return ModelPath(str(value["path"]), str(revision) if revision is not None else None)
-    raise SpecError("expected a path string or {path, revision}", where=where)
+        path, revision = value["path"], value.get("revision")
+        if not isinstance(path, str) or not path.strip():
+            raise SpecError("the path is empty" if path is None or isinstance(path, str) else
+                            f"the path must be a string, got {type(path).__name__}", where=f"{where}.path",
+                            hint="give a local folder or a Hub repo id such as org/name")
+        if revision is not None and (isinstance(revision, (bool, dict, list)) or not str(revision).strip()):
+            raise SpecError(f"revision must be a branch, tag or commit, got {revision!r}", where=f"{where}.revision",
+                            hint="leave revision out for the default branch")
+        return _hub_path(path, None if revision is None else str(revision).strip(), path, where)
+    raise SpecError("expected a path string or {path, revision}", where=where,
+                    hint="write a local folder, org/name[@revision], or {path: org/name, revision: main}")
 
 
 def _parse_path(text: str, where: str) -> ModelPath:
@@ -157,4 +174,15 @@ def _parse_path(text: str, where: str) -> ModelPath:
     if not path or (_ == "@" and not revision):
         raise SpecError(f"'{text}' is not a model reference", where=where,
                         hint="write a local folder or org/name[@revision]")
-    return ModelPath(path, revision or None)
+    return _hub_path(path, revision or None, text, where)
+
+
+def _hub_path(path: str, revision: Optional[str], text: str, where: str) -> ModelPath:
+    """A revision names a commit of a Hub repo; on anything else (./x@main, a path that exists nowhere and is
+    no repo id) it is a local path that does not exist, and is never sent to the Hub."""
+    if revision is not None and not REPO_ID.match(path):
+        raise SpecError(f"no local folder '{text}', and '{path}' is not a Hub repo id, so '@{revision}' cannot be "
+                        "its revision", where=where,
+                        hint="check the path (relative paths are relative to the current directory); a revision "
+                             "is only for Hub repos: org/name@revision")
+    return ModelPath(path, revision)

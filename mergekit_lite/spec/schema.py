@@ -18,7 +18,7 @@ import yaml
 from ..dtypes import parse_dtype
 from ..errors import SpecError, did_you_mean
 from .references import ModelRef, parse_reference
-from .safe_yaml import HINT, MAX_SPEC_BYTES, load_yaml
+from .safe_yaml import HINT, load_yaml, read_spec_file
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
@@ -119,15 +119,7 @@ def load_spec(source: Union[str, os.PathLike, dict, Spec]) -> Spec:
         return parse_spec(source, text=text, file=None)
     text_or_path = os.fspath(source)
     if "\n" not in text_or_path and (os.path.exists(text_or_path) or text_or_path.endswith((".yaml", ".yml"))):
-        try:
-            with open(text_or_path, encoding="utf-8") as f:
-                text = f.read(MAX_SPEC_BYTES + 1)
-        except OSError as exc:
-            raise SpecError(f"cannot read the spec: {exc.strerror}", file=text_or_path,
-                            hint="check the path of the YAML file") from None
-        except UnicodeDecodeError as exc:
-            raise SpecError(f"the spec is not UTF-8 text (byte {exc.start})", file=text_or_path,
-                            hint="check that this is the YAML file of the merge") from None
+        text = read_spec_file(text_or_path)
         return parse_spec(load_yaml(text, text_or_path), text=text, file=text_or_path)
     return parse_spec(load_yaml(text_or_path, None), text=text_or_path, file=None)
 
@@ -186,9 +178,22 @@ def _reference(node: dict, key: str, where: str, fail) -> Optional[ModelRef]:
         raise fail(exc.what, where=exc.where, hint=exc.hint) from None
 
 
+def _model(entry: dict, where: str, fail) -> ModelRef:
+    """The ``model:`` of a models entry or a slice source: required, and not null (``model: ~``)."""
+    if "model" not in entry:
+        raise fail("'model' is missing", where=where, hint="each entry needs model: <folder or org/name>")
+    if entry["model"] is None:
+        raise fail("the model is empty (null)", where=f"{where}.model",
+                   hint="give a local folder or a Hub repo id such as org/name")
+    reference = _reference(entry, "model", f"{where}.model", fail)
+    assert reference is not None
+    return reference
+
+
 def _mapping(node: Any, where: str, fail) -> dict:
     if not isinstance(node, dict):
-        raise fail(f"expected a mapping, got {type(node).__name__}", where=where)
+        raise fail(f"expected a mapping, got {'nothing (null)' if node is None else type(node).__name__}",
+                   where=where)
     return node
 
 
@@ -206,9 +211,7 @@ def _models(node: Any, fail) -> tuple[InputModel, ...]:
             entry = {"model": entry}
         entry = _mapping(entry, where, fail)
         _check_keys(entry, MODEL_KEYS, where, fail)
-        if "model" not in entry:
-            raise fail("'model' is missing", where=where, hint="each entry needs model: <folder or org/name>")
-        entries.append(InputModel(_reference(entry, "model", f"{where}.model", fail),
+        entries.append(InputModel(_model(entry, where, fail),
                                   _parameters(entry.get("parameters"), f"{where}.parameters", fail), where))
     return tuple(entries)
 
@@ -224,9 +227,7 @@ def _slices(node: Any, fail) -> tuple[Slice, ...]:
             swhere = f"{where}.sources[{j}]"
             source = _mapping(source, swhere, fail)
             _check_keys(source, SOURCE_KEYS, swhere, fail)
-            if "model" not in source:
-                raise fail("'model' is missing", where=swhere)
-            sources.append(SliceSource(_reference(source, "model", f"{swhere}.model", fail),
+            sources.append(SliceSource(_model(source, swhere, fail),
                                        _layer_range(source.get("layer_range"), f"{swhere}.layer_range", fail),
                                        _parameters(source.get("parameters"), f"{swhere}.parameters", fail), swhere))
         slices.append(Slice(tuple(sources), _parameters(entry.get("parameters"), f"{where}.parameters", fail),

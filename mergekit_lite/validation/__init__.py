@@ -11,8 +11,15 @@ otherwise, with the same code:
 4. forward    - the model runs in transformers on a fixed batch: finite logits, its loss beside each input's,
                 and equal logits where the merge should compute what an input computes.
 
+Each check ends passed, failed, not checked (it applies but could not be carried out, or ran on nothing:
+its summary says why) or not applicable (recompute on a plain model folder, which has no merge record; a
+check the caller turned off). The verdict is FAILED if a check failed, else NOT CHECKED if a check was not
+checked, else PASSED (``report.status``; `merge validate` exits 1, 3 or 0): a check that did not run never
+counts as passed.
+
 The spec is the output's ``mergekit_config.yml`` unless another is given, and the run settings it does not
-hold (``--dtype``, ``--out-dtype``, ``--seed``, the device) come from the output's ``merge_run.json``.
+hold (``--dtype``, ``--out-dtype``, ``--seed``, the device, the folder the run started in) come from the
+output's ``merge_run.json`` (record.py).
 """
 
 from __future__ import annotations
@@ -22,14 +29,13 @@ import time
 from typing import Iterable, Optional, Union
 
 from ..engine.devices import resolve_device
-from ..errors import MergeError, ModelError
-from ..output.run_settings import RUN_SETTINGS_FILE, RunSettings, read_run_settings
-from ..spec.schema import Spec, load_spec
+from ..errors import MergeError
+from ..output.run_settings import RunSettings
+from ..spec.schema import Spec
 from ..strategy import Strategy
-from .folder import read_output
-from .report import SKIPPED, CheckResult, Finding, ValidationReport
-
-SPEC_FILE = "mergekit_config.yml"
+from .folder import OutputFolder, read_output
+from .record import NO_MERGE, MergeRecord, read_record
+from .report import CheckResult, Finding, ValidationReport, not_applicable, not_checked
 
 __all__ = ["validate", "ValidationReport", "CheckResult", "Finding"]
 
@@ -38,66 +44,58 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
              device: str = "auto", full: bool = False, forward: bool = True, *,
              strategies: Iterable[Strategy] = (), allow_pickle: bool = False,
              allow_nonfinite: bool = False) -> ValidationReport:
-    """Check the merged model in ``out`` and return a report (``report.passed``, ``print(report)``,
+    """Check the merged model in ``out`` and return a report: ``report.status`` is "passed", "failed" or
+    "not_checked" (``report.passed``, ``report.failed``, ``report.exit_code``; ``print(report)``,
     ``report.to_json()``). Raises MergeError only when ``out`` is no folder, the device is unusable, or a
     ``spec`` passed explicitly cannot be read; everything wrong with the output is in the report.
-    ``allow_pickle``: sources with pickle weights only are read (torch.load(weights_only=True));
-    ``allow_nonfinite``: NaN and Inf in the output (and the sources) are counted but do not fail."""
+    ``allow_pickle``: sources and models with pickle weights only are read (torch.load(weights_only=True));
+    without it no pickle is ever unpickled. ``allow_nonfinite``: NaN and Inf in the output (and the sources)
+    are counted but do not fail. ``forward=False`` leaves the forward pass out (not applicable)."""
     started = time.perf_counter()
     compute = resolve_device(device)
     folder = read_output(os.fspath(out))
-    extra: list[Finding] = []
+    record = read_record(folder.path, spec)
+    plan, problem = None, record.problem
+    if record.spec is not None:
+        plan, problem = _plan(record.spec, record.settings, list(strategies), allow_pickle, allow_nonfinite)
     try:
-        settings = read_run_settings(folder.path) or RunSettings()
-    except ModelError as exc:
-        settings = RunSettings()
-        extra.append(Finding(exc.what, file=RUN_SETTINGS_FILE))
-    spec_obj, spec_label, problem = _spec(folder.path, spec)
-    plan = None
-    if spec_obj is not None:
-        plan, problem = _plan(spec_obj, settings, list(strategies), allow_pickle, allow_nonfinite)
-    try:
-        from . import forward as forward_check
-        from . import recompute
         from .finite import check_finite
         from .structure import check_structure
 
-        checks = [check_structure(folder, plan, problem, extra),
+        checks = [check_structure(folder, plan, problem, record.findings),
                   check_finite(folder, compute, allowed=allow_nonfinite)]
-        if plan is None:
-            checks.append(CheckResult("recompute", SKIPPED, problem or "no spec",
-                                      numbers=recompute.empty_numbers(full=full)))
-        else:
-            checks.append(recompute.check_recompute(folder, plan, compute, full, settings.device))
-        nonfinite = checks[1].numbers["nan"] + checks[1].numbers["inf"]
-        if forward and allow_nonfinite and nonfinite:
-            checks.append(CheckResult("forward", SKIPPED, f"the weights hold {nonfinite} NaN/Inf values "
-                                      "(--allow-nonfinite), so the logits would say nothing",
-                                      numbers=forward_check.empty_numbers()))
-        elif forward:
-            checks.append(forward_check.check_forward(folder, spec_obj, plan, compute))
-        else:
-            checks.append(CheckResult("forward", SKIPPED, "not requested", numbers=forward_check.empty_numbers()))
+        checks.append(_recompute(folder, record, plan, problem, compute, full))
+        checks.append(_forward(folder, record, plan, problem, compute, forward, allow_pickle, checks[1]))
     finally:
         if plan is not None:
             plan.close()
-    return ValidationReport(folder.path, str(compute), spec_label, full, checks, time.perf_counter() - started)
+    return ValidationReport(folder.path, str(compute), record.spec_label, full, checks,
+                            time.perf_counter() - started, sources_from=record.sources_from)
 
 
-def _spec(folder: str, spec: Union[str, os.PathLike, dict, Spec, None]
-          ) -> tuple[Optional[Spec], Optional[str], Optional[str]]:
-    """(spec, where it came from, why there is none). An explicit spec must load; the output's own may not
-    (a mergekit output can use keys this tool refuses), which only skips the checks that need it."""
-    if spec is not None:
-        loaded = load_spec(spec)
-        return loaded, loaded.file or "given", None
-    path = os.path.join(folder, SPEC_FILE)
-    if not os.path.exists(path):
-        return None, None, f"the output has no {SPEC_FILE}; pass the spec it was merged from (--spec)"
-    try:
-        return load_spec(path), path, None
-    except MergeError as exc:
-        return None, path, f"cannot read {SPEC_FILE}: {exc.what}"
+def _recompute(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[str], compute, full: bool
+               ) -> CheckResult:
+    from . import recompute
+
+    if not record.is_merge:
+        return not_applicable("recompute", NO_MERGE, recompute.empty_numbers(full=full))
+    if plan is None:
+        return not_checked("recompute", problem or "no spec", recompute.empty_numbers(full=full))
+    return recompute.check_recompute(folder, plan, compute, full, record.settings.device)
+
+
+def _forward(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[str], compute, requested: bool,
+             allow_pickle: bool, finite: CheckResult) -> CheckResult:
+    from . import forward as forward_check
+
+    if not requested:
+        return not_applicable("forward", "not requested", forward_check.empty_numbers())
+    nonfinite = finite.numbers["nan"] + finite.numbers["inf"]
+    if nonfinite and finite.status != "failed":   # allowed (--allow-nonfinite): the logits would be NaN
+        return not_checked("forward", f"the weights hold {nonfinite} NaN/Inf values (--allow-nonfinite), so the "
+                           "logits would say nothing", forward_check.empty_numbers())
+    return forward_check.check_forward(folder, record.spec, plan, compute, allow_pickle=allow_pickle,
+                                       plan_problem=problem)
 
 
 def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy], allow_pickle: bool,
@@ -106,7 +104,8 @@ def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy], allow_p
 
     try:
         return make_plan(spec, dtype=settings.dtype, out_dtype=settings.out_dtype, seed=settings.seed,
-                         strategies=strategies, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite), None
+                         strategies=strategies, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                         config_from=settings.config_from), None
     except MergeError as exc:
         where = ": ".join(part for part in (exc.where, exc.what) if part)
         return None, f"cannot plan the merge from the spec ({where})"

@@ -13,7 +13,7 @@ import torch
 
 from ..engine.nonfinite import unravel
 from .folder import OutputFolder
-from .report import CheckResult, Finding, outcome
+from .report import CheckResult, Finding, not_applicable, not_checked, outcome
 from .stream import CHUNK_BYTES, TensorReader
 
 
@@ -37,6 +37,11 @@ def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = 
                 failures.append(Finding(_describe(info.shape, *counts), tensor=info.name, file=folder.file_of(info)))
     numbers = {"tensors": tensors, "values": values, "nan": nan, "inf": inf, "tensors_nonfinite": len(failures),
                "chunk_bytes": chunk_bytes}
+    if not ordered:   # nothing was scanned: no claim either way
+        why = f" (the weights are pickle files: {', '.join(folder.pickles[:3])})" if folder.pickle_only else ""
+        return not_checked("finite", f"no tensors to scan{why}", numbers, time.perf_counter() - started)
+    if not tensors:   # only integer tensors, which cannot hold NaN or Inf
+        return not_applicable("finite", f"no float tensors among {len(ordered)}: NaN and Inf cannot occur", numbers)
     summary = f"{tensors} float tensors, {values:,} values: no NaN or Inf"
     if allowed and failures:
         summary = (f"{tensors} float tensors, {values:,} values: {nan} NaN and {inf} Inf in {len(failures)} tensor(s), "
@@ -51,6 +56,8 @@ def _count_nonfinite(reader: TensorReader, info, device: torch.device, chunk_byt
     first = -1
     for start, chunk in reader.chunks(info, chunk_bytes):
         chunk = chunk.to(device)                       # (n,) in the stored dtype
+        if chunk.element_size() == 1:                  # float8: torch has no isfinite for it
+            chunk = chunk.float()
         finite = torch.isfinite(chunk)                 # (n,) bool, on the device
         bad = chunk.numel() - int(finite.sum())
         if bad:

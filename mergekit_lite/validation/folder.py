@@ -7,14 +7,14 @@ it parses each shard header with the same strict ``read_header`` but collects wh
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import ModelError
 from ..safetensors_format import TensorInfo, read_header
-from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE, read_config
+from ..sources.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, read_config
+from ..sources.user_files import INDEX_LIMIT, parse_json_file
 from .report import Finding
 
 
@@ -26,6 +26,12 @@ class OutputFolder:
     config: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
     indexed: bool = False                           # the folder has a shard index
+    pickles: list[str] = field(default_factory=list)   # pickle weight files, when there are no safetensors ones
+
+    @property
+    def pickle_only(self) -> bool:
+        """The weights are pickle files only: validation reads safetensors, and loading a pickle can run code."""
+        return bool(self.pickles)
 
     def stored(self) -> list[TensorInfo]:
         """Every tensor in every readable shard, listed in the index or not (some loaders read whole files)."""
@@ -54,12 +60,17 @@ def read_output(path: str) -> OutputFolder:
         except ModelError as exc:
             findings.append(Finding(_what(exc), tensor=_tensor_of(exc), file=name))
     index_path = os.path.join(folder, INDEX_FILE)
-    if os.path.exists(index_path):
+    indexed = os.path.exists(index_path)
+    # Pickle weights alone are no finding: a plain model folder may hold them (structure says what it read).
+    pickles = [] if present or indexed else sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
+    if indexed:
         tensors = _from_index(index_path, present, shards, findings)
+    elif pickles:
+        tensors = {}
     else:
         tensors = _single_file(present, shards, findings)
     config = _read_config(folder, findings)
-    return OutputFolder(folder, shards, tensors, config, findings, indexed=os.path.exists(index_path))
+    return OutputFolder(folder, shards, tensors, config, findings, indexed=indexed, pickles=pickles)
 
 
 def _from_index(index_path: str, present: list[str], shards: dict[str, dict[str, TensorInfo]],
@@ -87,9 +98,9 @@ def _from_index(index_path: str, present: list[str], shards: dict[str, dict[str,
     listed = set(weight_map.values())
     for shard, held in shards.items():
         if shard not in listed:
-            findings.append(Finding("is not listed in the index, so loaders ignore it"
-                                    + (" (or read it instead of the index)" if shard == SINGLE_FILE else ""),
-                                    file=shard))
+            findings.append(Finding(f"is beside {INDEX_FILE}, which does not list it: transformers loads it "
+                                    "instead of the index, other loaders the index's shards" if shard == SINGLE_FILE
+                                    else "is not listed in the index, so loaders ignore it", file=shard))
             continue
         for name in held:
             if weight_map.get(name) != shard:
@@ -115,10 +126,9 @@ def _read_index(path: str, findings: list[Finding]) -> tuple[dict[str, str], Opt
         return seen
 
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f, object_pairs_hook=pairs)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        findings.append(Finding(f"cannot read the index: {exc}", file=INDEX_FILE))
+        index = parse_json_file(path, limit=INDEX_LIMIT, object_pairs_hook=pairs)   # bounded, regular file only
+    except (OSError, ValueError) as exc:
+        findings.append(Finding(f"cannot read the index: {getattr(exc, 'strerror', None) or exc}", file=INDEX_FILE))
         return {}, None, []
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -14,6 +14,7 @@ to the output dtype (half an ulp each, accumulated over the layers).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -28,7 +29,7 @@ from ..spec.schema import Spec
 from ..strategy import TensorContext
 from ..units import format_size
 from .folder import OutputFolder
-from .report import SKIPPED, CheckResult, Finding, number, outcome
+from .report import CheckResult, Finding, not_checked, number, outcome
 
 MEMORY_MARGIN = 1.25        # float32 weights plus activations, buffers and the allocator's slack
 ADAPTER_PATTERNS = ("adapter_config.json", "*.safetensors")
@@ -42,20 +43,26 @@ class InputModel:
     problem: Optional[str] = None
 
 
-def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[MergePlan],
-                  device: torch.device) -> CheckResult:
+def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[MergePlan], device: torch.device, *,
+                  allow_pickle: bool = False, plan_problem: Optional[str] = None) -> CheckResult:
+    """Passed, failed, or not checked with the reason: transformers missing, no config.json, custom code, an
+    architecture transformers does not know, pickle weights without ``allow_pickle``, not enough memory, or
+    (with a spec) an input the merge should equal that could not be run."""
     started = time.perf_counter()
-    reason = _cannot_run(folder, device)
+    reason = _cannot_run(folder, device, allow_pickle)
     if reason:
-        return CheckResult("forward", SKIPPED, reason, time.perf_counter() - started, empty_numbers())
+        return not_checked("forward", reason, empty_numbers(), time.perf_counter() - started)
     from .inference import IncompleteModel, batch_loss, load_model, logits_of, make_batch
 
     batch = make_batch(folder.path, _vocab_size(folder))
     numbers = empty_numbers(prompts=int(batch.input_ids.shape[0]), tokens=batch.tokens, token_source=batch.source)
     try:
-        merged = logits_of(load_model(folder.path, device), batch, device)
+        merged = logits_of(load_model(folder.path, device, allow_pickle=allow_pickle), batch, device)
     except IncompleteModel as exc:
         failure = Finding(str(exc), tensor=exc.tensor)
+        return outcome("forward", [failure], "", numbers, time.perf_counter() - started)
+    except MergeError as exc:   # with --allow-pickle: a pickle file that asks for more than tensors
+        failure = Finding(exc.what, file=os.path.basename(exc.file or "") or None)
         return outcome("forward", [failure], "", numbers, time.perf_counter() - started)
     except Exception as exc:   # any other failure to load or run is the finding
         failure = Finding(f"transformers cannot run the merged model: {type(exc).__name__}: {exc}")
@@ -65,18 +72,47 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
     numbers.update(logits_finite=nonfinite == 0, merged_loss=number(batch_loss(merged, batch)))
     if nonfinite:
         failures.append(Finding(f"{nonfinite} of {merged.numel()} logits are NaN or Inf"))
-    numbers["inputs"], reference = _run_inputs(input_models(spec, plan), batch, device)
-    if reference is not None and _identity_on_identical_inputs(spec, plan):
-        failures += _compare(merged, reference, _output_dtype(folder), numbers)
+    numbers["inputs"], reference, identical = _run_inputs(input_models(spec, plan), batch, device, allow_pickle)
+    compared, unchecked = _against_inputs(merged, reference, identical, spec, plan, plan_problem,
+                                          _output_dtype(folder), numbers)
+    failures += compared
     summary = _summary(numbers)
+    if unchecked and not failures:
+        return not_checked("forward", f"{unchecked}; {summary}", numbers, time.perf_counter() - started)
     return outcome("forward", failures, summary, numbers, time.perf_counter() - started)
 
 
-def _run_inputs(models: list[InputModel], batch, device: torch.device
-                ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]]]:
-    """Each input's loss on the batch ({model, loss, note}), and (label, logits) of the first input when all
+def _against_inputs(merged: torch.Tensor, reference: Optional[tuple[str, torch.Tensor]], identical: bool,
+                    spec: Optional[Spec], plan: Optional[MergePlan], plan_problem: Optional[str],
+                    dtype: torch.dtype, numbers: dict[str, Any]) -> tuple[list[Finding], Optional[str]]:
+    """(findings, why the comparison with the inputs could not be made). The merged model must compute what
+    its inputs compute when they are identical and the method gives back its input on identical inputs."""
+    if spec is None:
+        return [], None   # a plain model folder: there are no inputs
+    identity = _identity_on_identical_inputs(spec, plan)
+    missing = next((entry for entry in numbers["inputs"] if entry["loss"] is None), None)
+    if missing is not None:
+        if identity is False:
+            return [], None   # the inputs' losses are context only for this merge
+        who = f"{missing['model']} could not be run ({missing['note']})"
+        if len(numbers["inputs"]) == 1:
+            return [], f"the merge should compute what its input computes, but {who}"
+        return [], f"cannot compare with the inputs: {who}, so whether the merge must equal them is unknown"
+    if not identical:
+        return [], None       # different inputs: nothing to be equal to
+    if identity:
+        return _compare(merged, reference, dtype, numbers), None
+    if identity is None:
+        why = plan_problem or "the method could not be probed on a small tensor"
+        return [], f"the inputs compute the same logits, but whether this merge should too is unknown ({why})"
+    return [], None
+
+
+def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pickle: bool
+                ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool]:
+    """Each input's loss on the batch ({model, loss, note}); (label, logits) of the first input; whether all
     inputs ran and computed bit-identical logits (a merge of identical inputs, or a single input)."""
-    from .inference import batch_loss, load_model, logits_of
+    from .inference import PickleRefused, batch_loss, load_model, logits_of
 
     entries: list[dict[str, Any]] = []
     reference, identical = None, True
@@ -84,17 +120,20 @@ def _run_inputs(models: list[InputModel], batch, device: torch.device
         entry: dict[str, Any] = {"model": model.label, "loss": None, "note": model.problem}
         if model.folder is not None:
             try:
-                logits = logits_of(load_model(model.folder, device, model.adapters), batch, device)
+                logits = logits_of(load_model(model.folder, device, model.adapters, allow_pickle=allow_pickle),
+                                   batch, device)
                 entry["loss"] = number(batch_loss(logits, batch))
                 if reference is None:
                     reference = (model.label, logits)
                 elif not torch.equal(reference[1], logits):
                     identical = False
+            except (PickleRefused, MergeError) as exc:
+                entry["note"] = exc.what if isinstance(exc, MergeError) else str(exc)
             except Exception as exc:   # an input transformers cannot run: its loss is missing, with the reason
                 entry["note"] = f"{type(exc).__name__}: {exc}"
         identical = identical and entry["loss"] is not None
         entries.append(entry)
-    return entries, reference if identical else None
+    return entries, reference, identical and reference is not None
 
 
 def input_models(spec: Optional[Spec], plan: Optional[MergePlan]) -> list[InputModel]:
@@ -128,12 +167,15 @@ def _adapter_folder(path: ModelPath, where: str) -> str:
     return fetch(path, where, patterns=ADAPTER_PATTERNS)
 
 
-def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan]) -> bool:
+def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan]) -> Optional[bool]:
     """Does this merge give back its input when all inputs are the same model? Probed per planned tensor
     with the strategy itself on a small tensor: true for averages, task arithmetic, TIES, SLERP, a fold;
-    false for a linear merge with normalize: false and weights that do not sum to 1, or for layer stacking."""
-    if spec is None or plan is None or spec.slices is not None:
+    false for a linear merge with normalize: false and weights that do not sum to 1, or for layer stacking.
+    None: cannot tell (no plan, or a strategy that needs real shapes)."""
+    if spec is not None and spec.slices is not None:
         return False
+    if spec is None or plan is None:
+        return None
     probe = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
     for job in plan.jobs:
         if job.copy:
@@ -143,7 +185,7 @@ def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan
         try:
             result = job.strategy(inputs, probe.clone() if job.base is not None else None, ctx, **job.params)
         except (RuntimeError, ValueError):   # a strategy that needs real shapes: no claim either way
-            return False
+            return None
         if tuple(result.shape) != tuple(probe.shape) or not torch.allclose(result, probe, rtol=1e-5, atol=1e-6):
             return False
     return True
@@ -162,7 +204,7 @@ def _compare(merged: torch.Tensor, reference: tuple[str, torch.Tensor], dtype: t
     return []
 
 
-def _cannot_run(folder: OutputFolder, device: torch.device) -> Optional[str]:
+def _cannot_run(folder: OutputFolder, device: torch.device, allow_pickle: bool) -> Optional[str]:
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -171,9 +213,16 @@ def _cannot_run(folder: OutputFolder, device: torch.device) -> Optional[str]:
         return "no config.json: transformers cannot build the model"
     if folder.config.get("auto_map"):
         return "the model needs its own code (auto_map in config.json), which validation does not run"
-    from .inference import available_memory
+    from .inference import available_memory, refusal, unknown_architecture
 
-    need = int(MEMORY_MARGIN * 4 * sum(info.numel for info in folder.tensors.values()))
+    if folder.pickle_only and not allow_pickle:
+        return refusal(folder.pickles)
+    unknown = unknown_architecture(folder.config)
+    if unknown:
+        return unknown
+    values = sum(info.numel for info in folder.tensors.values())
+    values += sum(os.path.getsize(os.path.join(folder.path, name)) // 2 for name in folder.pickles)   # >= 16-bit
+    need = int(MEMORY_MARGIN * 4 * values)
     free = available_memory(device)
     if free is not None and need > free:
         return (f"the model needs about {format_size(need)} in float32 on {device.type}, "

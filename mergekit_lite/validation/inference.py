@@ -8,6 +8,7 @@ exactly, so differences between two models' logits come from their weights, not 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import warnings
@@ -81,20 +82,34 @@ class IncompleteModel(RuntimeError):
         self.tensor = tensor
 
 
-def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = ()):
+class PickleRefused(RuntimeError):
+    """The weights are pickle files only and --allow-pickle was not given: nothing was unpickled."""
+
+
+def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *,
+               allow_pickle: bool = False):
     """A causal LM from ``folder`` in float32 on ``device``, with LoRA ``adapters`` (folder, weight) applied at
     inference time by peft: not merged into the weights, so it is the reference a fold must reproduce.
 
-    Raises IncompleteModel naming a tensor transformers could not fill (it would otherwise initialise it
-    randomly with only a warning)."""
+    Weights are read from safetensors files whenever the folder has them. A folder (or adapter) with pickle
+    weights only raises PickleRefused unless ``allow_pickle``; with it, every pickle file is first opened by
+    our own torch.load(weights_only=True) reader (a ModelError if it asks for code) and transformers is asked
+    for weights_only too. Raises IncompleteModel naming a tensor transformers could not fill (it would
+    otherwise initialise it randomly with only a warning)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
+    safetensors = _model_weights_are_safe(folder, allow_pickle)
+    for adapter, _ in adapters:
+        _adapter_weights_are_safe(adapter, allow_pickle)
     dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+    options = {dtype_key: torch.float32, "use_safetensors": safetensors}
+    if "weights_only" in inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters:
+        options["weights_only"] = True
     with _quiet():
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
                                                            ignore_mismatched_sizes=True,   # reported below
-                                                           **{dtype_key: torch.float32})
+                                                           **options)
     problems = [(name, "is missing") for name in sorted(info.get("missing_keys", ()))]
     problems += [(name, f"has shape {list(stored)} in the files, the model built from config.json needs "
                         f"{list(wanted)}") for name, stored, wanted in sorted(info.get("mismatched_keys", ()))]
@@ -105,6 +120,60 @@ def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, 
     if adapters:
         model = apply_adapters(model, adapters)
     return model.to(device).eval()
+
+
+def pickle_files(folder: str, names: Optional[Sequence[str]] = None) -> list[str]:
+    """The pickle weight files of ``folder`` (those of ``names`` when given) when it has no safetensors ones."""
+    from ..sources.checkpoint import PICKLE_SUFFIXES
+
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in present):
+        return []
+    return [name for name in present if (name in names if names is not None else name.endswith(PICKLE_SUFFIXES))]
+
+
+def refusal(files: Sequence[str], what: str = "weights") -> str:
+    return (f"the only {what} are pickle files ({', '.join(files[:3])}), which can run code when loaded; pass "
+            "--allow-pickle to load them with torch.load(weights_only=True)")
+
+
+def _model_weights_are_safe(folder: str, allow_pickle: bool) -> bool:
+    """True: load safetensors only. False: pickles only, vetted. Raises PickleRefused or ModelError."""
+    pickles = pickle_files(folder)
+    if not pickles:
+        return True
+    if not allow_pickle:
+        raise PickleRefused(refusal(pickles))
+    from ..sources.opener import open_checkpoint
+
+    open_checkpoint(folder, allow_pickle=True).close()   # torch.load(weights_only=True) of every file
+    return False
+
+
+def _adapter_weights_are_safe(folder: str, allow_pickle: bool) -> None:
+    from ..lora.adapter import PICKLE_FILES, open_adapter
+
+    pickles = pickle_files(folder, PICKLE_FILES)
+    if pickles and not allow_pickle:
+        raise PickleRefused(refusal(pickles, "adapter weights"))
+    if pickles:
+        open_adapter(folder, folder, allow_pickle=True).close()
+
+
+def unknown_architecture(config: dict) -> Optional[str]:
+    """Why transformers cannot build a causal LM from this config.json (None: it can)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return "config.json has no model_type: transformers cannot tell which model to build"
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return f"transformers {transformers.__version__} does not know model_type '{model_type}'"
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"transformers {transformers.__version__} has no causal language model for model_type '{model_type}'"
+    return None
 
 
 def apply_adapters(model, adapters: Sequence[tuple[str, float]]):

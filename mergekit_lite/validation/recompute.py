@@ -26,7 +26,7 @@ from ..errors import MergeError
 from ..plan.jobs import TensorJob
 from ..plan.planner import MergePlan
 from .folder import OutputFolder
-from .report import CheckResult, Finding, number, outcome
+from .report import CheckResult, Finding, not_checked, number, outcome
 from .stream import TensorReader
 
 CHUNK_VALUES = 1 << 24      # values compared at once on the device (float64: 128 MiB per operand)
@@ -59,6 +59,7 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
     tolerance = 0 if merged_on == device.type else 1
     jobs = sample_jobs(plan, full)
     failures: list[Finding] = []
+    unreadable: list[Finding] = []     # tensors whose sources could not be read: not checked, not failed
     exact = 0
     worst_ulp = 0.0
     with TensorReader() as reader:
@@ -72,7 +73,7 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
                 raw = read_sources(job)
                 expected = merge_tensor(plan, job, list(raw), device)
             except MergeError as exc:
-                failures.append(Finding(f"cannot be recomputed: {exc.what}", tensor=job.name, file=exc.file))
+                unreadable.append(Finding(f"cannot be recomputed: {exc.what}", tensor=job.name, file=exc.file))
                 continue
             written = reader.read(info)
             result = compare(written, expected, device)
@@ -86,10 +87,18 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
     numbers = empty_numbers(tensors=len(jobs), planned=len(plan.jobs), full=full, bit_exact=exact,
                             max_ulp=number(worst_ulp), tolerance_ulp=tolerance, merged_on=merged_on,
                             sources=len(plan.checkpoints))
+    seconds = time.perf_counter() - started
+    if not jobs:
+        return not_checked("recompute", "the spec's plan has no tensors to recompute", numbers, seconds)
+    if unreadable and not failures:
+        first = unreadable[0]
+        return not_checked("recompute", f"{len(unreadable)} of {len(jobs)} sampled tensors could not be recomputed "
+                           f"(the first: '{first.tensor}': {first.message.removeprefix('cannot be recomputed: ')})",
+                           numbers, seconds)
     how = "bit-exact" if exact == len(jobs) else f"{exact} bit-exact, all within {tolerance} ulp"
     summary = (f"{len(jobs)} of {len(plan.jobs)} tensors merged again from {len(plan.checkpoints)} source(s) "
                f"on {device.type}: {how}")
-    return outcome("recompute", failures, summary, numbers, time.perf_counter() - started)
+    return outcome("recompute", failures + unreadable, summary, numbers, seconds)
 
 
 def empty_numbers(**known) -> dict:

@@ -1,7 +1,13 @@
 """What a validation found: one result per check, as text for people and as stable JSON for programs.
 
-The JSON layout is a contract (documented in the README, locked by a test): ``schema`` changes whenever a
-field is renamed, removed or changes type; new fields may be added without changing it.
+Each check ends in one of four statuses: passed; failed (its findings are listed); not checked (it applies
+but could not be carried out, or ran on nothing: the summary says why); not applicable (it does not apply to
+this input, e.g. recompute without a merge record, or a check the caller turned off). The verdict is FAILED
+when a check failed, else NOT CHECKED when a check was not checked, else PASSED: a check that did not run
+never counts as passed.
+
+The JSON layout is a contract (documented in docs/validation.md, locked by a test): ``schema`` changes
+whenever a field is renamed, removed or changes type or meaning; new fields may be added without changing it.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-SCHEMA = 1
+SCHEMA = 2          # 2: statuses not_checked / not_applicable replace skipped; `passed` only for a PASSED verdict
 CHECKS = ("structure", "finite", "recompute", "forward")
 MAX_LISTED = 100   # failures kept per check; the total is always counted
 
-PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+PASSED, FAILED, NOT_CHECKED, NOT_APPLICABLE = "passed", "failed", "not_checked", "not_applicable"
+LABELS = {PASSED: "passed", FAILED: "failed", NOT_CHECKED: "NOT CHECKED", NOT_APPLICABLE: "not applicable"}
+VERDICT_WORDS = {PASSED: "PASSED", FAILED: "FAILED", NOT_CHECKED: "NOT CHECKED"}
+EXIT_CODES = {PASSED: 0, FAILED: 1, NOT_CHECKED: 3}
 
 
 def number(value: Optional[float]) -> Optional[float]:
@@ -42,15 +51,15 @@ class Finding:
 @dataclass
 class CheckResult:
     name: str                   # one of CHECKS
-    status: str                 # passed | failed | skipped
-    summary: str                # one line: what was checked, or why it was skipped
+    status: str                 # passed | failed | not_checked | not_applicable
+    summary: str                # one line: what was checked, or why it was not checked / does not apply
     seconds: float = 0.0
     numbers: dict[str, Any] = field(default_factory=dict)
     failures: list[Finding] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.status != FAILED
+        return self.status == PASSED
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "summary": self.summary, "seconds": round(self.seconds, 4),
@@ -67,6 +76,14 @@ def outcome(name: str, failures: list[Finding], summary: str, numbers: dict[str,
     return CheckResult(name, PASSED, summary, seconds, numbers)
 
 
+def not_checked(name: str, reason: str, numbers: dict[str, Any], seconds: float = 0.0) -> CheckResult:
+    return CheckResult(name, NOT_CHECKED, reason, seconds, numbers)
+
+
+def not_applicable(name: str, reason: str, numbers: dict[str, Any]) -> CheckResult:
+    return CheckResult(name, NOT_APPLICABLE, reason, 0.0, numbers)
+
+
 def _brief(check: CheckResult) -> str:
     """A check in a few words: its name, its status unless passed, and its headline number."""
     numbers, detail = check.numbers, ""
@@ -77,9 +94,12 @@ def _brief(check: CheckResult) -> str:
         losses = [entry["loss"] for entry in numbers["inputs"] if entry["loss"] is not None]
         inputs = f"; inputs {min(losses):.3f}-{max(losses):.3f}" if losses else ""
         detail = f" (loss {numbers['merged_loss']:.3f}{inputs})"
-    elif check.status == SKIPPED:
+    elif check.status == NOT_CHECKED:
         detail = f" ({check.summary})"
-    return check.name + ("" if check.status == PASSED else f" {check.status.upper()}") + detail
+    elif check.status == NOT_APPLICABLE:
+        detail = f" ({check.summary.split(' (')[0].split(':')[0]})"
+    word = {PASSED: "", FAILED: " FAILED"}.get(check.status, f" {LABELS[check.status]}")
+    return check.name + word + detail
 
 
 @dataclass
@@ -90,35 +110,67 @@ class ValidationReport:
     full: bool                  # --full: every tensor recomputed
     checks: list[CheckResult]
     seconds: float = 0.0
+    sources_from: Optional[dict[str, str]] = None   # {folder, reason}: where relative source paths were resolved
+
+    @property
+    def status(self) -> str:
+        """The verdict: "failed" if any check failed, else "not_checked" if any check that applies could not be
+        carried out, else "passed". Checks that do not apply (not_applicable) do not count either way."""
+        found = {check.status for check in self.checks}
+        return FAILED if FAILED in found else NOT_CHECKED if NOT_CHECKED in found else PASSED
 
     @property
     def passed(self) -> bool:
-        """No check failed (skipped checks do not fail a validation; their summary says why they were skipped)."""
-        return all(check.passed for check in self.checks)
+        """Every check that applies passed (False when one failed or could not be carried out)."""
+        return self.status == PASSED
+
+    @property
+    def failed(self) -> bool:
+        """A check failed: the output is wrong (not merely unproven)."""
+        return self.status == FAILED
+
+    @property
+    def exit_code(self) -> int:
+        """`merge validate`'s exit code: 0 passed, 1 failed, 3 not checked."""
+        return EXIT_CODES[self.status]
+
+    @property
+    def unchecked(self) -> list[CheckResult]:
+        return [check for check in self.checks if check.status == NOT_CHECKED]
 
     def check(self, name: str) -> CheckResult:
         return next(c for c in self.checks if c.name == name)
 
     def verdict(self) -> str:
         """One line, for `merge run`."""
-        word = "passed" if self.passed else "FAILED"
+        word = {PASSED: "passed"}.get(self.status, VERDICT_WORDS[self.status])
         return f"Validation {word} on {self.device} in {self.seconds:.1f} s: " + ", ".join(map(_brief, self.checks))
 
     def __str__(self) -> str:
-        word = "PASSED" if self.passed else "FAILED"
-        lines = [f"Validation of {self.path} on {self.device}: {word} ({self.seconds:.1f} s)"]
+        lines = [f"Validation of {self.path} on {self.device}: {VERDICT_WORDS[self.status]} ({self.seconds:.1f} s)"]
         width = max(len(c.name) for c in self.checks) if self.checks else 0
+        column = max([7] + [len(LABELS[c.status]) for c in self.checks])
         for check in self.checks:
-            lines.append(f"  {check.name:<{width}}  {check.status:<7}  {check.summary}  ({check.seconds:.2f} s)")
+            lines.append(f"  {check.name:<{width}}  {LABELS[check.status]:<{column}}  {check.summary}  "
+                         f"({check.seconds:.2f} s)")
             for finding in check.failures[:10]:
                 lines.append(f"      {finding}")
             if len(check.failures) > 10:
                 lines.append(f"      ... {len(check.failures) - 10} more (see --json)")
+        if self.sources_from is not None:
+            lines.append(f"Relative source paths resolved from {self.sources_from['folder']} "
+                         f"({self.sources_from['reason']})")
+        if self.status == NOT_CHECKED:
+            names = ", ".join(check.name for check in self.unchecked)
+            lines.append(f"Nothing failed, but not everything could be checked ({names}): see the reasons above. "
+                         "Exit code 3.")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "path": self.path, "passed": self.passed, "device": self.device, "spec": self.spec,
-                "full": self.full, "seconds": round(self.seconds, 4), "checks": [c.to_dict() for c in self.checks]}
+        return {"schema": SCHEMA, "path": self.path, "passed": self.passed, "verdict": self.status,
+                "exit_code": self.exit_code, "device": self.device, "spec": self.spec,
+                "sources_from": self.sources_from, "full": self.full, "seconds": round(self.seconds, 4),
+                "checks": [c.to_dict() for c in self.checks]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)

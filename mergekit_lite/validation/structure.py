@@ -9,6 +9,7 @@ config.json (a loader builds the model from it, so its dimensions must fit the t
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Optional
 
@@ -17,9 +18,10 @@ import torch
 from ..architecture import get_config_value
 from ..dtypes import dtype_name
 from ..plan.planner import OUTPUT_EMBEDDING, MergePlan
+from ..sources.checkpoint import INDEX_FILE
 from .config_rules import INPUT_EMBEDDINGS, KEYS, check_config
 from .folder import OutputFolder
-from .report import CheckResult, Finding, outcome
+from .report import CheckResult, Finding, not_checked, outcome
 from .stream import TensorReader
 
 # config.json keys the plan decides and a loader depends on. Other keys may legitimately differ (a tool that
@@ -32,6 +34,13 @@ def check_structure(folder: OutputFolder, plan: Optional[MergePlan], plan_proble
                     extra_findings: list[Finding]) -> CheckResult:
     started = time.perf_counter()
     failures = list(folder.findings) + extra_findings
+    if folder.pickle_only and plan is None and not failures:
+        return not_checked("structure", f"the weights are pickle files ({', '.join(folder.pickles[:3])}): the "
+                           "structure is read from safetensors files only", _numbers(folder, None, 0),
+                           time.perf_counter() - started)
+    if not folder.tensors and not failures:
+        failures.append(Finding("the folder holds no tensors a loader would read",
+                                file=INDEX_FILE if folder.indexed else None))
     shapes = {name: info.shape for name, info in folder.tensors.items()}
     dtypes = {name: info.dtype for name, info in folder.tensors.items()}
     planned = None
@@ -40,8 +49,7 @@ def check_structure(folder: OutputFolder, plan: Optional[MergePlan], plan_proble
         failures += _against_plan(folder, plan)
     rules, config_failures = check_config(folder.config, shapes, dtypes if plan is None else None)
     failures += [_in_file(folder, f) for f in config_failures] + _tied_head(folder)
-    numbers = {"files": len(folder.shards), "tensors": len(folder.tensors), "bytes": folder.total_bytes,
-               "planned_tensors": planned, "config_rules": rules}
+    numbers = _numbers(folder, planned, rules)
     against = "the spec's plan and " if plan is not None else ""
     layout = "shards and index consistent" if folder.indexed else "header consistent"
     summary = (f"{len(folder.tensors)} tensors in {len(folder.shards)} file(s), {layout}, "
@@ -51,6 +59,11 @@ def check_structure(folder: OutputFolder, plan: Optional[MergePlan], plan_proble
     if not folder.config:
         summary += "; no config.json"
     return outcome("structure", failures, summary, numbers, time.perf_counter() - started)
+
+
+def _numbers(folder: OutputFolder, planned: Optional[int], rules: int) -> dict[str, Any]:
+    return {"files": len(folder.shards), "tensors": len(folder.tensors), "bytes": folder.total_bytes,
+            "planned_tensors": planned, "config_rules": rules}
 
 
 def _against_plan(folder: OutputFolder, plan: MergePlan) -> list[Finding]:
@@ -71,6 +84,10 @@ def _against_plan(folder: OutputFolder, plan: MergePlan) -> list[Finding]:
     for name, info in folder.tensors.items():
         if name not in jobs:
             findings.append(Finding("is not produced by the spec's merge", tensor=name, file=folder.file_of(info)))
+    if plan.config and not folder.config and not any(f.file == "config.json" for f in folder.findings):
+        there = os.path.exists(os.path.join(folder.path, "config.json"))
+        findings.append(Finding(f"is {'empty' if there else 'missing'}: the spec's merge writes the model's config",
+                                file="config.json"))
     if folder.config and plan.config:
         want, got = _declared_dtype(plan.config), _declared_dtype(folder.config)
         if want is not None and got != want:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from mergekit_lite.output.folder import LOCK_SUFFIX
 from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 TINY = LlamaShape(hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1, vocab=32)
@@ -148,7 +149,7 @@ def leftover_problems(out: Path) -> list[str]:
     unloadable (the shard being written when the run stopped has no header yet)."""
     from safetensors import SafetensorError, safe_open
 
-    problems = [f"{p} exists" for p in (out, Path(f"{out}.lock")) if os.path.lexists(p)]
+    problems = [f"{p} exists" for p in (out, Path(f"{out}{LOCK_SUFFIX}"), Path(f"{out}.lock")) if os.path.lexists(p)]
     partial = Path(f"{out}.partial")
     problems += [f"{partial / n} exists" for n in (INDEX, "config.json") if (partial / n).exists()]
     for shard in sorted(partial.glob("*.safetensors")):

@@ -137,7 +137,8 @@ def unknown_dtype(tmp: Path, models: Models) -> Scenario:
     spec, bad, file = damaged(tmp, models, mutate)
     return Scenario(run(tmp, spec), 1, model_error(
         file, f"tensor '{EMBED}': ", "dtype 'Q4_K' is not supported",
-        "supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2, U16, U32, U64"))
+        "supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2, F8_E4M3FNUZ, F8_E5M2FNUZ, U16, "
+        "U32, U64"))
 
 
 @case("safetensors file")
