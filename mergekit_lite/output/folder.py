@@ -56,28 +56,23 @@ def write_new(path: str, data: bytes, replace: bool = False) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_synced(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644), data)
 
 
 def append_to(path: str, data: bytes) -> None:
     """Append ``data`` to an existing file of ours and flush it to disk; never through a link."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | _CLOEXEC)
+    _write_synced(os.open(path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | _CLOEXEC), data)
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, flush it to disk and close it."""
     try:
-        _write_all(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def write_marker(partial: str, fields: dict[str, Any]) -> None:
