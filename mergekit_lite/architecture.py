@@ -30,7 +30,7 @@ TIED_OUTPUT_EMBEDDINGS: dict[str, tuple[str, ...]] = {
 
 INPUT_EMBEDDINGS = TIED_OUTPUT_EMBEDDINGS[OUTPUT_EMBEDDING]
 FINAL_NORMS = ("model.norm.weight", "transformer.ln_f.weight", "model.final_layernorm.weight",
-               "gpt_neox.final_layer_norm.weight", "model.language_model.norm.weight")
+               "gpt_neox.final_layer_norm.weight", "model.language_model.norm.weight", "norm.weight")
 
 # Config keys of the model's widths, by quantity, most common first (within one config section).
 WIDTH_KEYS: dict[str, tuple[str, ...]] = {
@@ -43,6 +43,16 @@ WIDTH_KEYS: dict[str, tuple[str, ...]] = {
 }
 # Where multimodal configs keep the text model's keys.
 TEXT_SECTION = "text_config."
+# Multimodal configs keep one sub-config per sub-model, and each describes only the tensors under its
+# prefixes: transformers >= 4.52 holds `model.language_model.*` and `model.vision_tower.*` in memory, while
+# older checkpoints (and transformers 5's save_pretrained) write `language_model.model.*` and `vision_tower.*`.
+# A top-level lm_head is the text model's. A tensor under none of them (a projector) has no sub-config.
+SUB_CONFIGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("text_config", ("model.language_model.", "language_model.", "model.text_model.", "text_model.", "lm_head.")),
+    ("vision_config", ("model.vision_tower.", "vision_tower.", "model.vision_model.", "vision_model.",
+                       "model.visual.", "visual.")),
+    ("audio_config", ("model.audio_tower.", "audio_tower.")),
+)
 # Architectures that read an added `head_dim` from config.json (transformers 5 modeling code), so heads can be
 # added without making them narrower even when their config.json has no head_dim.
 READS_HEAD_DIM = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3",
@@ -174,6 +184,18 @@ def count_layers(names: Iterable[str]) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def stack_layers(names: Iterable[str]) -> dict[str, int]:
+    """Number of layers of each stack of layers (by layer_stack): a VLM's vision tower and language model
+    count their layers apart, so a gradient spans each one (mergekit: one module per layer prefix)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        match = LAYER_PATTERN.search(name)
+        if match:
+            stack = name[:match.start(3)]
+            counts[stack] = max(counts.get(stack, 0), int(match.group(3)) + 1)
+    return counts
+
+
 def layer_position(index: Optional[int], num_layers: int) -> float:
     """Where a tensor sits in depth, 0..1, for gradients: mergekit's rule.
 
@@ -191,6 +213,42 @@ def tied_source(name: str, available: Iterable[str]) -> Optional[str]:
     for candidate in TIED_OUTPUT_EMBEDDINGS.get(name, ()):
         if candidate in present:
             return candidate
+    return None
+
+
+# mergekit's module names (``modules:``) of multimodal models, from its modular architecture JSONs (mistral3,
+# gemma3vl, llama4, qwen2_vl...), with the tensor prefixes of each in both layouts; checked in this order (a
+# Qwen2-VL projector, ``visual.merger.``, sits inside the vision prefix). Architectures without a JSON get
+# mergekit's inferred modules instead: one per stack of layers, named by its prefix
+# (``model.language_model.layers``), and ``default`` for every tensor outside the stacks (module_of).
+NAMED_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("multi_modal_projector", ("model.multi_modal_projector.", "multi_modal_projector.", "model.visual.merger.",
+                               "visual.merger.")),
+    ("text_decoder", dict(SUB_CONFIGS)["text_config"] + ("model.embed_tokens.", "model.layers.", "model.norm.")),
+    ("vision_tower", dict(SUB_CONFIGS)["vision_config"]),
+    ("vision_model", dict(SUB_CONFIGS)["vision_config"]),
+)
+DEFAULT_MODULE = "default"
+
+
+def module_of(name: str, named: bool) -> str:
+    """The mergekit module a tensor belongs to: by NAMED_MODULES (``named``; "" when none fits) or as
+    mergekit infers them (its stack of layers' prefix, else DEFAULT_MODULE)."""
+    if named:
+        return next((module for module, prefixes in NAMED_MODULES if name.startswith(prefixes)), "")
+    match = LAYER_PATTERN.search(name)
+    return name[:match.start(3) - 1] if match else DEFAULT_MODULE
+
+
+def sub_config(name: str, config: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """For a tensor of a multimodal model: (the sub-config key that describes it, its name inside that
+    sub-model, e.g. ``model.language_model.layers.0...`` -> ``layers.0...``); None when the config has no
+    sub-config for it."""
+    for key, prefixes in SUB_CONFIGS:
+        if isinstance(config.get(key), dict):
+            for prefix in prefixes:
+                if name.startswith(prefix):
+                    return key, name if prefix == "lm_head." else name[len(prefix):]
     return None
 
 

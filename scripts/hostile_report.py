@@ -147,8 +147,9 @@ def run_environment(work: Path) -> dict[str, Row]:
         else:
             first.send_signal(signal.SIGINT)
             _, stderr = first.communicate(timeout=600)
-            exact = stderr == (f"interrupted: {out} was not written; the unfinished files are in {out}.partial (the "
-                               "next run of this merge deletes them; delete them yourself to free the space now)\n")
+            from mergekit_lite.output.folder import LEFTOVER
+
+            exact = stderr == f"interrupted: {out} was not written; the unfinished files are in {out}.partial ({LEFTOVER})\n"
             rows["environment: SIGINT"].add(first.returncode, exact, False, bool(leftover_problems(out)))
     return rows
 

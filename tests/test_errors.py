@@ -77,11 +77,9 @@ def test_vocab_mismatch_names_the_fix(cli, models_f32, tmp_path):
                                               f"  - model: {models_f32}/ft-a\n  - model: {wide}\n")
     check(cli("run", spec, "-o", tmp_path / "out"), 1,
           f"error: {wide}: tensor 'model.embed_tokens.weight': shape [260, 64] != [256, 64] in {models_f32}/ft-a\n"
-          "Hint: the vocabularies differ (260 vs 256 tokens) and embeddings are merged row by row. Merge models that "
-          "share a tokenizer; or, if the first 256 tokens are the same in both (the extra rows are tokens added at "
-          "the end), truncate the larger model's embeddings and lm_head to 256 rows first. tokenizer_source only "
-          "chooses which tokenizer is copied: remapping tokens by their text (mergekit's tokenizer_source: union) "
-          "is not supported")
+          "Hint: the vocabularies differ (260 vs 256 tokens) and embeddings are merged row by row. Add "
+          "tokenizer_source: union (or base, or a model) to line the rows up by token text, as mergekit does; or "
+          "merge models that share a tokenizer")
 
 
 def test_output_inside_an_input(cli, models_f32, tmp_path):

@@ -70,7 +70,7 @@ def test_example_runs(config, demo_root, monkeypatch):
     assert all(bool(torch.isfinite(t.float()).all()) for t in got.values())
     models = demo_root / "demo" / "models"
     base = read_folder(models / "base")
-    inputs = {os.path.basename(str(m.ref.model)) for m in spec.models or ()} | {
+    inputs = {os.path.basename(str(m.ref.model)) for m in spec.all_models()} | {
         os.path.basename(str(s.ref.model)) for piece in spec.slices or () for s in piece.sources} | (
         {os.path.basename(str(spec.base_model.model))} if spec.base_model is not None else set())
     tensors = {name: read_folder(models / name) for name in inputs}
@@ -92,7 +92,7 @@ def test_example_runs(config, demo_root, monkeypatch):
                 re.escape(name[:found.start(1)]) + r"\d+" + re.escape(name[found.end(1):])
             candidates = [t for model in tensors.values() for n, t in model.items() if re.fullmatch(pattern, n)]
             assert not tensor.any() or any(torch.equal(tensor, c) for c in candidates), name
-    elif spec.models:
+    elif spec.all_models():   # models: or modules:
         for name in inputs:   # something was merged: the result is not a verbatim copy of an input
             assert not all(got[k].shape == tensors[name][k].shape and torch.equal(got[k], tensors[name][k])
                            for k in got), f"{config.name} copied {name}"
@@ -129,7 +129,8 @@ def test_examples_use_known_parameters():
     known = set(MERGEKIT_PARAMETERS) | {p.name for s in all_strategies().values() for p in s.params}
     for config in CONFIGS:
         spec = load_spec(config)
-        levels = [spec.parameters] + [m.parameters for m in spec.models or ()] + [
+        levels = [spec.parameters] + [m.parameters for m in spec.all_models()] + [
+            m.parameters for m in spec.modules or ()] + [
             p for piece in spec.slices or () for p in [piece.parameters, *[s.parameters for s in piece.sources]]]
         assert {name for level in levels for name in level} <= known, config.name
 

@@ -88,3 +88,21 @@ def test_entry_point_plugin(cli, models_f32, tmp_path, monkeypatch):
         assert torch.equal(got[name], -(0 + 1.0 * a[name] + 0.5 * b[name]))
     finally:
         sys.modules.pop("negate_plugin", None)
+
+
+def test_sce_multislerp_karcher_nearswap_are_documented(cli):
+    expected = {
+        "sce": ("https://arxiv.org/abs/2408.07990", "base_model: required",
+                "select_topk (float, per merge, default 1, range [0, 1])", "int8_mask (bool, per merge, default false"),
+        "multislerp": ("base_model: optional\n", "weight (float, per model, not for the base, required",
+                       "normalize_weights (bool, per merge, default true", "eps (float, per merge, default 1e-08"),
+        "karcher": ("base_model: optional; when given it is merged as one more input",
+                    "max_iter (int, per merge, default 10, range [0, inf])", "tol (float, per merge, default 1e-05"),
+        "nearswap": ("models (besides a separate base): exactly 1", "t (float, per merge, required"),
+    }
+    for method, lines in expected.items():
+        result = cli("methods", method)
+        assert result.exit_code == 0
+        for line in lines:
+            assert line in result.stdout, (method, line)
+        assert f"\n{method} " in "\n" + cli("methods").stdout

@@ -133,6 +133,8 @@ def test_slerp_keeps_the_norm_between_orthogonal_vectors():
     ("breadcrumbs", {"normalize": True, "density": 1.0}), ("dare_ties", {"density": 1.0, "normalize": True}),
     ("model_stock", {}), ("model_stock", {"filter_wise": True}), ("nuslerp", {}),
     ("nuslerp", {"nuslerp_flatten": False}), ("slerp", {}), ("linear", {}),
+    ("ram", {"epsilon": 1e-5}), ("ramplus_tl", {"epsilon": 1e-5}),
+    ("sce", {}), ("multislerp", {}), ("karcher", {}), ("nearswap", {}),
 ])
 def test_copies_of_one_model_merge_back_to_it(name, overrides):
     """Rounded to bfloat16 (where the copies came from), the merge of N copies is the model itself."""

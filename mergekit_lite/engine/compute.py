@@ -35,7 +35,7 @@ def read_sources(job: TensorJob, rows: Rows = None) -> list[torch.Tensor]:
 
     The merge loop and validation's recomputation both read through here, so a change to what a source
     returns (a LoRA fold) is recomputed exactly as it was merged."""
-    return [source.checkpoint.read(source.name, rows) for source in job.sources]
+    return [source.read(rows) for source in job.sources]
 
 
 def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> torch.Tensor:

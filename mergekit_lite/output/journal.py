@@ -54,7 +54,8 @@ def fingerprint(plan: MergePlan, layout: Sequence[ShardPlan], device: torch.devi
     """A digest of everything that decides the output's bytes (not of the spec's wording or comments)."""
     jobs = []
     for job in plan.jobs:
-        sources = [[s.info.path, s.name, s.info.start, s.info.nbytes, dtype_name(s.info.dtype)] for s in job.sources]
+        sources = [[s.info.path, s.name, s.info.start, s.info.nbytes, dtype_name(s.info.dtype),
+                    *([s.digest] if hasattr(s, "digest") else [])] for s in job.sources]   # a tokenizer remap's
         jobs.append([job.name, list(job.shape), dtype_name(job.dtype), dtype_name(job.merge_dtype),
                      job.load_dtype and dtype_name(job.load_dtype), job.strategy.name,
                      sorted((k, repr(v)) for k, v in job.params.items()), job.layer, repr(job.t), job.copy,
@@ -118,12 +119,12 @@ def read_checksums(job: TensorJob) -> list[int]:
     for source in job.sources:
         shape, crc = source.info.shape, 0
         if not shape or not shape[0]:
-            crc = zlib.crc32(tensor_bytes(source.checkpoint.read(source.name)))
+            crc = zlib.crc32(tensor_bytes(source.read()))
         else:
             step = max(1, READ_BLOCK // max(1, source.info.nbytes // shape[0]))
             for start in range(0, shape[0], step):
                 rows = (start, min(start + step, shape[0]))
-                crc = zlib.crc32(tensor_bytes(source.checkpoint.read(source.name, rows)), crc)
+                crc = zlib.crc32(tensor_bytes(source.read(rows)), crc)
         crcs.append(crc)
     return crcs
 

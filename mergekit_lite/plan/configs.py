@@ -33,7 +33,7 @@ CONFIG_FROM_HINT = "--config-from MODEL (config_from= in run_merge)"
 
 def merged_models(spec: Spec, checkpoints: dict[ModelRef, Checkpoint]) -> dict[ModelRef, str]:
     """The references whose tensors are merged (not one used only for its tokenizer), with their YAML paths."""
-    return {ref: where for ref, where in spec.references() if where != "tokenizer_source" and ref in checkpoints}
+    return {ref: where for ref, where in spec.references() if not where.startswith("tokenizer") and ref in checkpoints}
 
 
 def refuse_unmergeable(spec: Spec, checkpoints: dict[ModelRef, Checkpoint]) -> None:

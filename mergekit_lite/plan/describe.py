@@ -18,6 +18,12 @@ def describe_plan(plan: MergePlan, out: str, shard_bytes: int) -> str:
         lines.append(f"  {checkpoint.label}: {len(checkpoint.tensors)} tensors, {format_size(size)}")
     lines.append(f"output: {out}: {len(plan.jobs)} tensors, {format_size(plan.total_bytes)} "
                  f"({', '.join(dtypes)}) in {len(shards)} shard(s) of at most {format_size(shard_bytes)}")
+    vocab = plan.vocabulary
+    if vocab is not None:   # a tokenizer merge (vocabulary.py)
+        source = vocab.spec.source if isinstance(vocab.spec.source, str) else f"from {vocab.spec.source}"
+        remapped = sorted({s.checkpoint.label for j in plan.jobs for s in j.sources if hasattr(s, "digest")})
+        lines.append(f"tokenizer: {source}, {len(vocab.tokens)} tokens ({vocab.size} embedding rows); rows lined up "
+                     f"by token text for: {', '.join(remapped) or 'none (every model already matches)'}")
     samples = _sample_jobs(plan)
     if samples and any(j.params for j in samples):
         lines.append("parameters (a sample of tensors):")
@@ -68,14 +74,16 @@ def describe_strategy(s: Strategy) -> str:
     if s.paper:
         lines.append(f"  paper: {s.paper}")
     lines += [f"  base_model: {base}", f"  models (besides a separate base): {count}",
-              f"  random: {'yes (seeded by --seed and the tensor name)' if s.random else 'no'}", "  parameters:"]
+              f"  random: {'yes (seeded by --seed and the tensor name)' if s.random else 'no'}",
+              "  parameters:" if s.params else "  parameters: none"]
     for p in s.params:
         scope = "per model" if p.per_model else "per merge"
         if p.per_model and not p.for_base:
             scope += ", not for the base"
         default = "required" if p.required else f"default {_fmt(p.default)}"
         lines.append(f"    {p.name} ({p.type.__name__}, {scope}, {default}, range {p.range_text()}): {p.description}")
-    lines.append("  Every parameter accepts a value, a gradient list, or a list of {filter, value} entries.")
+    if s.params:
+        lines.append("  Every parameter accepts a value, a gradient list, or a list of {filter, value} entries.")
     if s.details:
         lines += [""] + ["  " + line for line in s.details.splitlines()]
     return "\n".join(lines)

@@ -32,6 +32,10 @@ class Source:
     def info(self):
         return self.checkpoint.tensors[self.name]
 
+    def read(self, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The tensor (or the block of its rows [start, end)) as stored; a source transform overrides this."""
+        return self.checkpoint.read(self.name, rows)
+
 
 @dataclass(eq=False)
 class TensorJob:
@@ -185,11 +189,8 @@ def make_job(name: str, inputs: tuple[Source, ...], base: Optional[Source], firs
 def shape_hint(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
     if ("embed" in name or "lm_head" in name or "wte" in name) and got[1:] == want[1:] and got[:1] != want[:1]:
         return (f"the vocabularies differ ({got[0]} vs {want[0]} tokens) and embeddings are merged row by row. "
-                "Merge models that share a tokenizer; or, if the first "
-                f"{min(got[0], want[0])} tokens are the same in both (the extra rows are tokens added at the end), "
-                f"truncate the larger model's embeddings and lm_head to {min(got[0], want[0])} rows first. "
-                "tokenizer_source only chooses which tokenizer is copied: remapping tokens by their text "
-                "(mergekit's tokenizer_source: union) is not supported")
+                "Add tokenizer_source: union (or base, or a model) to line the rows up by token text, as "
+                "mergekit does; or merge models that share a tokenizer")
     return "the models have different architectures or sizes; merge models of one architecture and size"
 
 
@@ -214,6 +215,7 @@ class Planned:
     jobs: list[TensorJob]
     config: dict[str, Any]
     reference: Checkpoint
+    vocabulary: Any = None       # a tokenizer merge's output vocabulary (vocabulary.Vocabulary), when built
 
 
 class Layout(Protocol):

@@ -30,8 +30,10 @@ from .concat import ConcatLayout
 from .configs import choose_config, refuse_unmergeable
 from .inputs import open_inputs
 from .jobs import Dtypes, Layout, TensorJob
+from .modules import Modules
 from .parameters import check_setting
 from .stacking import Stacking
+from .vocabulary import require_transformers
 from .whole_models import WholeModels
 
 log = logging.getLogger("mergekit_lite")
@@ -51,6 +53,7 @@ class MergePlan:
     card_notes: list[str] = field(default_factory=list)   # facts a user of the output should read
     allow_nonfinite: bool = False        # merge inputs holding NaN/Inf (and let the output hold them)
     config_from: Optional[str] = None    # YAML path of the model config.json comes from, when chosen (configs.py)
+    vocabulary: Any = None               # a tokenizer merge's output tokenizer and maps (vocabulary.py)
 
     @property
     def total_bytes(self) -> int:
@@ -73,6 +76,7 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
     strategies = list(strategies)
     strategy = get_strategy(spec.merge_method, strategies, file=spec.file)
     layout = _layout(spec, strategy)
+    require_transformers(spec)
     with within(spec.file, kinds=(SpecError,)):
         declared = [strategy, *layout.companions(spec, strategies)]
     warnings = _check_parameter_names(spec, declared, strategies)
@@ -88,20 +92,24 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
                                                     per_layer=not isinstance(layout, Stacking))
         config, tying = _output_config(config, planned.reference, planned.jobs,
                                        out_dtype or spec.out_dtype or dtype or spec.dtype)
-        notes += tying
+        notes += tying + (planned.vocabulary.notes if planned.vocabulary is not None else [])
         for message in notes:
             log.warning(message)
         warnings += notes
-        _check_tokenizer_vocab(spec, checkpoints, planned.jobs)
+        if planned.vocabulary is None:
+            _check_tokenizer_vocab(spec, checkpoints, planned.jobs)
         opened.pop_all()
     reference = planned.reference
     tokenizer = spec.tokenizer_source
     tokenizer_folder = checkpoints[tokenizer].folder if isinstance(tokenizer, ModelRef) else reference.folder
+    if planned.vocabulary is not None:   # None: the built tokenizer is saved (companions.py)
+        tokenizer_folder = planned.vocabulary.copy_from
     for checkpoint in checkpoints.values():   # e.g. a LoRA fold's notes (lora/source.py); already logged
         warnings += checkpoint.warnings
         notes += [note for note in checkpoint.card_notes if note not in notes]
     return MergePlan(spec, strategy, checkpoints, planned.jobs, config, reference, tokenizer_folder, seed, warnings,
-                     card_notes=notes, allow_nonfinite=allow_nonfinite, config_from=config_where)
+                     card_notes=notes, allow_nonfinite=allow_nonfinite, config_from=config_where,
+                     vocabulary=planned.vocabulary)
 
 
 def _check_tokenizer_vocab(spec: Spec, checkpoints: dict[ModelRef, Checkpoint], jobs: list[TensorJob]) -> None:
@@ -133,6 +141,21 @@ OWN_LAYOUTS: dict[str, Layout] = {"concat": ConcatLayout()}
 
 def _layout(spec: Spec, strategy: Strategy) -> Layout:
     """Whole models, stacked layer ranges (slices), or the strategy's own layout (concat)."""
+    tokenizer = spec.tokenizer
+    if spec.modules is not None:
+        if strategy.changes_shapes:
+            raise spec.error(f"{strategy.name} changes tensor shapes; it cannot be used with modules",
+                             where="merge_method", hint="merge the whole models with models:")
+        if tokenizer is not None:
+            raise spec.error("tokenizer settings are not supported yet with modules", where=tokenizer.where,
+                             hint="leave them out: the base model's tokenizer (else the first model's) is copied")
+        return Modules()
+    if tokenizer is not None and strategy.changes_shapes and (
+            tokenizer.source == "union" or tokenizer.tokens or tokenizer.pad_to_multiple_of):
+        raise spec.error(f"merging tokenizers (union, tokens:, pad_to_multiple_of) is not supported yet with "
+                         f"{strategy.name}", where=tokenizer.where,
+                         hint="use tokenizer_source: base or a model, which copies its tokenizer, or merge the "
+                              "vocabularies in a linear merge first")
     if not strategy.changes_shapes:
         return WholeModels() if spec.slices is None else Stacking()
     if spec.slices is not None:
@@ -153,7 +176,9 @@ def _check_parameter_names(spec: Spec, declared: list[Strategy], extra: list[Str
     """
     strategy = declared[0]
     levels: list[tuple[Parameters, bool]] = [(spec.parameters, False)]
-    levels += [(entry.parameters, True) for entry in spec.models or ()]
+    for module in spec.modules or ():
+        levels.append((module.parameters, False))
+    levels += [(entry.parameters, True) for entry in spec.all_models()]
     for piece in spec.slices or ():
         levels.append((piece.parameters, False))
         levels += [(source.parameters, True) for source in piece.sources]

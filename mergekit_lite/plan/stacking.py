@@ -41,6 +41,8 @@ from ..spec.references import ModelRef
 from ..spec.schema import Parameters, Slice, Spec
 from ..strategy import Strategy
 from .jobs import Dtypes, Input, Planned, Source, TensorJob, check_input_count, make_job, resolve_params
+from .remap import TokenRemap
+from .vocabulary import Vocabulary, build_vocabulary, set_vocab_size
 from .whole_models import source_name
 
 NAMING = ".layers.N., .h.N., .layer.N. or .blocks.N."
@@ -133,15 +135,29 @@ class Stacking:
                     stacks[source.ref] = read_stack(checkpoints[source.ref], f"{source.where}.model")
         slices = [_plan_slice(spec, strategy, piece, checkpoints, stacks) for piece in spec.slices or ()]
         _check_same_naming(slices, stacks)
-        jobs = _outside_jobs(spec, strategy, slices[0], stacks, "before", dtypes)
+        remap, vocabulary = _token_remap(spec, checkpoints)
+        jobs = _outside_jobs(spec, strategy, slices[0], stacks, "before", dtypes, remap=remap)
         out_layer = 0
         for planned in slices:
             for k in range(planned.length):
                 jobs += _layer_jobs(spec, strategy, planned, stacks, k, out_layer, dtypes)
                 out_layer += 1
-        jobs += _outside_jobs(spec, strategy, slices[-1], stacks, "after", dtypes, first=slices[0])
+        jobs += _outside_jobs(spec, strategy, slices[-1], stacks, "after", dtypes, first=slices[0], remap=remap)
         reference = checkpoints[spec.base_model or spec.slices[0].sources[0].ref]
-        return Planned(jobs, _stacked_config(reference, slices, stacks, out_layer), reference)
+        config = _stacked_config(reference, slices, stacks, out_layer)
+        if vocabulary is not None:
+            set_vocab_size(config, vocabulary.size)
+        return Planned(jobs, config, reference, vocabulary)
+
+
+def _token_remap(spec: Spec, checkpoints: dict[ModelRef, Checkpoint]
+                 ) -> tuple[Optional[TokenRemap], Optional[Vocabulary]]:
+    """A tokenizer merge's output vocabulary over every merged model (remap.py), when the spec asks for one."""
+    if spec.tokenizer is None:
+        return None, None
+    models = [ref for ref, where in spec.references() if not where.startswith("tokenizer")]
+    vocabulary = build_vocabulary(spec.tokenizer, checkpoints, models, spec.base_model or models[0])
+    return TokenRemap(vocabulary, models, spec.base_model), vocabulary
 
 
 def _plan_slice(spec: Spec, strategy: Strategy, piece: Slice, checkpoints: dict[ModelRef, Checkpoint],
@@ -225,7 +241,8 @@ def _layer_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks: d
 
 
 def _outside_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks: dict[ModelRef, Stack],
-                  position: str, dtypes: Dtypes, first: Optional[PlannedSlice] = None) -> list[TensorJob]:
+                  position: str, dtypes: Dtypes, first: Optional[PlannedSlice] = None,
+                  remap: Optional[TokenRemap] = None) -> list[TensorJob]:
     """Tensors before the layers (from the first slice) or after them (from the last), at t = 0."""
     def outside(model: SliceInput) -> list[str]:
         stack = stacks[model.ref]
@@ -244,6 +261,9 @@ def _outside_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks:
     jobs = []
     for name in names:
         sources = {id(m): Source(m.checkpoint, source_name(m, name)) for m in planned.models}
+        if remap is not None:   # embeddings and lm_head in the output vocabulary's order
+            sources = remap.by_input(name, sources, {id(m): m.ref for m in planned.models}, dtypes.load,
+                                     planned.piece.base_model or spec.base_model)
         params = resolve_params(strategy, levels, planned.inputs, name, 0.0)
         jobs.append(make_job(name, tuple(sources[id(m)] for m in planned.inputs),
                              sources[id(planned.base)] if planned.base is not None else None,

@@ -10,13 +10,15 @@ from __future__ import annotations
 import copy
 from typing import Optional, Sequence
 
-from ..architecture import OUTPUT_EMBEDDING, count_layers, layer_index, layer_position, tied_source
+from ..architecture import OUTPUT_EMBEDDING, layer_index, layer_position, layer_stack, stack_layers, tied_source
 from ..errors import ModelError, SpecError
 from ..sources.checkpoint import Checkpoint
 from ..spec.references import ModelRef
-from ..spec.schema import Spec
+from ..spec.schema import Parameters, Spec
 from ..strategy import Strategy
 from .jobs import Dtypes, Input, Planned, Source, TensorJob, check_input_count, make_job, resolve_params
+from .remap import TokenRemap
+from .vocabulary import build_vocabulary, set_vocab_size
 
 
 def whole_model_inputs(spec: Spec, strategy: Strategy, checkpoints: dict[ModelRef, Checkpoint]
@@ -83,24 +85,37 @@ class WholeModels:
     def plan(self, spec: Spec, strategy: Strategy, checkpoints: dict[ModelRef, Checkpoint], dtypes: Dtypes,
              extra: Sequence[Strategy]) -> Planned:
         inputs, base, lead = whole_model_inputs(spec, strategy, checkpoints)
-        jobs = whole_model_jobs(spec, strategy, inputs, base, lead, dtypes)
-        return Planned(jobs, copy.deepcopy(lead.checkpoint.config), lead.checkpoint)
+        config = copy.deepcopy(lead.checkpoint.config)
+        remap = vocabulary = None
+        if spec.tokenizer is not None:   # rows of the vocabulary tensors follow the output tokenizer (remap.py)
+            models = list(dict.fromkeys(m.ref for m in ([base] if base is not None else []) + inputs))
+            vocabulary = build_vocabulary(spec.tokenizer, checkpoints, models, lead.ref)
+            remap = TokenRemap(vocabulary, models, spec.base_model)
+            set_vocab_size(config, vocabulary.size)
+        jobs = whole_model_jobs(spec, strategy, inputs, base, lead, dtypes, remap)
+        return Planned(jobs, config, lead.checkpoint, vocabulary)
 
 
 def whole_model_jobs(spec: Spec, strategy: Strategy, inputs: list[Input], base: Optional[Input], lead: Input,
-                     dtypes: Dtypes) -> list[TensorJob]:
+                     dtypes: Dtypes, remap: Optional[TokenRemap] = None) -> list[TensorJob]:
     """One job per output tensor, each input supplying the same name."""
     names = output_names(lead.checkpoint, inputs + ([base] if base is not None else []))
-    num_layers = count_layers(names)
-    return [whole_model_job(spec, strategy, inputs, base, lead, name, num_layers, dtypes) for name in names]
+    num_layers = stack_layers(names)   # per stack: a gradient spans a VLM's vision tower and its text model apart
+    return [whole_model_job(spec, strategy, inputs, base, lead, name, num_layers.get(layer_stack(name) or "", 0),
+                            dtypes, remap) for name in names]
 
 
 def whole_model_job(spec: Spec, strategy: Strategy, inputs: list[Input], base: Optional[Input], lead: Input,
-                    name: str, num_layers: int, dtypes: Dtypes) -> TensorJob:
-    """The job for output tensor ``name``, every model supplying its tensor of that name, merged by ``strategy``."""
+                    name: str, num_layers: int, dtypes: Dtypes, remap: Optional[TokenRemap] = None,
+                    shared: Optional[Sequence[Parameters]] = None) -> TensorJob:
+    """The job for output tensor ``name``, every model supplying its tensor of that name, merged by ``strategy``.
+    ``shared``: the parameter levels above the models, highest first (default: the top-level parameters)."""
     layer = layer_index(name)
     t = layer_position(layer, num_layers)
     sources = {id(m): Source(m.checkpoint, source_name(m, name)) for m in (*inputs, base, lead) if m is not None}
-    params = resolve_params(strategy, (spec.parameters,), inputs, name, t)
+    if remap is not None:   # embeddings and lm_head in the output vocabulary's order
+        refs = {id(m): m.ref for m in (base, *inputs, lead) if m is not None}
+        sources = remap.by_input(name, sources, refs, dtypes.load, spec.base_model)
+    params = resolve_params(strategy, shared or (spec.parameters,), inputs, name, t)
     return make_job(name, tuple(sources[id(m)] for m in inputs), sources[id(base)] if base is not None else None,
                     sources[id(lead)], params, layer, t, dtypes.load, dtypes.out, strategy=strategy)

@@ -19,16 +19,14 @@ from ..dtypes import parse_dtype
 from ..errors import SpecError, did_you_mean
 from .references import ModelRef, parse_reference
 from .safe_yaml import HINT, load_yaml, read_spec_file
+from .tokenizer import TokenizerSpec, parse_chat_template, parse_tokenizer
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 # mergekit keys we parse but do not implement yet: refusing them is better than a different output.
-UNSUPPORTED_KEYS = {
-    "tokenizer": "tokenizer merging is not supported yet; use tokenizer_source: base or a model reference",
-    "modules": "multi-module (VLM, encoder-decoder) merges are not supported yet; use models or slices",
-    "chat_template": "chat_template is not supported yet; the base model's chat template is copied as is",
-}
+UNSUPPORTED_KEYS: dict[str, str] = {}
 MODEL_KEYS = ("model", "parameters")
+MODULE_KEYS = ("models", "slices", "parameters")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 SETTING_KEYS = ("filter", "value")
@@ -71,6 +69,17 @@ class Slice:
 
 
 @dataclass(frozen=True)
+class Module:
+    """One entry of ``modules:`` (mergekit's multi-module merges): the models merged into that module's tensors,
+    and parameters between theirs and the top-level ones."""
+
+    name: str
+    models: tuple[InputModel, ...]
+    parameters: Parameters
+    where: str  # "modules.text_decoder"
+
+
+@dataclass(frozen=True)
 class Spec:
     merge_method: str
     models: Optional[tuple[InputModel, ...]]
@@ -80,24 +89,31 @@ class Spec:
     dtype: Optional[torch.dtype] = None
     out_dtype: Optional[torch.dtype] = None
     tokenizer_source: Union[str, ModelRef, None] = None   # None or "base" mean the base (or first) model
+    tokenizer: Optional[TokenizerSpec] = None            # tokenizer_source or tokenizer: (spec/tokenizer.py)
+    chat_template: Optional[str] = None
     text: str = ""                                       # the spec as the user wrote it
     file: Optional[str] = None                           # where it came from, for error messages
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    modules: Optional[tuple[Module, ...]] = None
+
+    def all_models(self) -> tuple[InputModel, ...]:
+        """The models entries, those of every module included (models: or modules:)."""
+        return tuple(self.models or ()) + tuple(m for module in self.modules or () for m in module.models)
 
     def references(self) -> list[tuple[ModelRef, str]]:
         """Every model reference with the YAML path where it first appears, base first."""
         found: dict[ModelRef, str] = {}
         if self.base_model is not None:
             found[self.base_model] = "base_model"
-        for entry in self.models or ():
+        for entry in self.all_models():
             found.setdefault(entry.ref, f"{entry.where}.model")
         for piece in self.slices or ():
             if piece.base_model is not None:
                 found.setdefault(piece.base_model, f"{piece.where}.base_model")
             for source in piece.sources:
                 found.setdefault(source.ref, f"{source.where}.model")
-        if isinstance(self.tokenizer_source, ModelRef):
-            found.setdefault(self.tokenizer_source, "tokenizer_source")
+        for ref, where in self.tokenizer.references() if self.tokenizer is not None else ():
+            found.setdefault(ref, where)
         return list(found.items())
 
     def error(self, what: str, where: Optional[str] = None, hint: Optional[str] = None) -> SpecError:
@@ -139,25 +155,22 @@ def parse_spec(data: Any, *, text: str = "", file: Optional[str] = None) -> Spec
     if not isinstance(method, str) or not method:
         raise fail("merge_method is missing" if method is None else "merge_method must be a string",
                    where="merge_method", hint="e.g. merge_method: linear (see `merge methods`)")
-    present = [key for key in ("models", "slices") if data.get(key) is not None]
+    present = [key for key in ("models", "slices", "modules") if data.get(key) is not None]
     if len(present) != 1:
-        raise fail("exactly one of 'models' or 'slices' must be given" if present else "no models to merge",
-                   where=None, hint="list the inputs under models: (whole models) or slices: (layer ranges)")
+        raise fail("exactly one of 'models', 'slices' or 'modules' must be given" if present else
+                   "no models to merge", where=None, hint="list the inputs under models: (whole models), slices: "
+                                                          "(layer ranges) or modules: (per module of a VLM)")
     base = _reference(data, "base_model", "base_model", fail)
     models = _models(data["models"], fail) if "models" in present else None
     slices = _slices(data["slices"], fail) if "slices" in present else None
-    tokenizer_source = data.get("tokenizer_source")
-    if tokenizer_source is not None:
-        if tokenizer_source == "union":
-            raise fail("tokenizer_source: union is not supported yet", where="tokenizer_source",
-                       hint="use tokenizer_source: base, or name the model whose tokenizer to copy")
-        if tokenizer_source != "base":
-            tokenizer_source = _reference(data, "tokenizer_source", "tokenizer_source", fail)
+    tokenizer = parse_tokenizer(data, fail, _check_keys)
     return Spec(
         merge_method=method, models=models, slices=slices, base_model=base,
         parameters=_parameters(data.get("parameters"), "parameters", fail),
         dtype=_dtype(data, "dtype", fail), out_dtype=_dtype(data, "out_dtype", fail),
-        tokenizer_source=tokenizer_source, text=text, file=file, raw=data,
+        tokenizer_source=tokenizer.source if tokenizer is not None else None, tokenizer=tokenizer,
+        chat_template=parse_chat_template(data.get("chat_template"), fail), text=text, file=file, raw=data,
+        modules=_modules(data["modules"], fail) if "modules" in present else None,
     )
 
 
@@ -203,10 +216,10 @@ def _list(node: Any, where: str, fail) -> list:
     return node
 
 
-def _models(node: Any, fail) -> tuple[InputModel, ...]:
+def _models(node: Any, fail, at: str = "models") -> tuple[InputModel, ...]:
     entries = []
-    for i, entry in enumerate(_list(node, "models", fail)):
-        where = f"models[{i}]"
+    for i, entry in enumerate(_list(node, at, fail)):
+        where = f"{at}[{i}]"
         if isinstance(entry, str):  # shorthand some configs use: "- org/model"
             entry = {"model": entry}
         entry = _mapping(entry, where, fail)
@@ -214,6 +227,24 @@ def _models(node: Any, fail) -> tuple[InputModel, ...]:
         entries.append(InputModel(_model(entry, where, fail),
                                   _parameters(entry.get("parameters"), f"{where}.parameters", fail), where))
     return tuple(entries)
+
+
+def _modules(node: Any, fail) -> tuple[Module, ...]:
+    modules = []
+    for name, entry in _mapping(node, "modules", fail).items():
+        where = f"modules.{name}"
+        entry = _mapping(entry, where, fail)
+        _check_keys(entry, MODULE_KEYS, where, fail)
+        if entry.get("slices") is not None:
+            raise fail("per-module slices (layer stacking inside a module) are not supported yet",
+                       where=f"{where}.slices", hint="list the module's models under models:")
+        if entry.get("models") is None:
+            raise fail("the module lists no models", where=where, hint="give the module models: [...]")
+        modules.append(Module(str(name), _models(entry["models"], fail, f"{where}.models"),
+                              _parameters(entry.get("parameters"), f"{where}.parameters", fail), where))
+    if not modules:
+        raise fail("no modules listed", where="modules", hint="e.g. modules: {text_decoder: {models: [...]}}")
+    return tuple(modules)
 
 
 def _slices(node: Any, fail) -> tuple[Slice, ...]:

@@ -40,6 +40,7 @@ class Chunks:
     def __init__(self, inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor],
                  emit: Callable[[int, torch.Tensor], None], convert: Optional[Convert] = None,
                  spread: Spread = in_order):
+        self.shape = tuple((base if base is not None else inputs[0]).shape) if inputs else ()   # unflattened
         self._inputs = [t.reshape(-1) for t in inputs]          # (numel,) each, stored dtype
         self._base = base.reshape(-1) if base is not None else None
         self._convert = convert

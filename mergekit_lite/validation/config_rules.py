@@ -5,7 +5,8 @@ layer count, vocabulary, MLP width or head count in the config that contradicts 
 output unloadable (or, worse, loadable with silently re-initialised weights). There is no architecture
 table here: each rule names the config keys it reads (the first one present wins) and the tensor-name
 suffixes it applies to, so it covers Llama, Mistral, Qwen, Gemma, Phi-3 and GPT-2-style layouts and stays
-silent on anything it does not recognise.
+silent on anything it does not recognise. A multimodal model's sub-configs (text_config, vision_config) each
+describe their own sub-model's tensors only (architecture.SUB_CONFIGS).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..architecture import (
     get_config_value,
     layer_count_key,
     layer_index,
+    sub_config,
 )
 from ..dtypes import dtype_name
 from .report import Finding
@@ -73,7 +75,8 @@ class Dims:
         return self.kv_heads * self.head_dim if self.kv_heads and self.head_dim else None
 
 
-def config_dims(config: dict[str, Any]) -> Dims:
+def config_dims(config: dict[str, Any], section: str = "") -> Dims:
+    """The dimensions ``config`` declares; ``section`` ("vision_config.") names a sub-config in messages."""
     found: dict[str, Optional[int]] = {}
     keys: dict[str, str] = {}
     for dim, candidates in KEYS.items():
@@ -81,7 +84,7 @@ def config_dims(config: dict[str, Any]) -> Dims:
         for key in candidates:
             value = get_config_value(config, key)
             if type(value) is int and value > 0:
-                found[dim], keys[dim] = value, key
+                found[dim], keys[dim] = value, section + key
                 break
     if found["kv_heads"] is None and found["heads"] is not None:
         found["kv_heads"], keys["kv_heads"] = found["heads"], keys["heads"]   # no GQA: as many kv heads as heads
@@ -90,19 +93,37 @@ def config_dims(config: dict[str, Any]) -> Dims:
         keys["head_dim"] = f"{keys['hidden']}/{keys['heads']}"
     layers_key = layer_count_key(config)
     layers = get_config_value(config, layers_key) if layers_key else None
-    return Dims(**found, layers=layers, layers_key=layers_key, keys=keys)
+    return Dims(**found, layers=layers, layers_key=section + layers_key if layers_key else None, keys=keys)
 
 
 def check_config(config: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                  dtypes: Optional[dict[str, torch.dtype]] = None) -> tuple[int, list[Finding]]:
     """Check tensor shapes (and, when ``dtypes`` is given, float dtypes) against config.json.
 
+    In a multimodal config each sub-config (text_config, vision_config) is checked against its own
+    sub-model's tensors only (architecture.SUB_CONFIGS); the rest against the top level.
     Returns (number of rules applied, findings)."""
     if not config:
         return 0, []
-    dims = config_dims(config)
+    groups: dict[str, dict[str, str]] = {}     # sub-config key ("" for the top level) -> {inner name: name}
+    for name in shapes:
+        section, inner = sub_config(name, config) or ("", name)
+        groups.setdefault(section, {})[inner] = name
     applied = 0
     findings: list[Finding] = []
+    for section, names in groups.items():
+        node = config[section] if section else config
+        dims = config_dims(node, section + "." if section else "")
+        applied += _check_shapes(dims, node, {inner: shapes[name] for inner, name in names.items()}, names, findings)
+    applied += _check_dtypes(config, dtypes, findings)
+    return applied, findings
+
+
+def _check_shapes(dims: Dims, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], names: dict[str, str],
+                  findings: list[Finding]) -> int:
+    """The width and layer-count rules over one (sub-)model's tensors, by their names inside it; findings
+    name the tensors by their full names (``names``: inner -> full)."""
+    applied = 0
 
     def expect(name: str, want: Optional[tuple], dims_used: tuple[str, ...]) -> None:
         nonlocal applied
@@ -113,7 +134,7 @@ def check_config(config: dict[str, Any], shapes: dict[str, tuple[int, ...]],
             said = ", ".join(f"{dims.keys.get(d, d)} {getattr(dims, d)}" for d in dims_used
                              if getattr(dims, d, None) is not None)
             findings.append(Finding(f"shape {list(shapes[name])} contradicts config.json ({said}: {list(want)})",
-                                    tensor=name))
+                                    tensor=names[name]))
 
     for name in shapes:
         if name in INPUT_EMBEDDINGS or name == "lm_head.weight":
@@ -126,12 +147,11 @@ def check_config(config: dict[str, Any], shapes: dict[str, tuple[int, ...]],
             for rule_suffix, used, rule in LAYER_RULES:
                 if suffix == rule_suffix:
                     expect(name, rule(dims), used)
-    applied += _check_layer_count(dims, shapes, findings)
-    applied += _check_dtypes(config, dtypes, findings)
-    return applied, findings
+    return applied + _check_layer_count(dims, shapes, names, findings)
 
 
-def _check_layer_count(dims: Dims, shapes: dict[str, tuple[int, ...]], findings: list[Finding]) -> int:
+def _check_layer_count(dims: Dims, shapes: dict[str, tuple[int, ...]], names: dict[str, str],
+                       findings: list[Finding]) -> int:
     if dims.layers is None:
         return 0
     indices = {i for i in map(layer_index, shapes) if i is not None}
@@ -142,7 +162,7 @@ def _check_layer_count(dims: Dims, shapes: dict[str, tuple[int, ...]], findings:
     if missing or extra:
         parts = ([f"no tensors for layer(s) {_ranges(missing)}"] if missing else []) + \
                 ([f"tensors for layer(s) {_ranges(extra)} beyond it"] if extra else [])
-        first = next((n for n in shapes if layer_index(n) == extra[0]), None) if extra else None
+        first = next((names[n] for n in shapes if layer_index(n) == extra[0]), None) if extra else None
         findings.append(Finding(f"{dims.layers_key} is {dims.layers} but the output has " + " and ".join(parts),
                                 tensor=first, file="config.json"))
     return 1

@@ -1,6 +1,7 @@
 """Check 4, forward pass: the merged model loads in transformers and runs; its loss sits beside its inputs'.
 
-The merged model runs a fixed batch (the output's tokenizer on fixed prompts, else fixed token ids): its
+The merged model runs a fixed batch (the output's tokenizer on fixed prompts, else fixed token ids; a VLM runs as
+image-text-to-text on that text alone, never fed its image tokens): its
 logits must be finite, and every tensor must be filled from the files. Each input model runs the same
 batch, so the report shows each input's loss beside the merged model's. When the output is supposed to
 compute what one input computes, their logits are compared: a merge of identical inputs by a method that
@@ -54,10 +55,18 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
         return not_checked("forward", reason, empty_numbers(), time.perf_counter() - started)
     from .inference import IncompleteModel, batch_loss, load_model, logits_of, make_batch
 
-    batch = make_batch(folder.path, _vocab_size(folder))
+    batch = make_batch(folder.path, _vocab_size(folder), _media_tokens(folder.config))
     numbers = empty_numbers(prompts=int(batch.input_ids.shape[0]), tokens=batch.tokens, token_source=batch.source)
     try:
-        merged = logits_of(load_model(folder.path, device, allow_pickle=allow_pickle), batch, device)
+        model = load_model(folder.path, device, allow_pickle=allow_pickle)
+        try:
+            merged = logits_of(model, batch, device)
+        except Exception as exc:
+            if _runs_on_text(folder.config):
+                raise
+            # a VLM that needs its images even for text: its not running says nothing about the merge
+            return not_checked("forward", f"the model loads but does not run on text alone, without images "
+                               f"({type(exc).__name__}: {exc})", numbers, time.perf_counter() - started)
     except IncompleteModel as exc:
         failure = Finding(str(exc), tensor=exc.tensor)
         return outcome("forward", [failure], "", numbers, time.perf_counter() - started)
@@ -143,7 +152,7 @@ def input_models(spec: Optional[Spec], plan: Optional[MergePlan]) -> list[InputM
     refs: dict[ModelRef, str] = {}
     if spec.base_model is not None:
         refs[spec.base_model] = "base_model"
-    for entry in spec.models or ():
+    for entry in spec.all_models():
         refs.setdefault(entry.ref, entry.where)
     for piece in spec.slices or ():
         for source in piece.sources:
@@ -236,6 +245,20 @@ def _vocab_size(folder: OutputFolder) -> int:
         return vocab
     head = folder.tensors.get("lm_head.weight")
     return head.shape[0] if head is not None else 2
+
+
+def _runs_on_text(config: dict[str, Any]) -> bool:
+    """A causal LM runs on token ids alone; an image-text-to-text model (a VLM) may not."""
+    from .inference import auto_class
+
+    return auto_class(config).__name__ == "AutoModelForCausalLM"
+
+
+def _media_tokens(config: dict[str, Any]) -> list[int]:
+    """A multimodal model's placeholder token ids (image, video, audio): never fed without their media."""
+    keys = [key for key in config if key.endswith(("_token_index", "_token_id")) and
+            key.startswith(("image", "video", "audio", "boi", "eoi", "vision"))]
+    return [config[key] for key in keys if type(config[key]) is int]
 
 
 def _output_dtype(folder: OutputFolder) -> torch.dtype:

@@ -41,13 +41,16 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def make_batch(tokenizer_folder: str, vocab_size: int) -> Batch:
-    """The prompts through the output's tokenizer when it loads and knows them; else fixed token ids."""
+def make_batch(tokenizer_folder: str, vocab_size: int, avoid: Sequence[int] = ()) -> Batch:
+    """The prompts through the output's tokenizer when it loads and knows them; else fixed token ids, none of
+    them in ``avoid`` (a VLM's image token would ask for image features a text-only batch does not have)."""
     batch = _tokenized(tokenizer_folder, vocab_size)
     if batch is not None:
         return batch
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, FIXED_SHAPE, generator=generator)
+    allowed = next((i for i in range(vocab_size) if i not in avoid), 0)
+    ids[torch.isin(ids, torch.tensor(list(avoid), dtype=ids.dtype))] = allowed
     return Batch(ids, torch.ones_like(ids), "fixed_ids")
 
 
@@ -88,8 +91,9 @@ class PickleRefused(RuntimeError):
 
 def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *,
                allow_pickle: bool = False):
-    """A causal LM from ``folder`` in float32 on ``device``, with LoRA ``adapters`` (folder, weight) applied at
-    inference time by peft: not merged into the weights, so it is the reference a fold must reproduce.
+    """A causal LM (a VLM: its image-text-to-text model, see auto_class) from ``folder`` in float32 on ``device``,
+    with LoRA ``adapters`` (folder, weight) applied at inference time by peft: not merged into the weights, so it
+    is the reference a fold must reproduce.
 
     Weights are read from safetensors files whenever the folder has them. A folder (or adapter) with pickle
     weights only raises PickleRefused unless ``allow_pickle``; with it, every pickle file is first opened by
@@ -97,7 +101,6 @@ def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, 
     for weights_only too. Raises IncompleteModel naming a tensor transformers could not fill (it would
     otherwise initialise it randomly with only a warning)."""
     import transformers
-    from transformers import AutoModelForCausalLM
 
     safetensors = _model_weights_are_safe(folder, allow_pickle)
     for adapter, _ in adapters:
@@ -107,9 +110,9 @@ def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, 
     if "weights_only" in inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters:
         options["weights_only"] = True
     with _quiet():
-        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True,   # reported below
-                                                           **options)
+        model, info = auto_class(_config_of(folder)).from_pretrained(folder, output_loading_info=True,
+                                                                     ignore_mismatched_sizes=True,  # reported below
+                                                                     **options)
     problems = [(name, "is missing") for name in sorted(info.get("missing_keys", ()))]
     problems += [(name, f"has shape {list(stored)} in the files, the model built from config.json needs "
                         f"{list(wanted)}") for name, stored, wanted in sorted(info.get("mismatched_keys", ()))]
@@ -161,19 +164,51 @@ def _adapter_weights_are_safe(folder: str, allow_pickle: bool) -> None:
 
 
 def unknown_architecture(config: dict) -> Optional[str]:
-    """Why transformers cannot build a causal LM from this config.json (None: it can)."""
+    """Why transformers cannot build a model that computes next-token logits from this config.json: a causal
+    LM, or an image-text-to-text model run on text only (None: it can)."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         return "config.json has no model_type: transformers cannot tell which model to build"
     if model_type not in CONFIG_MAPPING_NAMES:
         return f"transformers {transformers.__version__} does not know model_type '{model_type}'"
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return f"transformers {transformers.__version__} has no causal language model for model_type '{model_type}'"
+    if _auto_class_name(model_type) is None:
+        return (f"transformers {transformers.__version__} has no causal language model nor image-text-to-text model "
+                f"for model_type '{model_type}'")
     return None
+
+
+def auto_class(config: dict):
+    """transformers' auto class for this config.json: causal LM first, else image-text-to-text (a VLM such as
+    LLaVA, run here on text-only input_ids)."""
+    import transformers
+
+    return getattr(transformers, _auto_class_name(config.get("model_type")) or "AutoModelForCausalLM")
+
+
+def _auto_class_name(model_type: object) -> Optional[str]:
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping, name in (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+                          ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText"),
+                          ("MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES", "AutoModelForVision2Seq")):   # transformers 4
+        if model_type in getattr(modeling_auto, mapping, {}) and hasattr(transformers, name):
+            return name
+    return None
+
+
+def _config_of(folder: str) -> dict:
+    """config.json of ``folder`` ({} when it cannot be read: transformers then says why it cannot load)."""
+    from ..sources.user_files import parse_json_file
+
+    try:
+        config = parse_json_file(os.path.join(folder, "config.json"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def apply_adapters(model, adapters: Sequence[tuple[str, float]]):
