@@ -12,6 +12,9 @@ _EXPORTS = {
     "run_merge": "mergekit_lite.api.merge",
     "make_plan": "mergekit_lite.plan.planner",
     "MergeResult": "mergekit_lite.api.merge",
+    "MergeSettings": "mergekit_lite.api.merge",
+    "ValidationFailed": "mergekit_lite.api.merge",
+    "load_tensor": "mergekit_lite.api.tensors",
     "validate": "mergekit_lite.validation",
     "ValidationReport": "mergekit_lite.validation",
     "fold_lora": "mergekit_lite.api.fold",
@@ -34,3 +37,8 @@ def __getattr__(name: str):
 
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'mergekit_lite' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    """The lazy exports too, so ``dir(mergekit_lite)`` and tab completion show them."""
+    return sorted(set(globals()) | set(__all__))

@@ -89,5 +89,6 @@ def within(file: Optional[str], where: Optional[str] = None,
     except kinds as exc:
         exc.file = exc.file or file
         if where is not None:
-            exc.where = where if exc.where is None else f"{where}: {exc.where}"
+            inside = exc.where is not None and (exc.where == where or exc.where.startswith((where + ".", where + "[")))
+            exc.where = where if exc.where is None else exc.where if inside else f"{where}: {exc.where}"
         raise

@@ -41,6 +41,13 @@ def models_tied(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def tiny_shards(monkeypatch):
+    """Let `merge run --max-shard-size` take sizes of a few kB, so that the tiny test models get several shards
+    (users get at least 1 MB: cli/mergekit_flags.py)."""
+    monkeypatch.setattr("mergekit_lite.cli.mergekit_flags.MIN_SHARD", 1)
+
+
+@pytest.fixture
 def cli():
     """Run `merge ...` in-process; returns click's Result (exit_code, stdout, stderr)."""
     from mergekit_lite.cli import cli as group

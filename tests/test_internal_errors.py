@@ -437,9 +437,9 @@ def _errors():
         (errors.OfflineModeIsEnabled("offline"), "no local folder 'org/x', and as a Hub repo it is not in the local"),
         (errors.RevisionResolutionError("Cannot resolve"), "no local folder 'org/x', and the Hub could not be reached "
          "when asked for it as a repo (RevisionResolutionError: Cannot resolve)"),
-        (errors.LocalEntryNotFoundError("not cached"), "network failure while downloading 'org/x': "),
-        (errors.IncompleteSnapshotError("incomplete", "/x"), "network failure while downloading 'org/x': "),
-        (errors.XetDownloadError("xet failed"), "network failure while downloading 'org/x': "),
+        (errors.LocalEntryNotFoundError("not cached"), "could not reach the Hub while downloading 'org/x': "),
+        (errors.IncompleteSnapshotError("incomplete", "/x"), "could not reach the Hub while downloading 'org/x': "),
+        (errors.XetDownloadError("xet failed"), "could not reach the Hub while downloading 'org/x': "),
         (OSError(28, "No space left on device"), "download of 'org/x' failed: [Errno 28] No space left on device"),
         (ValueError("something new"), "the Hub client failed on 'org/x': ValueError: something new"),
     ]

@@ -129,8 +129,8 @@ def test_fold_output_and_replay(cli, models_bf16, adapters, tmp_path):
     assert got.keys() == memory.keys() and all(torch.equal(got[k], memory[k]) for k in got)
     assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
     card = (out / "README.md").read_text()
-    assert f"- `{base}` (local) + LoRA adapter `{adapters['chat']}` (local) (weight 0.5) + LoRA adapter " \
-           f"`{adapters['style']}` (local)" in card
+    assert f"Base model: `{base}` (local)\n\nAdapters, folded in order:\n\n- `{adapters['chat']}` (local) " \
+           f"(weight 0.5)\n- `{adapters['style']}` (local)\n" in card
     assert "the LoRA adapters were folded into the base as each tensor was read" in card
     replay = cli("run", out / "mergekit_config.yml", "-o", tmp_path / "replay", "--quiet")
     assert replay.exit_code == 0, replay.output
@@ -166,7 +166,10 @@ def test_tied_base_untied_by_default(models_tied, tmp_path):
     assert torch.equal(untied["lm_head.weight"], embed + delta)
     shared = fold_lora(models_tied / "base", folder, tied_embeddings="shared")
     assert "lm_head.weight" not in shared and torch.equal(shared["model.embed_tokens.weight"], embed + delta)
-    fold_lora(models_tied / "base", folder, tmp_path / "out", progress=False)
+    # strict=False: the adapter's config targets q_proj only, so peft (the forward check's reference) ignores
+    # the lm_head factors added above, which the fold applies: the check rightly finds different logits
+    with pytest.warns(UserWarning, match="Validation FAILED"):
+        fold_lora(models_tied / "base", folder, tmp_path / "out", progress=False, strict=False)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
 
 

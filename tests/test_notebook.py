@@ -18,8 +18,12 @@ def text_of(cell) -> str:
 
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
-        "store the notebook without outputs"
+    # Stored executed, with its plot, so the repository page shows it; small (the plot is one PNG).
+    stored = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.get("outputs") for cell in stored), "store the notebook executed (see CONTRIBUTING.md)"
+    assert any("image/png" in out.get("data", {}) for cell in stored for out in cell.outputs)
+    assert NOTEBOOK.stat().st_size < 300_000
+    assert "def load(" not in NOTEBOOK.read_text() and "load_tensor(" in NOTEBOOK.read_text()
     # The kernel imports this checkout, works in tmp_path, and sees no token of the developer's.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOK.parent.parent),
                                                                     os.environ.get("PYTHONPATH")])))

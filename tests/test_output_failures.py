@@ -17,6 +17,8 @@ from safetensors import SafetensorError, safe_open
 
 from mergekit_lite.output.folder import LOCK_SUFFIX, OutputLock
 
+pytestmark = pytest.mark.usefixtures("tiny_shards")   # shards of a few kB on the command line (conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 LEFTOVER = ("the next run of this merge deletes them, or continues from the finished shards with --resume; "
             "delete them yourself to free the space now")

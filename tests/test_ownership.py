@@ -28,6 +28,7 @@ from mergekit_lite.testing.adapters import write_adapter
 from mergekit_lite.testing.synthetic import write_model
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("tiny_shards")
 LOCK_SUFFIX = ".mergekit_lite.lock"
 
 

@@ -156,8 +156,9 @@ def test_fold_of_a_hub_adapter_into_a_hub_base(hub_models, models_f32, tmp_path)
     fetched = sorted(r.path.rsplit("/", 1)[1] for r in hub.requests("GET", r"^/org/adapter/resolve/"))
     assert fetched == ["adapter_config.json", "adapter_model.safetensors"]
     commit = hub.repos["org/base"].branches["main"]
-    assert f"[org/base](https://huggingface.co/org/base) (commit `{commit}`) + LoRA adapter " \
-           "[org/adapter](https://huggingface.co/org/adapter)" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"Base model: [org/base](https://huggingface.co/org/base) (commit `{commit}`)\n" in card
+    assert "\n- [org/adapter](https://huggingface.co/org/adapter)" in card   # under "Adapters, folded in order"
 
 
 def test_gated_adapter_fails_before_any_download(cli, hub_in_process, tmp_path):

@@ -14,7 +14,10 @@ from helpers.models import write_spec
 from mergekit_lite import run_merge
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("tiny_shards")
 SHARD = "30kB"   # the tiny models' output in 15 shards: 15 tasks over 2 workers
+# `merge` in a process of its own that, like the tiny_shards fixture, takes shard sizes under 1 MB
+SMALL_SHARDS_CLI = "import mergekit_lite.cli.mergekit_flags as f; f.MIN_SHARD = 1; from mergekit_lite.cli import main; main()"
 
 
 def spec_text(root: Path) -> str:
@@ -86,7 +89,7 @@ def test_cli_connects_to_a_running_cluster(ray_cluster, models_bf16, tmp_path, l
     spec = write_spec(tmp_path / "spec.yaml", spec_text(models_bf16))
     out = tmp_path / "ray" / "merged"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "mergekit_lite", "run", str(spec), "-o", str(out), "--quiet",
+    done = subprocess.run([sys.executable, "-c", SMALL_SHARDS_CLI, "run", str(spec), "-o", str(out), "--quiet",
                            "--no-validate", "--max-shard-size", SHARD,
                            "--executor", "ray", "--ray-address", ray_cluster],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -20,6 +20,8 @@ from mergekit_lite import run_merge
 from mergekit_lite.output.journal import JOURNAL
 from mergekit_lite.strategies.linear import STRATEGY as LINEAR
 
+pytestmark = pytest.mark.usefixtures("tiny_shards")   # shards of a few kB on the command line (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = "4kB"   # every tensor of the tiny models gets a shard of its own: 39 shards
 

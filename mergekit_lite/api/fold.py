@@ -56,9 +56,10 @@ def fold_lora(base: PathLike, adapters: Union[PathLike, Sequence[PathLike]], out
     """Fold LoRA adapters into ``base`` (local folders or Hub ids ``org/name[@revision]``).
 
     With ``out``: write the folded model folder (``options`` go to ``run_merge``: ``max_shard_size``,
-    ``out_dtype``, ``overwrite``, ``dry_run``, ``device``, ``progress``, ``validate``) and return its
-    MergeResult; ``result.validation.status`` is passed, failed or not_checked (its forward check compares
-    the fold with the base plus the adapters applied by peft: not checked when that reference cannot run).
+    ``out_dtype``, ``overwrite``, ``dry_run``, ``device``, ``progress``, ``validate``, ``strict``) and return
+    its MergeResult; ``result.validation.status`` is passed or not_checked (its forward check compares the fold
+    with the base plus the adapters applied by peft: not checked when that reference cannot run); a failed
+    validation raises ValidationFailed, or with ``strict=False`` warns and returns.
     Without: return ``{tensor name: tensor}`` in the base's dtypes, for small models (a notebook's
     load-time weight edit). ``weights`` scale each adapter's change (default 1 each); ``tied_embeddings``
     is ``untie`` (write lm_head separately; default) or ``shared`` (peft's single shared tensor).

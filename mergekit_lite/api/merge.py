@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
@@ -13,11 +14,12 @@ import torch
 
 from ..engine.devices import resolve_device
 from ..engine.executors import check_executor
-from ..errors import Interrupted, OutputError, UsageError
+from ..errors import Interrupted, MergeError, ModelError, OutputError, UsageError
 from ..output.companions import check_tokenizer_files, write_companions
 from ..output.folder import LEFTOVER, OutputLock, check_free_space
 from ..output.journal import fingerprint
 from ..output.place import Place, check_path, check_place, commit_partial, start_partial
+from ..output.remote_code import remote_code_files
 from ..output.run_settings import settings_for, write_run_settings
 from ..plan.planner import MergePlan, dtype_setting, make_plan
 from ..spec.schema import SpecLike
@@ -56,6 +58,52 @@ class MergeResult:
         return (f"Merged {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s){resumed}) into "
                 f"{self.path} in {self.seconds:.1f} s.")
 
+    def __repr__(self) -> str:
+        from ..units import format_size
+
+        verdict = "not validated" if self.validation is None else f"validation {self.validation.status}"
+        if self.dry_run:
+            return f"<MergeResult dry run: {self.tensors} tensors ({format_size(self.bytes)}) to {self.path!r}>"
+        pushed = f", pushed to {self.pushed.repo_id}" if self.pushed is not None else ""
+        return (f"<MergeResult {self.tensors} tensors ({format_size(self.bytes)}, {self.shards} shard(s)) in "
+                f"{self.path!r}, {verdict}{pushed}>")
+
+    def _repr_html_(self) -> str:
+        """Jupyter: a small table; the dry run's plan and the validation's checks in full."""
+        from html import escape
+
+        from ..units import format_size
+
+        rows = [("output", self.path), ("tensors", self.tensors), ("size", format_size(self.bytes)),
+                ("shards", self.shards if not self.dry_run else None), ("seconds", f"{self.seconds:.1f}"),
+                ("validation", None if self.dry_run else
+                 self.validation.status if self.validation is not None else "not validated"),
+                ("pushed to", self.pushed.url if self.pushed is not None else None),
+                *[("warning", w) for w in self.warnings]]
+        table = "".join(f"<tr><th>{key}</th><td style='text-align:left'>{escape(str(value))}</td></tr>"
+                        for key, value in rows if value is not None)
+        title = "Dry run: nothing was written" if self.dry_run else "Merge result"
+        html = f"<p><b>{title}</b></p><table>{table}</table>"
+        if self.summary:
+            html += f"<pre>{escape(self.summary)}</pre>"
+        if self.validation is not None:
+            html += self.validation._repr_html_()
+        return html
+
+
+class ValidationFailed(MergeError):
+    """``run_merge`` wrote its output, but the validation found it wrong (the output stays for inspection).
+    ``report`` is the ValidationReport, ``result`` the MergeResult (with it). Exit code 1."""
+
+    def __init__(self, result: MergeResult, pushed_to: Optional[str] = None):
+        self.result, self.report = result, result.validation
+        failed = ", ".join(c.name for c in self.report.checks if c.status == "failed")
+        not_pushed = f"; not pushed to {pushed_to}" if pushed_to else ""
+        super().__init__(f"validation failed ({failed}); the output was written and stays in {result.path} for "
+                         f"inspection{not_pushed}", where="run_merge",
+                         hint="see the report (error.report, or `merge validate OUT`); strict=False returns the "
+                              "result with a warning instead")
+
 
 @dataclass(frozen=True)
 class MergeSettings:
@@ -66,6 +114,10 @@ class MergeSettings:
     ``push_to_hub="org/name"`` then uploads the result (``private`` applies to a new repo), unless its
     validation failed. ``resume`` continues an interrupted merge of the same spec from its partial folder;
     ``executor="ray"`` computes the shards on a Ray cluster (``ray_address``; default: a local one).
+    mergekit's options: ``copy_tokenizer``/``write_model_card`` (False: no tokenizer files / no README.md),
+    ``allow_crimes`` (merge models whose config.json name different ``architectures``, with a warning; shapes
+    are still checked), ``trust_remote_code`` (copy the code files config.json's ``auto_map`` names into the
+    output), ``num_threads`` (merging threads; default one per core).
     """
 
     max_shard_size: Union[str, int] = "5GB"
@@ -85,6 +137,12 @@ class MergeSettings:
     executor: str = "local"
     ray_address: Optional[str] = None
     config_from: Optional[str] = None    # the model whose config.json the output takes (plan/configs.py)
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    allow_crimes: bool = False
+    trust_remote_code: bool = False
+    num_threads: Optional[int] = None
+    strict: bool = True                 # a failed validation raises ValidationFailed; False: warns and returns
 
 
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[MergeSettings] = None, *,
@@ -95,8 +153,9 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[M
     keyword arguments change single fields (``run_merge(spec, out, overwrite=True)``). ``strategies`` adds
     merge methods that are not built in (they take precedence by name). Raises a MergeError subclass on bad
     input. With ``validate`` (the default) the written output is checked (``mergekit_lite.validate``) and the
-    report is ``result.validation`` (``.status``: passed, failed or not_checked); a failed or not checked
-    validation does not raise and leaves the output in place;
+    report is ``result.validation`` (``.status``: passed, failed or not_checked). A failed validation raises
+    ValidationFailed (``.report``, ``.result``; nothing is pushed), or with ``strict=False`` warns and returns;
+    either way the output stays in place. A not checked validation never raises.
     ``result.pushed`` says where a push went. Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt)
     saying what was left behind.
     """
@@ -108,21 +167,42 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[M
     merge_plan = make_plan(spec, dtype=run.dtype, out_dtype=run.out_dtype, seed=run.seed, strategies=strategies,
                            allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite,
                            config_from=run.config_from)
+    log.info("%s of %d model(s): %d tensors (%s) on %s, merged in %s, written as %s, shards of at most %s, "
+             "seed %d%s", merge_plan.strategy.name, len(merge_plan.checkpoints), len(merge_plan.jobs),
+             _size(merge_plan.total_bytes), device, run.dtype or "the spec's dtype",
+             run.out_dtype or "the spec's out_dtype", _size(shard_bytes), run.seed,
+             f", {run.num_threads} merging thread(s)" if run.num_threads else "")
     try:
+        check_architectures(merge_plan, run.allow_crimes)
+        code_files = remote_code_files(merge_plan, run.trust_remote_code)
         check_path(out)   # before a lock file is made next to it
         check_free_space(out, merge_plan.total_bytes)
-        check_tokenizer_files(merge_plan)
+        if run.copy_tokenizer:
+            check_tokenizer_files(merge_plan)
         if run.dry_run:
             _check_place(merge_plan, out, shard_bytes, device, run)
             return _dry_run(merge_plan, out, shard_bytes, run, started)
         with OutputLock(out):   # held until validated: a second run cannot replace OUT under the validation
             place = _check_place(merge_plan, out, shard_bytes, device, run)   # under the lock: no other run moves
-            result = _execute(merge_plan, place, shard_bytes, device, started, run)
+            result = _execute(merge_plan, place, shard_bytes, device, started, run, code_files)
             if run.validate:
                 result = dataclasses.replace(result, validation=_validate(merge_plan, out, device, strategies, run))
     finally:
         merge_plan.close()
+    if result.validation is not None and result.validation.failed:
+        return _failed(result, out, run)
     return _push(result, out, run) if run.push_to_hub else result
+
+
+def _failed(result: MergeResult, out: str, run: MergeSettings) -> MergeResult:
+    """A validation that failed stops the push, and raises ValidationFailed (``strict=False``: warns)."""
+    if run.push_to_hub:
+        log.warning("not pushed to %s: the validation failed (after a look at the report, "
+                    "`merge push %s --repo %s` pushes it anyway)", run.push_to_hub, out, run.push_to_hub)
+    if run.strict:
+        raise ValidationFailed(result, run.push_to_hub)
+    warnings.warn(f"the validation of {result.path} failed: {result.validation.verdict()}", stacklevel=3)
+    return result
 
 
 def _check_settings(run: MergeSettings) -> tuple[int, torch.device]:
@@ -138,9 +218,46 @@ def _check_settings(run: MergeSettings) -> tuple[int, torch.device]:
         shard_bytes = parse_size(run.max_shard_size)
     except ValueError as exc:
         raise UsageError(str(exc), where="max_shard_size") from None
+    if run.num_threads is not None and (isinstance(run.num_threads, bool) or not isinstance(run.num_threads, int)
+                                        or run.num_threads < 1):
+        raise UsageError(f"{run.num_threads!r} is not a number of threads", where="num_threads",
+                         hint="give a whole number of at least 1, e.g. -j 4")
     device = resolve_device(run.device)
     check_executor(run.executor, run.ray_address)
     return shard_bytes, device
+
+
+def _size(size: int) -> str:
+    from ..units import format_size
+
+    return format_size(size)
+
+
+def check_architectures(merge_plan: MergePlan, allow_crimes: bool) -> None:
+    """Models whose config.json name different ``architectures`` are refused, as mergekit does, unless
+    ``allow_crimes`` (its --allow-crimes): then a warning, and the planner's checks still hold (every merged
+    tensor's shape agrees, the behaviour keys of plan/configs.py agree or --config-from chose)."""
+    from ..plan.configs import merged_models
+
+    found: dict[tuple[str, ...], list[str]] = {}
+    for ref in merged_models(merge_plan.spec, merge_plan.checkpoints):
+        checkpoint = merge_plan.checkpoints[ref]
+        names = checkpoint.config.get("architectures") if isinstance(checkpoint.config, dict) else None
+        if isinstance(names, list) and names:
+            found.setdefault(tuple(str(name) for name in names), []).append(checkpoint.label)
+    if len(found) < 2:
+        return
+    described = "; ".join(f"{', '.join(names)} ({', '.join(labels)})" for names, labels in found.items())
+    if not allow_crimes:
+        raise ModelError(f"the models' config.json name different architectures: {described}",
+                         file=merge_plan.spec.file,
+                         hint="merge models of one architecture; to mix them anyway (mergekit's crime), add "
+                              "--allow-crimes (allow_crimes=True): tensor shapes are still checked")
+    message = (f"mixing architectures (--allow-crimes): {described}; the output's config.json names "
+               f"{', '.join(merge_plan.config.get('architectures') or ['?'])}. Still checked: every merged tensor's "
+               "name and shape, and the config settings that change what the model computes")
+    merge_plan.warnings.append(message)
+    log.warning("%s", message)
 
 
 def _check_place(merge_plan: MergePlan, out: str, shard_bytes: int, device: torch.device,
@@ -165,22 +282,23 @@ def _dry_run(merge_plan: MergePlan, out: str, shard_bytes: int, run: MergeSettin
 def _validate(merge_plan: MergePlan, out: str, device: torch.device, strategies: list[Strategy],
               run: MergeSettings) -> "ValidationReport":
     from ..validation import validate as validate_output
+    from ..validation.inference import TRUST_REMOTE_CODE
 
+    trusted = TRUST_REMOTE_CODE.set(run.trust_remote_code)   # the forward check may run the copied code
     try:
         return validate_output(out, merge_plan.spec, device=device, strategies=strategies,
-                               allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite)
+                               allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite,
+                               progress=run.progress)
     except KeyboardInterrupt:
         raise Interrupted(f"{out} is complete but was not validated; run `merge validate {out}`") from None
+    finally:
+        TRUST_REMOTE_CODE.reset(trusted)
 
 
 def _push(result: MergeResult, out: str, run: MergeSettings) -> MergeResult:
-    """Last: after the output was written and its validation found nothing wrong. A validation that failed
-    stops the push; one that could not check everything (NOT CHECKED: no transformers for the forward pass,
-    say) does not, since what it checked passed, but the log says what went unchecked."""
-    if result.validation is not None and result.validation.failed:
-        log.warning("not pushed to %s: the validation failed (after a look at the report, "
-                    "`merge push %s --repo %s` pushes it anyway)", run.push_to_hub, out, run.push_to_hub)
-        return result
+    """Last: after the output was written and its validation found nothing wrong (a failed one stops the push:
+    _failed). One that could not check everything (NOT CHECKED: no transformers for the forward pass, say)
+    does not, since what it checked passed, but the log says what went unchecked."""
     if result.validation is not None and not result.validation.passed:
         log.warning("pushing to %s though the validation could not check everything: %s", run.push_to_hub,
                     "; ".join(f"{c.name}: {c.summary}" for c in result.validation.unchecked))
@@ -191,7 +309,7 @@ def _push(result: MergeResult, out: str, run: MergeSettings) -> MergeResult:
 
 
 def _execute(merge_plan: MergePlan, place: Place, shard_bytes: int, device: torch.device, started: float,
-             run: MergeSettings) -> MergeResult:
+             run: MergeSettings, code_files: list[tuple[str, str]]) -> MergeResult:
     from ..engine.executors import open_output
     from ..engine.progress import byte_progress
 
@@ -200,9 +318,11 @@ def _execute(merge_plan: MergePlan, place: Place, shard_bytes: int, device: torc
     try:
         pending = open_output(merge_plan, partial, max_shard_size=shard_bytes, device=device, resume=run.resume)
         with byte_progress(merge_plan.total_bytes, enabled=run.progress) as advance:
-            shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address)
+            shards = pending.write(advance, executor=run.executor, ray_address=run.ray_address,
+                                   threads=run.num_threads)
         try:
-            write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)))
+            write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)),
+                             tokenizer=run.copy_tokenizer, card=run.write_model_card, code_files=code_files)
             write_run_settings(partial, settings_for(dtype_setting(run.dtype, "dtype"),
                                                      dtype_setting(run.out_dtype, "out_dtype"), run.seed, device,
                                                      config_from=merge_plan.config_from))

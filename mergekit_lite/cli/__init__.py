@@ -3,32 +3,37 @@
 from __future__ import annotations
 
 import gc
+import os
+import sys
 
 import click
 
 from .. import __version__
+from .check import check
 from .fold import fold
+from .mergekit_flags import GuardedGroup
 from .methods import methods
 from .push import push
 from .run import run
 from .validate import validate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mergekit_lite")
 def cli() -> None:
     """Merge language models and fold LoRA adapters, streamed tensor by tensor.
 
     \b
-    merge run SPEC.yaml -o OUT      run a (mergekit-compatible) merge spec
+    merge run SPEC.yaml OUT         run a (mergekit-compatible) merge spec; -o OUT works too
     merge fold BASE ADAPTER -o OUT  fold PEFT LoRA adapters into their base model
     merge methods [NAME]            list the merge methods and their parameters
     merge validate OUT              check a merged model against its spec
+    merge check SPEC...             check specs offline, without opening any model
     merge push OUT --repo ORG/NAME  publish a merged model to the Hugging Face Hub
     """
 
 
-for command in (run, fold, methods, validate, push):
+for command in (run, fold, methods, validate, push, check):
     cli.add_command(command)
 
 
@@ -36,4 +41,5 @@ def main() -> None:
     # A command runs once and exits: importing torch triggers enough cyclic garbage collections to cost
     # about 0.2 s of CPU (measured), and a merge creates no reference cycles worth collecting.
     gc.disable()
-    cli(prog_name="merge")
+    # Installed twice: `merge`, and `mergekit-lite` where `merge` is RCS's merge(1). Messages use the name typed.
+    cli(prog_name="mergekit-lite" if os.path.basename(sys.argv[0]) == "mergekit-lite" else "merge")

@@ -15,7 +15,8 @@ from ..errors import Interrupted, MergeError, UsageError
 # line it is the option's name.
 FLAGS = {"max_shard_size": "--max-shard-size", "dtype": "--dtype", "out_dtype": "--out-dtype", "device": "--device",
          "private": "--private", "push_to_hub": "--push-to-hub", "executor": "--executor",
-         "ray_address": "--ray-address", "config_from": "--config-from"}
+         "ray_address": "--ray-address", "config_from": "--config-from", "out": "OUT",
+         "out_shard_size": "--out-shard-size", "seed": "--seed", "num_threads": "--num-threads"}
 
 
 class _Formatter(logging.Formatter):
@@ -40,7 +41,7 @@ def common_options(fn: Callable) -> Callable:
     anything else is a bug and says so (with the traceback only under --debug)."""
 
     @click.option("-v", "--verbose", count=True, help="More output (-vv for debug logging).")
-    @click.option("--quiet", is_flag=True, help="Only errors: no progress bar, no summary.")
+    @click.option("-q", "--quiet", is_flag=True, help="Only errors: no progress bar, no summary.")
     @click.option("--debug", is_flag=True, help="Show the Python traceback of any error.")
     @functools.wraps(fn)
     def wrapper(*args, verbose: int, quiet: bool, debug: bool, **kwargs):

@@ -26,24 +26,30 @@ from .validate import print_verdict
 @click.option("--overwrite", is_flag=True,
               help="Replace the output of an earlier merge at OUT (never a folder holding other files).")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
+@click.option("--no-validate", is_flag=True, help="Skip checking the output after folding (`merge validate` later).")
 @click.option("--allow-pickle", is_flag=True,
               help="Load a base or adapter that has only pickle weights, with torch.load(weights_only=True).")
 @click.option("--allow-nonfinite", is_flag=True, help="Fold inputs that hold NaN or Inf instead of refusing them.")
 @common_options
 def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], tied_embeddings: str,
          no_check_base: bool, max_shard_size: str, out_dtype: str | None, device: str, overwrite: bool,
-         dry_run: bool, allow_pickle: bool, allow_nonfinite: bool, quiet: bool) -> None:
+         dry_run: bool, no_validate: bool, allow_pickle: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Fold the PEFT LoRA ADAPTERS into BASE (local folders or Hub ids org/name[@revision]) and write OUT.
 
     Several adapters are folded in order into the same base, each scaled by its --weight. The result equals
     peft's merge_and_unload() with the adapters active; OUT/mergekit_config.yml replays it with `merge run`.
     """
     from ..api.fold import fold_lora
+    from ..api.merge import ValidationFailed
 
-    result = fold_lora(base, list(adapters), out, list(weights) or None, tied_embeddings=tied_embeddings,
-                       check_base=not no_check_base, max_shard_size=max_shard_size, out_dtype=out_dtype,
-                       device=device, overwrite=overwrite, dry_run=dry_run, progress=not quiet and not dry_run,
-                       allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    try:
+        result = fold_lora(base, list(adapters), out, list(weights) or None, tied_embeddings=tied_embeddings,
+                           check_base=not no_check_base, max_shard_size=max_shard_size, out_dtype=out_dtype,
+                           device=device, overwrite=overwrite, dry_run=dry_run, progress=not quiet and not dry_run,
+                           allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                           validate=not no_validate)
+    except ValidationFailed as failed:   # printed as on success, then print_verdict exits 1
+        result = failed.result
     if dry_run:
         click.echo(result.summary)
     elif not quiet:

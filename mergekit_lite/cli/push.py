@@ -14,10 +14,18 @@ from .common import common_options
 @click.option("--revision", default=None, help="Branch to push to (created from main if missing). Default: main.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--commit-message", default=None, help="Default: 'Upload merged model (METHOD, N models)'.")
+@click.option("--license", "license_id", default=None, metavar="ID",
+              help="The license the Hub shows (apache-2.0, mit, llama3.1, ...), written into the card as sent.")
+@click.option("--base-model", "base_models", multiple=True, metavar="ORG/NAME",
+              help="A Hub model this merge comes from (repeatable): for merges of local folders, so the Hub's "
+                   "model tree links the result. Written into the card as sent.")
+@click.option("--token", default=None, envvar=None, help="A Hub token to use instead of HF_TOKEN or the stored one "
+                                                        "(never printed or saved).")
 @click.option("--dry-run", is_flag=True, help="Show what would be sent and check the card; make no request.")
 @common_options
 def push(out: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, commit_message: str | None,
-         dry_run: bool, quiet: bool) -> None:
+         license_id: str | None, base_models: tuple[str, ...], token: str | None, dry_run: bool,
+         quiet: bool) -> None:
     """Upload the merged model in OUT to the Hugging Face Hub.
 
     Only the model's files are sent, by their exact names: *.safetensors and their index, config.json,
@@ -31,12 +39,13 @@ def push(out: str, repo_id: str, private: bool, revision: str | None, create_pr:
 
     if dry_run:
         plan = plan_push(out, repo_id, private=private, revision=revision, create_pr=create_pr,
-                         commit_message=commit_message)
+                         commit_message=commit_message, token=token, license=license_id, base_models=base_models)
         click.echo(plan.summary())
         if plan.problems:
             raise plan.problems[0]
         return
     result = push_to_hub(out, repo_id, private=private, revision=revision, create_pr=create_pr,
-                         commit_message=commit_message, progress=not quiet)
+                         commit_message=commit_message, progress=not quiet, token=token, license=license_id,
+                         base_models=base_models)
     if not quiet:
         click.echo(str(result))

@@ -1,25 +1,47 @@
-"""``merge run SPEC.yaml -o OUT``: check, plan and run a merge spec."""
+"""``merge run SPEC.yaml OUT`` (or ``-o OUT``): check, plan and run a merge spec. mergekit-yaml's flags are
+understood too (mergekit_flags.py)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import click
 
+from ..errors import UsageError
 from .common import common_options
+from .mergekit_flags import MergekitCommand, mergekit_options, say_not_needed, shard_bytes
 from .validate import print_verdict
 
+DTYPES = "[bfloat16|float16|float32|float64]"
 
-@click.command()
+
+def _output_options(fn: Callable) -> Callable:
+    """Where the output goes, in which precision, on which device: -o, --max-shard-size, --dtype, ..."""
+    options = [
+        click.option("-o", "--out", default=None, type=click.Path(file_okay=False),
+                     help="Output folder (or give OUT)."),
+        click.option("--max-shard-size", default=None,
+                     help="Largest output shard in bytes, at least 1MB; accepts 500MB, 2GiB, ...  [default: 5GB]"),
+        click.option("--dtype", default=None, metavar=DTYPES,
+                     help="Precision to merge in (overrides the spec's dtype)."),
+        click.option("--out-dtype", default=None, metavar=DTYPES,
+                     help="Precision to write (overrides the spec's out_dtype)."),
+        click.option("--device", default=None, metavar="[auto|cpu|cuda|cuda:N|mps]",
+                     help="Where to compute; auto: cuda when present, else cpu.  [default: auto]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.command(cls=MergekitCommand)
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="Largest output shard in bytes; accepts 500MB, 2GiB, ...")
-@click.option("--dtype", default=None, help="Precision to merge in (overrides the spec's dtype).")
-@click.option("--out-dtype", default=None, help="Precision to write (overrides the spec's out_dtype).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.argument("out_path", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
+@_output_options
 @click.option("--overwrite", is_flag=True,
               help="Replace the output of an earlier merge at OUT (never a folder holding other files).")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random methods (DARE, DELLA).")
+@click.option("--seed", default=None, type=int, help="Seed of random methods (DARE, DELLA).  [default: 0]")
 @click.option("--no-validate", is_flag=True, help="Skip checking the output after writing it (merge validate).")
 @click.option("--allow-pickle", is_flag=True,
               help="Load models that have only pickle weights (*.bin), with torch.load(weights_only=True).")
@@ -37,19 +59,27 @@ from .validate import print_verdict
 @click.option("--config-from", default=None, metavar="MODEL",
               help="Which model's config.json the output takes (as the spec writes it, e.g. ./ft-b): needed when "
                    "the models disagree on rope_theta, hidden_act, ... Default: the base model, else the first.")
+@mergekit_options
 @common_options
-def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: str | None, device: str,
-        overwrite: bool, dry_run: bool, seed: int, no_validate: bool, allow_pickle: bool, allow_nonfinite: bool,
-        push_to_hub: str | None, private: bool, resume: bool, executor: str, ray_address: str | None,
-        config_from: str | None, quiet: bool) -> None:
-    """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT."""
-    from ..api.merge import MergeSettings, run_merge
+def run(spec: str, out_path: str | None, out: str | None, max_shard_size: str | None, dtype: str | None,
+        out_dtype: str | None, device: str | None, overwrite: bool, dry_run: bool, seed: int | None,
+        no_validate: bool, allow_pickle: bool, allow_nonfinite: bool, push_to_hub: str | None, private: bool,
+        resume: bool, executor: str, ray_address: str | None, config_from: str | None, quiet: bool,
+        **mergekit) -> None:
+    """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT.
 
-    settings = MergeSettings(max_shard_size, dtype, out_dtype, device, seed, overwrite, dry_run,
-                             progress=not quiet and not dry_run, validate=not no_validate, allow_pickle=allow_pickle,
-                             allow_nonfinite=allow_nonfinite, push_to_hub=push_to_hub, private=private,
-                             resume=resume, executor=executor, ray_address=ray_address, config_from=config_from)
-    result = run_merge(spec, out, settings)
+    mergekit-yaml's command line works too: `merge run config.yml out --cuda --out-shard-size 5B`."""
+    from ..api.merge import MergeSettings
+
+    say_not_needed(quiet, lazy_unpickle=mergekit.pop("lazy_unpickle"), low_cpu_memory=mergekit.pop("low_cpu_memory"),
+                   clone_tensors=mergekit.pop("clone_tensors"))
+    settings = MergeSettings(shard_bytes(max_shard_size, mergekit.pop("out_shard_size")), dtype, out_dtype,
+                             _device(device, mergekit.pop("cuda")), _seed(seed, mergekit.pop("random_seed")),
+                             overwrite, dry_run, progress=not quiet and not dry_run, validate=not no_validate,
+                             allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, push_to_hub=push_to_hub,
+                             private=private, resume=resume, executor=executor, ray_address=ray_address,
+                             config_from=config_from, **mergekit)
+    result = _merged(spec, _out(out_path, out), settings)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:
@@ -57,3 +87,37 @@ def run(spec: str, out: str, max_shard_size: str, dtype: str | None, out_dtype: 
     print_verdict(result.validation, quiet)
     if result.pushed is not None and not quiet:
         click.echo(str(result.pushed))
+
+
+def _merged(spec: str, out: str, settings):
+    """run_merge's result, also when the validation failed: printed as on success, then print_verdict exits 1."""
+    from ..api.merge import ValidationFailed, run_merge
+
+    try:
+        return run_merge(spec, out, settings)
+    except ValidationFailed as failed:
+        return failed.result
+
+
+def _out(positional: str | None, option: str | None) -> str:
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(f"two output folders given: OUT '{positional}' and -o '{option}'", where="out",
+                         hint="give one: `merge run SPEC OUT` or `merge run SPEC -o OUT`")
+    if positional is None and option is None:
+        raise UsageError("no output folder given", where="out",
+                         hint="`merge run SPEC OUT` (as mergekit-yaml CONFIG OUT) or `merge run SPEC -o OUT`")
+    return positional if positional is not None else option
+
+
+def _device(device: str | None, cuda: bool) -> str:
+    if cuda and device is not None and device.strip().lower().split(":")[0] != "cuda":
+        raise UsageError(f"--cuda asks for the GPU, --device for '{device}'", where="device",
+                         hint="give one of them")
+    return device if device is not None else "cuda" if cuda else "auto"
+
+
+def _seed(seed: int | None, random_seed: int | None) -> int:
+    if seed is not None and random_seed is not None and seed != random_seed:
+        raise UsageError(f"--seed {seed} and --random-seed {random_seed} disagree", where="seed",
+                         hint="--random-seed is mergekit's spelling of --seed; give one")
+    return seed if seed is not None else random_seed if random_seed is not None else 0

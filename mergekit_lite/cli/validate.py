@@ -31,7 +31,7 @@ def validate(out: str, spec: str | None, device: str, full: bool, as_json: bool,
     from ..validation import validate as run_validation
 
     report = run_validation(out, spec, device=device, full=full, allow_pickle=allow_pickle,
-                            allow_nonfinite=allow_nonfinite)
+                            allow_nonfinite=allow_nonfinite, progress=not quiet and not as_json)
     if as_json:
         click.echo(report.to_json())
     elif not quiet or not report.passed:

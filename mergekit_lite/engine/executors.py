@@ -47,8 +47,9 @@ class PendingOutput:
     done: dict[str, ShardRecord]
 
     def write(self, progress: Callable[[int], None], executor: str = "local",
-              ray_address: Optional[str] = None) -> WrittenShards:
-        """Compute every shard not done yet into the partial folder, recording each one as it finishes."""
+              ray_address: Optional[str] = None, threads: Optional[int] = None) -> WrittenShards:
+        """Compute every shard not done yet into the partial folder, recording each one as it finishes
+        (``threads``: merging threads of the local executor; default one per core)."""
         check_executor(executor, ray_address)
         started = time.perf_counter()
         todo = [shard for shard in self.layout if shard.file not in self.done]
@@ -59,7 +60,8 @@ class PendingOutput:
             write_shards_on_ray(self.plan, todo, self.partial, self.device, progress, self.journal.record,
                                 ray_address)
         else:
-            write_shards(self.plan, todo, self.partial, self.device, progress, on_shard=self.journal.record)
+            write_shards(self.plan, todo, self.partial, self.device, progress, on_shard=self.journal.record,
+                         threads=threads)
         return written_shards(self.plan, self.layout, time.perf_counter() - started)
 
     def finish(self) -> None:

@@ -196,8 +196,10 @@ def _error(exc: Exception, path: ModelPath, where: str) -> HubError:
     if isinstance(exc, _kinds("RevisionResolutionError")):
         return _not_cached(path, where, _unreachable(exc))
     if isinstance(exc, (hf.utils.httpx.TransportError, errors.LocalEntryNotFoundError, *_kinds("XetDownloadError"))):
-        return HubError(f"network failure while downloading '{path}': {_describe(exc)}", where=where,
-                        hint="check the network connection, then re-run: the download resumes")
+        cause = exc.__cause__ or exc.__context__ if isinstance(exc, errors.LocalEntryNotFoundError) else None
+        return HubError(f"could not reach the Hub while downloading '{path}': {_describe(cause or exc)}", where=where,
+                        hint="check the network connection (and HF_ENDPOINT), then re-run: the download resumes; "
+                             "or set HF_HUB_OFFLINE=1 to use only what is in the local Hub cache")
     if isinstance(exc, OSError):
         return HubError(f"download of '{path}' failed: {redact(str(exc))}", where=where,
                         hint="check disk space (HF_HOME, HF_HUB_CACHE), then re-run: the download resumes")

@@ -17,12 +17,12 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from ..errors import HubError, MergeError
 from ..units import format_size
 from .client import AUTH_HINT, client, redact, server_message, status_code
-from .push_files import check_unchanged, upload_sources
+from .push_files import CARD, check_unchanged, upload_sources
 from .push_plan import PushPlan, check_repo_id, plan_push, target_problems
 
 log = logging.getLogger("mergekit_lite")
@@ -49,19 +49,37 @@ class PushResult:
         where = f"pull request {self.pr_url}" if self.pr_url else self.url
         return f"Pushed {self.files} files ({format_size(self.bytes)}) to {where}\ncommit: {self.commit_url}"
 
+    def __repr__(self) -> str:
+        what = "would push" if self.dry_run else "pushed"
+        return f"<PushResult {what} {self.files} files ({format_size(self.bytes)}) to {self.url}>"
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        rows = [("repo", self.repo_id), ("files", f"{self.files} ({format_size(self.bytes)})"),
+                ("page", self.url), ("commit", self.commit_url), ("pull request", self.pr_url),
+                *[("warning", w) for w in self.warnings]]
+        title = "Push (dry run: nothing sent)" if self.dry_run else "Pushed"
+        return (f"<p><b>{title}</b></p><table>" + "".join(
+            f"<tr><th>{key}</th><td style='text-align:left'>{escape(str(value))}</td></tr>"
+            for key, value in rows if value is not None) + "</table>")
+
 
 def push_to_hub(out: str | os.PathLike, repo_id: str, *, private: bool = False, revision: Optional[str] = None,
                 create_pr: bool = False, commit_message: Optional[str] = None, dry_run: bool = False,
-                token: Optional[str] = None, progress: bool = True) -> PushResult:
+                token: Optional[str] = None, progress: bool = True, license: Optional[str] = None,
+                base_models: Sequence[str] = ()) -> PushResult:
     """Upload the merged model in ``out`` to the Hub repo ``repo_id`` (created if missing).
 
     Only the model's files are sent (weights, index, config, tokenizer, README.md and the recipe), as regular
     files checked for secrets; a link, a special file or a secret among them raises a HubError naming it.
     ``dry_run`` checks everything locally and makes no request. ``token`` defaults to HF_TOKEN or the
-    token of `hf auth login`. Raises a HubError (or UsageError) that says what to do.
+    token of `hf auth login`. ``license`` (a Hub license id) and ``base_models`` (Hub ids: the parents of a
+    merge of local folders, for the Hub's model tree) go into README.md's front matter as sent. Raises a
+    HubError (or UsageError) that says what to do.
     """
     plan = plan_push(out, repo_id, private=private, revision=revision, create_pr=create_pr,
-                     commit_message=commit_message, token=token)
+                     commit_message=commit_message, token=token, license=license, base_models=base_models)
     if dry_run:
         return PushResult(repo_id, plan.url, len(plan.files), plan.total_bytes, dry_run=True,
                           warnings=plan.warnings, summary=plan.summary())
@@ -105,8 +123,9 @@ def _upload(plan: PushPlan, token: Optional[str]):
 def _commit(api, hf, plan: PushPlan):
     """Upload the planned files as they were checked, then commit them, unless one changed meanwhile."""
     revision = None if plan.create_pr else plan.revision
+    replaced = {CARD: plan.card_bytes} if plan.card_bytes is not None else None
     additions = [hf.CommitOperationAdd(path_in_repo=name, path_or_fileobj=source)
-                 for name, source in upload_sources(plan.folder, plan.files)]
+                 for name, source in upload_sources(plan.folder, plan.files, replaced)]
     api.preupload_lfs_files(plan.repo_id, additions, revision=revision, create_pr=plan.create_pr)
     check_unchanged(plan.folder, plan.files)  # the weights went by path: still the files checked?
     return api.create_commit(plan.repo_id, additions, commit_message=plan.commit_message, revision=revision,

@@ -26,7 +26,7 @@ import re
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from ..errors import HubError, MergeError
 from ..units import format_size
@@ -147,12 +147,15 @@ def check_files(folder: str, files: list[FileEntry]) -> tuple[dict[str, bytes], 
     return contents, problems
 
 
-def upload_sources(folder: str, files: list[FileEntry]) -> list[tuple[str, Union[bytes, str]]]:
+def upload_sources(folder: str, files: list[FileEntry],
+                   replaced: Optional[dict[str, bytes]] = None) -> list[tuple[str, Union[bytes, str]]]:
     """What to hand to the upload, checked again now: (name, the bytes that were scanned) for every file but
-    the weights, (name, its path) for weights (too large to hold; see check_unchanged)."""
+    the weights, (name, its path) for weights (too large to hold; see check_unchanged). ``replaced``: files
+    sent as the plan changed and checked them in memory (README.md with --license), still the same file."""
     sources: list[tuple[str, Union[bytes, str]]] = []
     for entry in files:
         data = checked_bytes(folder, entry)
+        data = (replaced or {}).get(entry.path, data)
         weights = entry.path.endswith(".safetensors")
         if entry.path == RUN_SETTINGS:
             data = public_record(data)

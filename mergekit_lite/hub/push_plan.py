@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..errors import HubError, MergeError, UsageError
 from ..spec.references import REPO_ID
 from ..spec.safe_yaml import load_yaml
 from ..units import format_size
-from .card_check import CardCheck, check_card
+from .card_check import FRONT_MATTER, CardCheck, check_card
 from .client import AUTH_HINT, endpoint, offline, token_source
 from .push_files import CARD, INDEX, RECIPE, FileEntry, check_files, select_files, shown
 
@@ -42,6 +43,7 @@ class PushPlan:
     card: CardCheck
     warnings: list[str] = field(default_factory=list)
     problems: list[MergeError] = field(default_factory=list)    # each one would make the push fail
+    card_bytes: Optional[bytes] = None   # README.md as sent, when --license/--base-model changed it (in memory)
 
     @property
     def url(self) -> str:
@@ -81,6 +83,46 @@ def check_repo_id(repo_id: str, where: str = "--repo") -> None:
                          hint="write namespace/name (your user name or an organization, then the model's name)")
 
 
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")   # the Hub's identifiers: apache-2.0, llama3.1, cc-by-4.0
+
+
+def check_card_options(license: Optional[str], base_models: Sequence[str]) -> None:
+    if license is not None and not LICENSE_ID.fullmatch(license):
+        raise UsageError(f"'{license}' is not a license identifier of the Hub", where="--license",
+                         hint="use the Hub's lowercase id (apache-2.0, mit, llama3.1, cc-by-nc-4.0, ...), or other")
+    for model in base_models:
+        check_repo_id(model, "--base-model")
+
+
+def card_metadata(card: bytes, license: Optional[str], base_models: Sequence[str]) -> bytes:
+    """README.md with ``license`` set and ``base_models`` added to ``base_model`` (relation: merge), in its
+    front matter (added when it has none). A card whose front matter cannot be read is returned as it is
+    (the card check reports it)."""
+    import yaml
+
+    try:
+        text = card.decode("utf-8")
+    except UnicodeDecodeError:
+        return card
+    match = FRONT_MATTER.match(text)
+    try:
+        meta = load_yaml("\n" + match.group(1), None) if match else {}
+    except MergeError:
+        return card
+    if not isinstance(meta, dict):
+        return card
+    meta = dict(meta or {})
+    if base_models:
+        known = meta.get("base_model") or []
+        known = known if isinstance(known, list) else [known]
+        meta["base_model"] = list(dict.fromkeys([*known, *base_models]))
+        meta.setdefault("base_model_relation", "merge")
+    if license is not None:
+        meta["license"] = license
+    body = text[match.end():] if match else text
+    return ("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body).encode("utf-8")
+
+
 def target_problems(repo_id: str, token: Optional[str] = None) -> list[MergeError]:
     """What stops any push to ``repo_id`` from this machine, known without a request: no token, offline mode."""
     problems: list[MergeError] = []
@@ -94,10 +136,13 @@ def target_problems(repo_id: str, token: Optional[str] = None) -> list[MergeErro
 
 
 def plan_push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: Optional[str] = None,
-              create_pr: bool = False, commit_message: Optional[str] = None,
-              token: Optional[str] = None) -> PushPlan:
+              create_pr: bool = False, commit_message: Optional[str] = None, token: Optional[str] = None,
+              license: Optional[str] = None, base_models: Sequence[str] = ()) -> PushPlan:
+    """``license`` and ``base_models`` are written into README.md's front matter as sent (the file on disk
+    is left as it is), before the card is checked: what is checked is what is sent."""
     folder = os.fspath(folder)
     check_repo_id(repo_id)
+    check_card_options(license, base_models)
     if create_pr and revision not in (None, "main"):
         raise UsageError("--create-pr opens a pull request against main; it cannot be combined with --revision",
                          where="--revision", hint="drop --revision, or push to the branch without --create-pr")
@@ -110,10 +155,17 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
         raise UsageError(f"cannot list '{folder}': {exc.strerror}", where="OUT",
                          hint="check the folder's permissions") from None
     contents, unsafe = check_files(folder, files)
+    card_bytes = None
+    if (license or base_models) and CARD in contents:
+        card_bytes = contents[CARD] = card_metadata(contents[CARD], license, base_models)
+    elif license or base_models:
+        unsafe.append(UsageError("there is no README.md (model card) to write --license/--base-model into",
+                                 where=folder, hint="push the output folder of `merge run`, which writes one"))
     card, card_problems = _card(contents.get(CARD), present=os.path.lexists(os.path.join(folder, CARD)))
     plan = PushPlan(folder, repo_id, endpoint(), private, revision or "main", create_pr,
                     commit_message or default_message(contents.get(RECIPE)), token_source(token), files, excluded,
                     card)
+    plan.card_bytes = card_bytes
     plan.warnings += card.warnings
     pickles = [shown(f.path) for f in excluded if f.reason.startswith("pickle")]
     if pickles:

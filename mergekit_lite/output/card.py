@@ -26,6 +26,10 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
               notes: tuple[str, ...] = (), commits: Optional[dict[ModelPath, str]] = None) -> str:
     """``commits`` pins each Hub input to the commit that was merged (its revision may be a moving branch)."""
     commits = commits or {}
+    fold = _fold_of(method_title, models, base)
+    if fold is not None:   # a fold speaks of a fold, and shows a spec mergekit reads too when one can say it
+        method_title, paper = "LoRA fold", None
+        spec_text = _mergekit_fold_spec(fold, spec_text) or spec_text
     paths = [p for m in [*([base] if base else []), *models] for p in _paths(m)]
     hub_ids = list(dict.fromkeys(p.repo_id for p in paths if _hub_id(p)))
     meta: dict = {}
@@ -39,11 +43,12 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---",
         f"# {_one_line(name)}", "",
-        f"This is a merge of pre-trained language models created with mergekit_lite {__version__}.", "",
-        "## Merge details", "",
-        f"Method: {method}" + (f", with {_link(base, commits)} as the base." if base else "."), "",
-        "Models merged:", "",
-        *[f"- {_link(m, commits)}" for m in models], "",
+        *(_fold_lines(fold, commits) if fold is not None else [
+            f"This is a merge of pre-trained language models created with mergekit_lite {__version__}.", "",
+            "## Merge details", "",
+            f"Method: {method}" + (f", with {_link(base, commits)} as the base." if base else "."), "",
+            "Models merged:", "",
+            *[f"- {_link(m, commits)}" for m in models], ""]),
         *([*map(_one_line, notes), ""] if notes else []),
         "## Configuration", "",
         "The following spec produced this model (`merge run` of mergekit_lite, and mergekit-compatible):", "",
@@ -91,3 +96,35 @@ def _code(text: str) -> str:
     text = _one_line(text)
     ticks = _longest_backtick_run(text)
     return f"`{text}`" if ticks == 0 else f"{'`' * (ticks + 1)} {text} {'`' * (ticks + 1)}"
+
+
+def _fold_of(method_title: str, models: list[Model], base: Optional[Model]) -> Optional[ModelRef]:
+    """The one model carrying adapters of a fold (a passthrough of base+adapters), else None."""
+    if base is None and len(models) == 1 and isinstance(models[0], ModelRef) and models[0].adapters \
+            and method_title.lower().startswith("passthrough"):
+        return models[0]
+    return None
+
+
+def _fold_lines(fold: ModelRef, commits: dict[ModelPath, str]) -> list[str]:
+    return [f"This is {_link(fold.model, commits)} with LoRA adapters folded into its weights "
+            f"(W + scale * B A, as peft's merge_and_unload), created with mergekit_lite {__version__}.", "",
+            "## Fold details", "", f"Base model: {_link(fold.model, commits)}", "", "Adapters, folded in order:", "",
+            *[f"- {_link(a.path, commits)}" + (f" (weight {a.weight:g})" if a.weight != 1 else "")
+              for a in fold.adapters], ""]
+
+
+def _mergekit_fold_spec(fold: ModelRef, spec_text: str) -> Optional[str]:
+    """mergekit's own form of a fold, ``model: base+adapter`` (one adapter at full weight: mergekit has no
+    syntax for more); None when the fold needs mergekit_lite's form."""
+    adapter = fold.adapters[0]
+    if len(fold.adapters) != 1 or adapter.weight != 1 or fold.tied_embeddings != "untie" or not adapter.check_base:
+        return None
+    base, lora = str(fold.model), str(adapter.path)
+    if "+" in base or "+" in lora:   # mergekit splits the reference at '+'
+        return None
+    spec = {"merge_method": "passthrough", "models": [{"model": f"{base}+{lora}"}]}
+    out_dtype = (yaml.safe_load(spec_text) or {}).get("out_dtype")
+    if out_dtype:
+        spec["out_dtype"] = out_dtype
+    return yaml.safe_dump(spec, sort_keys=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Sequence
 
 from ..plan.planner import MergePlan
 from ..plan.vocabulary import load_tokenizer
@@ -39,18 +40,24 @@ def _copied(plan: MergePlan) -> list[tuple[str, str]]:
     return [(plan.reference.folder, "generation_config.json")] if plan.vocabulary is not None else []
 
 
-def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: str) -> None:
+def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: str, *, tokenizer: bool = True,
+                     card: bool = True, code_files: Sequence[tuple[str, str]] = ()) -> None:
+    """``tokenizer``/``card`` False: no tokenizer files / no README.md (mergekit's --no-copy-tokenizer,
+    --no-write-model-card); ``code_files``: (folder, name) of a model's own code to copy (remote_code.py)."""
     if len(shards.files) > 1:
         index = {"metadata": {"total_size": shards.total_size}, "weight_map": dict(sorted(shards.weight_map.items()))}
         _write_text(os.path.join(folder, INDEX_NAME), json.dumps(index, indent=2) + "\n")
     if plan.config:
         _write_text(os.path.join(folder, "config.json"), json.dumps(plan.config, indent=2) + "\n")
-    for source_folder, filename in _copied(plan):
+    for source_folder, filename in [*(_copied(plan) if tokenizer else ()), *code_files]:
         source = os.path.join(source_folder, filename)
         if os.path.isfile(contained_path(source_folder, filename, source_folder)):
             write_new(os.path.join(folder, filename), read_copyable(source), replace=True)   # checked above
-    _write_tokenizer(plan, folder)
+    if tokenizer:
+        _write_tokenizer(plan, folder)
     _write_text(os.path.join(folder, "mergekit_config.yml"), plan.spec.text.rstrip() + "\n")
+    if not card:
+        return
     spec = plan.spec
     models = list(dict.fromkeys(m.ref for m in spec.all_models())) or [s.ref for p in spec.slices or () for s in p.sources]
     base = spec.base_model

@@ -29,7 +29,7 @@ from ..strategy import Strategy
 from .concat import ConcatLayout
 from .configs import choose_config, refuse_unmergeable
 from .inputs import open_inputs
-from .jobs import Dtypes, Layout, TensorJob
+from .jobs import Dtypes, Layout, TensorJob, check_input_count
 from .modules import Modules
 from .parameters import check_setting
 from .stacking import Stacking
@@ -110,6 +110,85 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
     return MergePlan(spec, strategy, checkpoints, planned.jobs, config, reference, tokenizer_folder, seed, warnings,
                      card_notes=notes, allow_nonfinite=allow_nonfinite, config_from=config_where,
                      vocabulary=planned.vocabulary)
+
+
+def check_spec(spec: Spec, strategies: Iterable[Strategy] = ()) -> list[str]:
+    """What plan_merge checks before it opens an input, for `merge check`: the method, the layout, parameter
+    names and the type and range of every value the spec writes, the number of inputs. Opens no model and
+    needs no network. Returns the warnings; raises SpecError on the first problem."""
+    strategies = list(strategies)
+    strategy = get_strategy(spec.merge_method, strategies, file=spec.file)
+    layout = _layout(spec, strategy)
+    with within(spec.file, kinds=(SpecError,)):
+        declared = [strategy, *layout.companions(spec, strategies)]
+    warnings = _check_parameter_names(spec, declared, strategies)
+    if strategy.base == "required" and spec.base_model is None and not any(s.base_model for s in spec.slices or ()):
+        raise spec.error(f"{strategy.name} needs a base_model", where="base_model",
+                         hint="add base_model: <the model the others were fine-tuned from>")
+    groups = [("models", [e.ref for e in spec.models], spec.base_model)] if spec.models else []
+    groups += [(f"{m.where}.models", [e.ref for e in m.models], spec.base_model) for m in spec.modules or ()]
+    groups += [(f"{p.where}.sources", [s.ref for s in p.sources], p.base_model or spec.base_model)
+               for p in spec.slices or ()]
+    for where, refs, base in groups:
+        if strategy.base == "input":
+            count, has_base = len(refs) + (base is not None and base not in refs), False
+        else:
+            count, has_base = sum(ref != base for ref in refs), base is not None
+        if not strategy.changes_shapes:
+            check_input_count(strategy, count, has_base, where, spec.file)
+    if strategy.check is not None and not strategy.changes_shapes:
+        with within(spec.file, kinds=(SpecError,)):
+            _probe_checks(spec, strategy)
+    return warnings
+
+
+def _probe_checks(spec: Spec, strategy: Strategy) -> None:
+    """The strategy's check of its resolved parameters (weights summing to 0, ...) without tensors: at the
+    depths of the spec's gradient points, for a tensor matching each filter the spec writes and one matching
+    none. A probe a required parameter has no value for is left to the planner, which knows the real names."""
+    from types import SimpleNamespace
+
+    from .jobs import Input, resolve_params
+
+    filters = sorted({f for v in _settings_of(spec) for f in _filters(v)})
+    names = ["<any tensor>"] + [f"<tensors matching '{f}'>" for f in filters]
+    knots = {0.0, 1.0} | {i / (n - 1) for n in _gradient_lengths(spec) for i in range(n) if n > 1}
+    groups = [((spec.parameters,), spec.models, spec.base_model)] if spec.models else []
+    groups += [((piece.parameters, spec.parameters), piece.sources, piece.base_model or spec.base_model)
+               for piece in spec.slices or ()]
+    for shared, entries, base in groups:
+        inputs = [Input(e.ref, SimpleNamespace(label=str(e.ref)), e.parameters, e.where) for e in entries
+                  if strategy.base == "input" or e.ref != base]
+        for name in names:
+            for t in sorted(knots):
+                try:
+                    resolve_params(strategy, shared, inputs, name, t)
+                except SpecError as exc:
+                    if not exc.what.startswith("required parameter"):
+                        raise
+
+
+def _settings_of(spec: Spec) -> list[Any]:
+    levels = [spec.parameters] + [e.parameters for e in spec.all_models()]
+    for piece in spec.slices or ():
+        levels += [piece.parameters] + [s.parameters for s in piece.sources]
+    return [setting.raw for level in levels for setting in level.values()]
+
+
+def _filters(raw: Any) -> list[str]:
+    return [e["filter"] for e in _filters_entries(raw) if e.get("filter") not in (None, "*")]
+
+
+def _gradient_lengths(spec: Spec) -> set[int]:
+    found = set()
+    for raw in _settings_of(spec):
+        values = [e["value"] for e in _filters_entries(raw)] + [raw]
+        found |= {len(v) for v in values if isinstance(v, list) and v and not isinstance(v[0], dict)}
+    return found
+
+
+def _filters_entries(raw: Any) -> list[dict]:
+    return [raw] if isinstance(raw, dict) else raw if isinstance(raw, list) and raw and isinstance(raw[0], dict) else []
 
 
 def _check_tokenizer_vocab(spec: Spec, checkpoints: dict[ModelRef, Checkpoint], jobs: list[TensorJob]) -> None:

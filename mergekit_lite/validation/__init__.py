@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterable, Optional, Union
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from ..engine.devices import resolve_device
 from ..errors import MergeError
@@ -43,14 +44,15 @@ __all__ = ["validate", "ValidationReport", "CheckResult", "Finding"]
 def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, Spec, None] = None,
              device: str = "auto", full: bool = False, forward: bool = True, *,
              strategies: Iterable[Strategy] = (), allow_pickle: bool = False,
-             allow_nonfinite: bool = False) -> ValidationReport:
+             allow_nonfinite: bool = False, progress: bool = False) -> ValidationReport:
     """Check the merged model in ``out`` and return a report: ``report.status`` is "passed", "failed" or
     "not_checked" (``report.passed``, ``report.failed``, ``report.exit_code``; ``print(report)``,
     ``report.to_json()``). Raises MergeError only when ``out`` is no folder, the device is unusable, or a
     ``spec`` passed explicitly cannot be read; everything wrong with the output is in the report.
     ``allow_pickle``: sources and models with pickle weights only are read (torch.load(weights_only=True));
     without it no pickle is ever unpickled. ``allow_nonfinite``: NaN and Inf in the output (and the sources)
-    are counted but do not fail. ``forward=False`` leaves the forward pass out (not applicable)."""
+    are counted but do not fail. ``forward=False`` leaves the forward pass out (not applicable). ``progress``
+    shows a bar naming the check that runs and the time spent (tqdm; the notebook widget in Jupyter)."""
     started = time.perf_counter()
     compute = resolve_device(device)
     folder = read_output(os.fspath(out))
@@ -62,15 +64,49 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
         from .finite import check_finite
         from .structure import check_structure
 
-        checks = [check_structure(folder, plan, problem, record.findings),
-                  check_finite(folder, compute, allowed=allow_nonfinite)]
-        checks.append(_recompute(folder, record, plan, problem, compute, full))
-        checks.append(_forward(folder, record, plan, problem, compute, forward, allow_pickle, checks[1]))
+        with _progress(progress) as step:
+            step("structure")
+            checks = [check_structure(folder, plan, problem, record.findings)]
+            step("finite")
+            checks.append(check_finite(folder, compute, allowed=allow_nonfinite))
+            step("recompute")
+            checks.append(_recompute(folder, record, plan, problem, compute, full))
+            step("forward")
+            checks.append(_forward(folder, record, plan, problem, compute, forward, allow_pickle, checks[1]))
     finally:
         if plan is not None:
             plan.close()
     return ValidationReport(folder.path, str(compute), record.spec_label, full, checks,
                             time.perf_counter() - started, sources_from=record.sources_from)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A bar over the four checks, naming the one that runs; it ends showing the total time."""
+    if not enabled:
+        yield lambda name: None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=4, desc="validating", unit="check", dynamic_ncols=True,
+              bar_format="{desc}: {n_fmt}/{total_fmt} checks [{elapsed}]{postfix}") as bar:
+        costs: list[tuple[str, float]] = []   # each check that ran, and when it started
+
+        def done() -> None:
+            if costs:
+                name, started = costs[-1]
+                costs[-1] = (name, time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix_str(", ".join(f"{n} {t:.2f} s" for n, t in costs), refresh=False)
+
+        def step(name: str) -> None:
+            done()   # the check before this one
+            costs.append((name, time.perf_counter()))
+            bar.set_description_str(f"validating ({name})")
+
+        yield step
+        done()
+        bar.set_description_str("validated")
 
 
 def _recompute(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[str], compute, full: bool
@@ -81,7 +117,11 @@ def _recompute(folder: OutputFolder, record: MergeRecord, plan, problem: Optiona
         return not_applicable("recompute", NO_MERGE, recompute.empty_numbers(full=full))
     if plan is None:
         return not_checked("recompute", problem or "no spec", recompute.empty_numbers(full=full))
-    return recompute.check_recompute(folder, plan, compute, full, record.settings.device)
+    if record.other_tool is not None and plan.strategy.random:
+        return not_checked("recompute", f"{plan.strategy.name} draws random choices, and {record.other_tool} draws "
+                           "them with another generator than this tool, so its tensors cannot be recomputed here",
+                           recompute.empty_numbers(full=full, other_tool=record.other_tool))
+    return recompute.check_recompute(folder, plan, compute, full, record.settings.device, record.other_tool)
 
 
 def _forward(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[str], compute, requested: bool,

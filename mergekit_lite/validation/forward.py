@@ -109,12 +109,22 @@ def _against_inputs(merged: torch.Tensor, reference: Optional[tuple[str, torch.T
         return [], f"cannot compare with the inputs: {who}, so whether the merge must equal them is unknown"
     if not identical:
         return [], None       # different inputs: nothing to be equal to
+    if identity and _shared_tied_fold(spec):
+        return [], None       # no reference: see _shared_tied_fold
     if identity:
         return _compare(merged, reference, dtype, numbers), None
     if identity is None:
         why = plan_problem or "the method could not be probed on a small tensor"
         return [], f"the inputs compute the same logits, but whether this merge should too is unknown ({why})"
     return [], None
+
+
+def _shared_tied_fold(spec: Spec) -> bool:
+    """Whether an input folds adapters with ``tied_embeddings: shared``: the fold then changes the one tensor
+    that is both the embedding and lm_head, as peft's merge_and_unload does, which on purpose computes
+    something else than the adapter applied at inference time, so that is no reference to equal."""
+    refs = [entry.ref for entry in spec.all_models()] + ([spec.base_model] if spec.base_model else [])
+    return any(ref.adapters and ref.tied_embeddings == "shared" for ref in refs)
 
 
 def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pickle: bool
@@ -220,13 +230,14 @@ def _cannot_run(folder: OutputFolder, device: torch.device, allow_pickle: bool) 
         return "transformers is not installed: pip install 'mergekit-lite[validate]'"
     if not folder.config:
         return "no config.json: transformers cannot build the model"
-    if folder.config.get("auto_map"):
-        return "the model needs its own code (auto_map in config.json), which validation does not run"
-    from .inference import available_memory, refusal, unknown_architecture
+    from .inference import TRUST_REMOTE_CODE, available_memory, refusal, unknown_architecture
 
+    own_code = bool(folder.config.get("auto_map"))
+    if own_code and not TRUST_REMOTE_CODE.get():   # run by run_merge(trust_remote_code=True) only
+        return "the model needs its own code (auto_map in config.json), which validation does not run"
     if folder.pickle_only and not allow_pickle:
         return refusal(folder.pickles)
-    unknown = unknown_architecture(folder.config)
+    unknown = None if own_code else unknown_architecture(folder.config)   # its own code knows its model_type
     if unknown:
         return unknown
     values = sum(info.numel for info in folder.tensors.values())

@@ -8,6 +8,7 @@ exactly, so differences between two models' logits come from their weights, not 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
@@ -85,6 +86,11 @@ class IncompleteModel(RuntimeError):
         self.tensor = tensor
 
 
+# Whether the forward check may run a model's own code (config.json's auto_map): set by run_merge for its own
+# validation when the user gave trust_remote_code (--trust-remote-code); never otherwise.
+TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_remote_code", default=False)
+
+
 class PickleRefused(RuntimeError):
     """The weights are pickle files only and --allow-pickle was not given: nothing was unpickled."""
 
@@ -106,7 +112,7 @@ def load_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, 
     for adapter, _ in adapters:
         _adapter_weights_are_safe(adapter, allow_pickle)
     dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
-    options = {dtype_key: torch.float32, "use_safetensors": safetensors}
+    options = {dtype_key: torch.float32, "use_safetensors": safetensors, "trust_remote_code": TRUST_REMOTE_CODE.get()}
     if "weights_only" in inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters:
         options["weights_only"] = True
     with _quiet():

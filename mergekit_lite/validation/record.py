@@ -39,6 +39,7 @@ class MergeRecord:
     is_merge: bool = True                       # a spec was given, or the folder holds a merge record
     findings: list[Finding] = field(default_factory=list)
     sources_from: Optional[dict[str, str]] = None   # {folder, reason} when the spec has relative local paths
+    other_tool: Optional[str] = None            # the output was written by another tool ("mergekit"), not us
 
 
 def read_record(folder: str, spec: Union[str, os.PathLike, dict, Spec, None]) -> MergeRecord:
@@ -47,6 +48,21 @@ def read_record(folder: str, spec: Union[str, os.PathLike, dict, Spec, None]) ->
     recompute not checked, with the reason."""
     settings, findings = _settings(folder)
     has_settings = os.path.exists(os.path.join(folder, RUN_SETTINGS_FILE))
+    record = _read_record(folder, spec, settings, findings, has_settings)
+    record.other_tool = _other_tool(folder, settings, has_settings)
+    return record
+
+
+def _other_tool(folder: str, settings: RunSettings, has_settings: bool) -> Optional[str]:
+    """Who wrote the output, when it was not this tool: merge_run.json's ``tool``, or "mergekit" for a folder
+    with mergekit's record (its mergekit_config.yml) and none of ours."""
+    if has_settings:
+        return settings.tool if settings.tool != RunSettings.tool else None
+    return "mergekit" if os.path.exists(os.path.join(folder, SPEC_FILE)) else None
+
+
+def _read_record(folder: str, spec: Union[str, os.PathLike, dict, Spec, None], settings: RunSettings,
+                 findings: list[Finding], has_settings: bool) -> MergeRecord:
     if spec is not None:
         loaded = load_spec(spec)
         return MergeRecord(settings, loaded, loaded.file or "given", findings=findings,

@@ -61,6 +61,9 @@ class CheckResult:
     def passed(self) -> bool:
         return self.status == PASSED
 
+    def __repr__(self) -> str:
+        return f"<CheckResult {self.name} {self.status}: {self.summary}>"
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "summary": self.summary, "seconds": round(self.seconds, 4),
                 "numbers": self.numbers, "failures": [f.to_dict() for f in self.failures[:MAX_LISTED]],
@@ -165,6 +168,25 @@ class ValidationReport:
             lines.append(f"Nothing failed, but not everything could be checked ({names}): see the reasons above. "
                          "Exit code 3.")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        checks = ", ".join(f"{c.name}={c.status}" for c in self.checks)
+        return f"<ValidationReport {self.status.upper()} {self.path!r} on {self.device}: {checks}>"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the verdict, then one row per check (its findings under it, the first ten)."""
+        from html import escape
+
+        rows = []
+        for check in self.checks:
+            found = "".join(f"<br><code>{escape(str(f))}</code>" for f in check.failures[:10])
+            more = f"<br>... {len(check.failures) - 10} more" if len(check.failures) > 10 else ""
+            rows.append(f"<tr><td>{escape(check.name)}</td><td><b>{escape(LABELS[check.status])}</b></td>"
+                        f"<td style='text-align:left'>{escape(check.summary)}{found}{more}</td>"
+                        f"<td>{check.seconds:.2f} s</td></tr>")
+        return (f"<p>Validation of <code>{escape(self.path)}</code> on {escape(self.device)}: "
+                f"<b>{VERDICT_WORDS[self.status]}</b> ({self.seconds:.1f} s)</p><table>"
+                "<tr><th>check</th><th>status</th><th>summary</th><th>time</th></tr>" + "".join(rows) + "</table>")
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "path": self.path, "passed": self.passed, "verdict": self.status,

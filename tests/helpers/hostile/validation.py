@@ -25,11 +25,11 @@ def _hostile_model(tmp: Path, models: Models) -> tuple[Path, Path]:
 @case("pickle", "code")
 def validate_does_not_unpickle_a_pickle_only_folder(tmp: Path, models: Models) -> Scenario:
     folder, marker = _hostile_model(tmp, models)
-    return Scenario(["validate", str(folder), "--device", "cpu"], 3, "", marker=marker, preserved=(folder,))
+    return Scenario(["validate", str(folder), "--device", "cpu", "--quiet"], 3, "", marker=marker, preserved=(folder,))
 
 
 @case("pickle", "code")
 def validate_with_opt_in_refuses_a_pickle_with_code(tmp: Path, models: Models) -> Scenario:
     folder, marker = _hostile_model(tmp, models)
-    return Scenario(["validate", str(folder), "--device", "cpu", "--allow-pickle"], 1, "", marker=marker,
+    return Scenario(["validate", str(folder), "--device", "cpu", "--allow-pickle", "--quiet"], 1, "", marker=marker,
                     preserved=(folder,))
