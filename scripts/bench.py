@@ -3,7 +3,8 @@
 Builds synthetic Llama-shaped bf16 checkpoints (a base and fine-tunes of it, several shards each), then runs
 each method with both tools, alternating (A B A B) so both see the same machine state, with a warm page
 cache. Each run is a fresh process, timed as a whole: wall time, CPU time (user + system) and peak RSS.
-Ours runs with --no-validate (mergekit does not check its output); `--validate` adds a line with it.
+Ours runs twice per round: the default command (which validates its output) and with --no-validate (mergekit
+does not check its output); `--only-no-validate` drops the first.
 
 Also measures the I/O floor in the same run: reading every input once (warm cache) plus writing an
 output-sized file, both through the page cache with fsync and with O_DIRECT; the ratio uses the faster
@@ -13,21 +14,31 @@ output-sized file, both through the page cache with fsync and with O_DIRECT; the
 Usage:
   python scripts/bench.py                       # 3 x ~1B, linear and task_arithmetic, 2 rounds
   python scripts/bench.py --size small --methods linear,ties --rounds 3
+  python scripts/bench.py --size 3b --rounds 1  # 3 x 3B: 18 GB of inputs (see FIXTURE_BUDGET)
   python scripts/bench.py --size bigvocab --methods linear --no-mergekit   # largest tensor 1 GiB in float32
-Prints a Markdown table (paste it into the README) with ratios ours / mergekit; --json FILE saves the numbers.
+Prints Markdown tables (paste them into the README as they are): the date and machine, then per method the
+default command, --no-validate and mergekit, each with its ratio to mergekit and to the I/O floor, and the floor
+itself as a row. --json FILE saves the numbers.
+
+Fixtures live in --work (bench_work/, git-ignored), one folder per size; before building one, the other sizes'
+folders are deleted, oldest first, until all fixtures fit in FIXTURE_BUDGET, and the run is refused when the
+disk has no room for the inputs plus one output.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -44,6 +55,7 @@ SIZES = {
     "bigvocab": LlamaShape(hidden=2048, intermediate=8192, layers=2, heads=32, kv_heads=8, vocab=131072),
 }
 FINETUNES = "abcdefg"   # ft-a ... ft-g: up to 8 inputs with the base
+FIXTURE_BUDGET = 20e9   # bytes of synthetic models kept in --work (3 x 3B is 18 GB)
 WEIGHTS = (0.5, 0.3, 0.2)
 
 
@@ -90,11 +102,54 @@ TIMER = ("import resource, subprocess, sys, time, json; t = time.perf_counter();
          "'rss_gib': r.ru_maxrss / 2**20, 'err': p.stderr.decode()[-2000:]}))")
 
 
+def machine() -> str:
+    """Today's date and this machine: CPU model, cores, RAM (for the line above each table)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with open("/proc/meminfo") as f:
+            ram = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (f"{datetime.date.today().isoformat()}, {model}, {os.cpu_count()} cores, {ram / 2**30:.0f} GiB RAM, "
+            f"torch {torch.__version__}")
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def make_room(work_root: str, keep: str, needed: int, output: int) -> None:
+    """Delete other sizes' fixture folders in ``work_root`` (ours: they hold models.json), oldest first, until
+    the fixtures fit in FIXTURE_BUDGET with ``needed`` more bytes; refuse if the disk cannot hold them plus
+    one ``output``."""
+    os.makedirs(work_root, exist_ok=True)
+    others = [os.path.join(work_root, d) for d in os.listdir(work_root)
+              if d != keep and os.path.isfile(os.path.join(work_root, d, "models.json"))]
+    others.sort(key=lambda d: os.path.getmtime(os.path.join(d, "models.json")))
+    kept = sum(folder_bytes(d) for d in others)
+    while others and kept + needed > FIXTURE_BUDGET:
+        folder = others.pop(0)
+        kept -= folder_bytes(folder)
+        print(f"deleting the fixtures {folder} to stay within {FIXTURE_BUDGET / 1e9:.0f} GB", file=sys.stderr)
+        shutil.rmtree(folder)
+    free = shutil.disk_usage(work_root).free
+    if needed + output > free:
+        raise SystemExit(f"{work_root}: {(needed + output) / 1e9:.1f} GB needed (inputs still to build + one output), "
+                         f"{free / 1e9:.1f} GB free; free some disk or choose a smaller --size")
+
+
 def build_models(work: str, shape: LlamaShape, inputs: int) -> None:
     """The base and fine-tunes in ``work`` (kept between runs; rebuilt when the shape changes)."""
     marker = os.path.join(work, "models.json")
     wanted = json.dumps(shape.__dict__, sort_keys=True)
-    if not (os.path.exists(marker) and open(marker).read() == wanted):
+    current = os.path.exists(marker) and open(marker).read() == wanted
+    model_bytes = parameter_count(shape) * 2
+    missing = sum(not (current and os.path.exists(os.path.join(work, name, "config.json")))
+                  for name in models_for(inputs))
+    make_room(os.path.dirname(work), os.path.basename(work), missing * model_bytes, model_bytes)
+    if not current:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
         with open(marker, "w") as f:
@@ -171,21 +226,24 @@ def load_average() -> str:
 
 def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, inputs: int = 3,
                   mergekit: bool = True, ours_args: tuple[str, ...] = (), validate: bool = False) -> dict:
-    """Build the models, measure the floor, run every method with both tools alternating; medians."""
+    """Build the models, measure the floor, run every method with each tool alternating; medians.
+    ``validate``: also time our default command (which validates the output) beside --no-validate."""
     shape = SIZES[size]
     work = os.path.abspath(os.path.join(work_root, size))
     build_models(work, shape, max(inputs, max(method_inputs(m, inputs) for m in methods)))
     mergekit_cmd = shutil.which("mergekit-yaml", path=os.path.dirname(sys.executable)) or shutil.which("mergekit-yaml")
     merge = [sys.executable, "-m", "mergekit_lite", "run"]
     report = {"size": size, "parameters": parameter_count(shape), "inputs": inputs, "rounds": rounds,
-              "cores": os.cpu_count(), "torch": torch.__version__, "load_before": load_average(), "methods": {}}
+              "machine": machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+              "load_before": load_average(), "methods": {}}
     out_bytes = parameter_count(shape) * 2
     # the first pass warms the page cache (fresh models may be partly on disk only) and is not counted
     floors = [io_floor(work, models_for(inputs), out_bytes) for _ in range(3)][1:]
     report["floor"] = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
-    tools = {"ours": [*merge, "--no-validate", *ours_args]}
+    tools = {}
     if validate:
-        tools["ours+validate"] = [*merge, *ours_args]
+        tools["ours"] = [*merge, *ours_args]
+    tools["ours --no-validate"] = [*merge, "--no-validate", *ours_args]
     if mergekit and mergekit_cmd:
         tools["mergekit"] = [mergekit_cmd]
     out = os.path.join(work, "out")
@@ -207,31 +265,45 @@ def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, in
     return report
 
 
+def floor_seconds(floor: dict[str, float]) -> float:
+    """Read every input once plus write the output, the faster of the two ways to write."""
+    return floor["read"] + min(floor["write_buffered"], floor["write_direct"])
+
+
+def ratio(value: float, reference: Optional[float]) -> str:
+    return f"{value / reference:.2f}x" if reference else "-"
+
+
+def table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+TOOL_NAMES = {"ours": "mergekit_lite (default: validates)", "ours --no-validate": "mergekit_lite --no-validate",
+              "mergekit": "mergekit 0.1.5"}
+
+
 def print_table(report: dict) -> None:
     floor = report["floor"]
-    strict = floor["read"] + min(floor["write_buffered"], floor["write_direct"])
-    print(f"\n{report['size']}: {report['inputs']} inputs x {report['parameters'] / 1e6:.0f}M parameters, bf16, "
-          f"{report['cores']} cores, torch {report['torch']}, median of {report['rounds']} alternating runs; "
-          f"load average {report['load_before']} before, {report['load_after']} after.\n"
-          f"I/O floor: read inputs {floor['read']:.1f} s + write output {floor['write_buffered']:.1f} s "
-          f"(page cache + fsync) or {floor['write_direct']:.1f} s (O_DIRECT) = {strict:.1f} s (the faster)\n")
-    print("| method | ours: wall s / CPU s / peak RSS GiB | mergekit 0.1.5: wall s / CPU s / peak RSS GiB "
-          "| wall ratio | ours / I/O floor | RSS bound GiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    strict = floor_seconds(floor)
+    print(f"\n**{report['size']}: {report['inputs']} inputs x {report['parameters'] / 1e6:.0f}M parameters, bf16** "
+          f"({report.get('machine', '')}; medians of {report['rounds']} alternating runs, each a fresh process, "
+          f"warm page cache; load average {report['load_before']} before, {report['load_after']} after). "
+          f"I/O floor measured in the same run: read the inputs {floor['read']:.1f} s + write the output "
+          f"{min(floor['write_buffered'], floor['write_direct']):.1f} s (the faster of page cache + fsync, "
+          f"{floor['write_buffered']:.1f} s, and O_DIRECT, {floor['write_direct']:.1f} s).\n")
+    print("| method | command | wall s | CPU s | peak RSS GiB | / mergekit (wall) | / I/O floor (wall) "
+          "| RSS bound GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(table_row(["-", "I/O floor: read inputs + write output", f"{strict:.1f}", "", "", "", "1.00x", ""]))
     for method, result in report["methods"].items():
-        ours, theirs = result["ours"], result.get("mergekit")
-        cells = [method, f"{ours['wall']:.1f} / {ours['cpu']:.1f} / {ours['rss_gib']:.2f}"]
-        if theirs:
-            cells += [f"{theirs['wall']:.1f} / {theirs['cpu']:.1f} / {theirs['rss_gib']:.2f}",
-                      f"1/{theirs['wall'] / ours['wall']:.1f}"]
-        else:
-            cells += ["-", "-"]
-        cells += [f"{ours['wall'] / strict:.2f}x", f"{result['rss_bound_gib']:.2f}"]
-        print("| " + " | ".join(cells) + " |")
-        if "ours+validate" in result:
-            v = result["ours+validate"]
-            print(f"| {method}, ours with validation | {v['wall']:.1f} / {v['cpu']:.1f} / {v['rss_gib']:.2f} "
-                  f"| | | {v['wall'] / strict:.2f}x | |")
+        theirs = result.get("mergekit")
+        for tool, name in TOOL_NAMES.items():
+            if tool not in result:
+                continue
+            r = result[tool]
+            print(table_row([method, name, f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{r['rss_gib']:.2f}",
+                             ratio(r["wall"], theirs and theirs["wall"]), ratio(r["wall"], strict),
+                             f"{result['rss_bound_gib']:.2f}" if tool.startswith("ours") else ""]))
 
 
 def main() -> None:
@@ -242,12 +314,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", default="bench_work")
     parser.add_argument("--no-mergekit", action="store_true")
-    parser.add_argument("--validate", action="store_true", help="also time ours with the default validation")
+    parser.add_argument("--only-no-validate", action="store_true",
+                        help="time ours with --no-validate only (not also the default command, which validates)")
     parser.add_argument("--ours-args", default="", help="extra arguments for `merge run`")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
     report = run_benchmark(args.size, args.methods.split(","), args.rounds, args.work, args.inputs,
-                           not args.no_mergekit, tuple(args.ours_args.split()), args.validate)
+                           not args.no_mergekit, tuple(args.ours_args.split()), not args.only_no_validate)
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -56,7 +56,8 @@ def _point(report: dict, axis: str, x: float) -> dict:
     linear = report["methods"]["linear"]
     floor = report["floor"]
     return {"x": x, axis: x, "parameters": report["parameters"], "inputs": report["inputs"],
-            "ours": linear["ours"], "mergekit": linear.get("mergekit"), "rss_bound_gib": linear["rss_bound_gib"],
+            "ours": linear["ours --no-validate"], "mergekit": linear.get("mergekit"),
+            "rss_bound_gib": linear["rss_bound_gib"],
             "floor_s": floor["read"] + min(floor["write_buffered"], floor["write_direct"]),
             "load": [report["load_before"], report["load_after"]]}
 

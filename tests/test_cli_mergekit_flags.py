@@ -344,7 +344,8 @@ def test_trust_remote_code_refuses_missing_and_irregular_code_files(cli, models_
 # --- flags not needed here, and click's guesses -----------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, says", [
-    ("--lazy-unpickle", "Pickle (*.bin) inputs are refused unless you add --allow-pickle: unpickling can run code"),
+    ("--lazy-unpickle", "--lazy-unpickle: not needed, safetensors inputs are read one tensor at a time. Pickle "
+                        "(*.bin) inputs are refused unless you add --allow-pickle: unpickling can run code"),
     ("--low-cpu-memory", "--low-cpu-memory: not needed, tensors are streamed"),
     ("--clone-tensors", "--clone-tensors: not needed"),
 ])
@@ -409,3 +410,38 @@ def test_mergekit_lite_is_a_second_name_for_merge(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 0 and "Usage: mergekit-lite run [OPTIONS] SPEC [OUT]" in capsys.readouterr().out
+
+
+def test_validate_runs_the_models_own_code_only_with_trust_remote_code(cli, models_f32, tmp_path):
+    """`merge validate --trust-remote-code` lets the forward check run the code auto_map names (here a renamed
+    Llama): its loss is the plain Llama's loss on the same weights (computed without any own code)."""
+    pytest.importorskip("transformers")
+    root = with_code(models_f32, tmp_path)
+    config = spec(tmp_path, root)
+    assert cli("run", config, tmp_path / "out", "--trust-remote-code", "--no-validate", "-q").exit_code == 0
+    untrusted = cli("validate", tmp_path / "out", "--device", "cpu", "--json")
+    forward = next(c for c in json.loads(untrusted.stdout)["checks"] if c["name"] == "forward")
+    assert untrusted.exit_code == 3 and forward["status"] == "not_checked"
+    assert forward["summary"] == ("the model needs its own code (configuration_tiny.py, modeling_tiny.py, named by "
+                                  "auto_map in config.json), which runs only with --trust-remote-code "
+                                  "(trust_remote_code=True): read that code first, then add the flag")
+    trusted = cli("validate", tmp_path / "out", "--device", "cpu", "--json", "--trust-remote-code")
+    assert trusted.exit_code == 0, trusted.output
+    forward = next(c for c in json.loads(trusted.stdout)["checks"] if c["name"] == "forward")
+    plain = cli("run", spec(tmp_path, models_f32), tmp_path / "plain", "--device", "cpu", "-q")   # no auto_map
+    assert plain.exit_code == 0, plain.output
+    plain_report = cli("validate", tmp_path / "plain", "--device", "cpu", "--json")
+    plain_forward = next(c for c in json.loads(plain_report.stdout)["checks"] if c["name"] == "forward")
+    same_tensors(tmp_path / "out", tmp_path / "plain")
+    assert forward["status"] == "passed"
+    assert forward["numbers"]["merged_loss"] == plain_forward["numbers"]["merged_loss"] is not None
+
+
+def test_validate_trust_remote_code_without_the_code_files_is_not_checked(cli, models_f32, tmp_path):
+    root = with_code(models_f32, tmp_path)
+    assert cli("run", spec(tmp_path, root), tmp_path / "out", "--no-validate", "-q").exit_code == 0   # code not copied
+    result = cli("validate", tmp_path / "out", "--device", "cpu", "--trust-remote-code")
+    assert result.exit_code == 3, result.output
+    assert ("forward    NOT CHECKED  config.json's auto_map names configuration_tiny.py, modeling_tiny.py, which is "
+            "not in the folder: merge again with --trust-remote-code to copy the model's code, or add the files"
+            in result.stdout), result.stdout

@@ -10,7 +10,7 @@ from helpers.models import SHARD, write_spec
 from mergekit_lite.testing.synthetic import LlamaShape, write_model
 
 ALLOWED = ("merge_method, base_model, models, slices, parameters, dtype, out_dtype, tokenizer_source, tokenizer, "
-           "chat_template, modules, name")
+           "chat_template, modules, name, output")
 
 
 def check(result, code: int, expected: str):

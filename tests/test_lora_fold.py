@@ -113,7 +113,7 @@ def test_folded_sources_feed_any_strategy(models_bf16, adapters, tmp_path):
                            read_folder(base)["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_fold_output_and_replay(cli, models_bf16, adapters, tmp_path):
+def test_fold_output_and_replay(cli, models_bf16, adapters, tmp_path, tiny_shards):
     """merge fold writes a complete model folder whose mergekit_config.yml replays to the same bytes, and equals
     fold_lora's in-memory result."""
     base = models_bf16 / "base"

@@ -22,7 +22,12 @@ from mergekit_lite.strategies.registry import MERGEKIT_PARAMETERS, all_strategie
 from mergekit_lite.testing.adapters import write_demo_adapters
 from mergekit_lite.testing.synthetic import LlamaShape, write_demo_models
 
-CONFIGS = sorted((Path(__file__).parent.parent / "merge_configs").glob("*.y*ml"))
+ALL_CONFIGS = sorted((Path(__file__).parent.parent / "merge_configs").glob("*.y*ml"))
+# mergekit-moe files (experts:) are run by `merge moe`: test_moe_example_runs
+MOE_CONFIGS = [c for c in ALL_CONFIGS if c.read_text().startswith("#") and "\nexperts:" in c.read_text()]
+# multi-stage files (several YAML documents, mergekit-multi's format): test_multistage_example_runs
+MULTI_CONFIGS = [c for c in ALL_CONFIGS if "\n---" in c.read_text()]
+CONFIGS = [c for c in ALL_CONFIGS if c not in MOE_CONFIGS and c not in MULTI_CONFIGS]
 SMALL = LlamaShape(hidden=64, intermediate=128, layers=6, heads=4, kv_heads=2, vocab=256)
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 # Methods of mergekit that other issues add; an example using one is skipped until it is registered.
@@ -71,12 +76,12 @@ def test_example_runs(config, demo_root, monkeypatch):
     models = demo_root / "demo" / "models"
     base = read_folder(models / "base")
     inputs = {os.path.basename(str(m.ref.model)) for m in spec.all_models()} | {
-        os.path.basename(str(s.ref.model)) for piece in spec.slices or () for s in piece.sources} | (
+        os.path.basename(str(s.ref.model)) for piece in spec.all_slices() for s in piece.sources} | (
         {os.path.basename(str(spec.base_model.model))} if spec.base_model is not None else set())
     tensors = {name: read_folder(models / name) for name in inputs}
 
-    layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in spec.slices) if spec.slices \
-        else SMALL.layers
+    layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in spec.all_slices()) \
+        if spec.all_slices() else SMALL.layers
     assert out_config["num_hidden_layers"] == layers
     assert got.keys() == expected_names(base, layers)
     if spec.merge_method == "concat":
@@ -131,7 +136,7 @@ def test_examples_use_known_parameters():
         spec = load_spec(config)
         levels = [spec.parameters] + [m.parameters for m in spec.all_models()] + [
             m.parameters for m in spec.modules or ()] + [
-            p for piece in spec.slices or () for p in [piece.parameters, *[s.parameters for s in piece.sources]]]
+            p for piece in spec.all_slices() for p in [piece.parameters, *[s.parameters for s in piece.sources]]]
         assert {name for level in levels for name in level} <= known, config.name
 
 
@@ -151,3 +156,40 @@ def test_identity_upscaling_keeps_the_logits(demo_root, monkeypatch):
 def test_every_built_in_method_has_an_example():
     used = {load_spec(config).merge_method for config in CONFIGS}
     assert {s.name for s in builtins()} <= used
+
+
+@pytest.mark.parametrize("config", MOE_CONFIGS, ids=[c.name for c in MOE_CONFIGS])
+def test_moe_example_runs(config, demo_root, monkeypatch):
+    """A MoE example: every expert's MLPs stacked in the output, and the model runs."""
+    from mergekit_lite.api.moe import run_moe
+
+    monkeypatch.chdir(demo_root)
+    out = demo_root / "out" / config.stem
+    result = run_moe(config, out, progress=False, overwrite=True)
+    got = read_folder(out)
+    assert result.tensors == len(got) and result.validation.failed is False
+    experts = [read_folder(demo_root / "demo" / "models" / name) for name in ("ft-a", "ft-b", "ft-c")]
+    fused = got["model.layers.1.mlp.experts.gate_up_proj"]
+    for i, expert in enumerate(experts):
+        gate_up = torch.cat([expert["model.layers.1.mlp.gate_proj.weight"], expert["model.layers.1.mlp.up_proj.weight"]])
+        assert torch.equal(fused[i], gate_up.to(fused.dtype))
+    run_forward_pass(out, json.loads((out / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("config", MULTI_CONFIGS, ids=[c.name for c in MULTI_CONFIGS])
+def test_multistage_example_runs(config, demo_root, monkeypatch):
+    """A multi-stage example: every named stage is a complete model in OUT.stages, the final one in OUT, each
+    a real merge (not a copy of an input), finite, and the final model runs."""
+    from mergekit_lite.spec.stages import read_stages
+
+    monkeypatch.chdir(demo_root)
+    stages = read_stages(config.read_text(), str(config))
+    out = demo_root / "out" / config.stem
+    result = run_merge(config, out, progress=False, overwrite=True)
+    assert len(result.stages) == len(stages) and all("Merged" in line for line in result.stages)
+    inputs = [read_folder(demo_root / "demo" / "models" / name) for name in ("base", "ft-a", "ft-b", "ft-c")]
+    for folder in [out.parent / f"{config.stem}.stages" / s.name for s in stages[:-1]] + [out]:
+        got = read_folder(folder)
+        assert got.keys() == inputs[0].keys() and all(bool(torch.isfinite(t.float()).all()) for t in got.values())
+        assert not any(all(torch.equal(got[k], model[k]) for k in got) for model in inputs), folder
+    run_forward_pass(out, json.loads((out / "config.json").read_text()))

@@ -241,10 +241,26 @@ def test_slices_union(models, tmp_path, method, slices):
     assert_same(ours, theirs)
 
 
+@pytest.mark.parametrize("method, module, tokenizer", [
+    ("linear", "    models:\n      - {{model: {m}/base, parameters: {{weight: 0.5}}}}\n"
+               "      - {{model: {m}/chatml, parameters: {{weight: 0.5}}}}\n", "tokenizer_source: union"),
+    ("task_arithmetic", "    models:\n      - {{model: {m}/chatml, parameters: {{weight: 0.7}}}}\n",
+     "tokenizer:\n  source: union\n  pad_to_multiple_of: 8"),
+    ("passthrough", "    slices:\n      - sources: [{{model: {m}/base, layer_range: [0, 1]}}]\n"
+                    "      - sources: [{{model: {m}/chatml, layer_range: [1, 2]}}]\n", "tokenizer_source: union"),
+])
+def test_modules_merge_tokenizers(models, tmp_path, method, module, tokenizer):
+    """A tokenizer merge with modules: (whole or sliced) remaps every module's vocabulary rows (as mergekit)."""
+    text = (f"merge_method: {method}\nbase_model: {models}/base\ndtype: float32\n{tokenizer}\n"
+            "modules:\n  default:\n" + module.format(m=models))
+    ours, theirs = both(text, tmp_path)
+    assert_same(ours, theirs)
+
+
 def test_concat_refuses_a_union(models):
     from mergekit_lite.plan.planner import make_plan
 
-    with pytest.raises(SpecError, match="not supported yet with concat"):
+    with pytest.raises(SpecError, match=r"not supported with concat \(mergekit has no concat method"):
         make_plan(spec(models, "tokenizer_source: union", method="concat"))
 def test_chat_template_auto_on_a_copied_tokenizer(models, tmp_path):
     """No tokenizer merge: the base's tokenizer is loaded and saved again with the chosen template."""

@@ -324,7 +324,7 @@ def test_run_settings_are_what_recompute_uses(models_f32, tmp_path):
     out = merge(models_f32, TASK_ARITHMETIC, tmp_path / "out", dtype="bfloat16", out_dtype="float16", seed=5)
     assert json.loads((out / "merge_run.json").read_text()) == {
         "dtype": "bfloat16", "out_dtype": "float16", "seed": 5, "device": "cpu", "tool": "mergekit_lite",
-        "version": "0.1.0", "working_dir": os.getcwd(), "config_from": None}
+        "version": "0.1.0", "working_dir": os.getcwd(), "config_from": None, "stage": None}
     assert validate(out, device="cpu", forward=False).passed
     os.remove(out / "merge_run.json")                        # without them the spec plans float32 tensors
     failures = validate(out, device="cpu", forward=False).check("structure").failures

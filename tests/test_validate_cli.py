@@ -175,8 +175,9 @@ def test_run_prints_a_verdict(cli, models_f32, tmp_path):
     result = cli("run", spec, "-o", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 0
     last = result.stdout.splitlines()[-1]
-    assert re.fullmatch(r"Validation passed on cpu in \d+\.\d s: structure, finite, recompute \(21/39 tensors "
-                        r"bit-exact\), forward \(loss \d\.\d{3}; inputs \d\.\d{3}-\d\.\d{3}\)", last), last
+    assert re.fullmatch(r"Validation passed on cpu in \d+\.\d s: structure \d+\.\d s, finite \d+\.\d s, recompute "
+                        r"\d+\.\d s \(21/39 tensors bit-exact\), forward \d+\.\d s \(loss \d\.\d{3}\)", last), last
+    # the inputs differ, so they are not run after a merge (their losses are context: `merge validate`)
     assert (tmp_path / "out" / "merge_run.json").exists()
     skipped = cli("run", spec, "-o", tmp_path / "out2", "--no-validate")
     assert skipped.exit_code == 0 and "Validation" not in skipped.stdout
@@ -196,8 +197,8 @@ def test_run_fails_when_the_written_output_is_wrong(cli, models_f32, tmp_path, m
     out = tmp_path / "out"
     result = cli("run", spec, "-o", out, "--device", "cpu")
     assert result.exit_code == 1
-    assert result.stderr.endswith(
-        f"\nerror: validation failed; the output was written and stays in {out} for inspection\n")   # after progress
+    assert result.stderr.splitlines()[-1] == (   # after the progress bars (the validation's is cleared: \r)
+        f"error: validation failed; the output was written and stays in {out} for inspection")
     assert "tensor 'lm_head.weight': differs from the merge recomputed from the sources" in result.stdout
     assert (out / "config.json").exists()
 
@@ -255,13 +256,8 @@ def test_forward_is_not_checked_without_transformers_or_memory(models_f32, tmp_p
     import sys
 
     from mergekit_lite import validate
-    from mergekit_lite.validation import inference
 
     out = merged(models_f32, tmp_path / "out")
-    monkeypatch.setattr(inference, "available_memory", lambda device: 100_000)
-    forward = validate(out, device="cpu").check("forward")
-    assert (forward.status, forward.summary) == ("not_checked", "the model needs about 904.00 kB in float32 on cpu, "
-                                                                "100.00 kB is free")   # 1.25 x 4 bytes x 180,800 values
     monkeypatch.setitem(sys.modules, "transformers", None)     # as if not installed
     report = validate(out, device="cpu")
     assert report.status == "not_checked" and report.check("forward").summary == (

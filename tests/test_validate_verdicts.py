@@ -157,8 +157,9 @@ def test_a_plain_model_folder_says_what_it_could_not_check(cli, tmp_path):
     report = validate(folder, device="cpu")
     assert (report.status, report.exit_code) == ("passed", 0)
     assert report.check("recompute").status == "not_applicable"
-    assert report.verdict().endswith(", recompute not applicable (no merge record), forward (loss "
-                                     + f"{report.check('forward').numbers['merged_loss']:.3f})")
+    forward = report.check("forward")
+    assert report.verdict().endswith(f", recompute not applicable (no merge record), forward {forward.seconds:.1f} s "
+                                     f"(loss {forward.numbers['merged_loss']:.3f})")
 
 
 def test_a_record_without_its_spec_is_not_checked(project):
@@ -178,12 +179,14 @@ def test_an_unknown_method_is_not_checked(project):
 
 def test_a_tensor_that_cannot_be_recomputed_is_not_checked(project, monkeypatch):
     from mergekit_lite.errors import ModelError
-    from mergekit_lite.validation import recompute
 
     def unreadable(job, rows=None):
         raise ModelError("cannot read tensor: Input/output error", file="ft-a/model.safetensors")
 
-    monkeypatch.setattr(recompute, "read_sources", unreadable)
+    from mergekit_lite.engine import loop
+
+    monkeypatch.setattr(loop, "read_sources", unreadable)    # the engine's reads, which recompute goes through
+    monkeypatch.setattr(loop, "fetch_sources", unreadable)
     check = validate(project / "out", device="cpu", forward=False).check("recompute")
     assert (check.status, check.summary) == (
         "not_checked", "21 of 21 sampled tensors could not be recomputed (the first: 'model.embed_tokens.weight': "
@@ -222,8 +225,9 @@ def test_without_transformers_validate_exits_3_and_run_says_not_checked(cli, pro
     ran = cli("run", "spec.yaml", "-o", project / "out2", "--device", "cpu")
     assert ran.exit_code == 0, ran.output            # the merge itself succeeded
     last = ran.stdout.splitlines()[-1]
-    assert re.fullmatch(r"Validation NOT CHECKED on cpu in \d+\.\d s: structure, finite, recompute \(21/39 "
-                        r"tensors bit-exact\), forward NOT CHECKED \(" + re.escape(NO_TRANSFORMERS) + r"\)", last)
+    assert re.fullmatch(r"Validation NOT CHECKED on cpu in \d+\.\d s: structure \d+\.\d s, finite \d+\.\d s, "
+                        r"recompute \d+\.\d s \(21/39 tensors bit-exact\), forward NOT CHECKED \("
+                        + re.escape(NO_TRANSFORMERS) + r"\)", last)
     assert "passed" not in ran.stdout
     assert ran.stderr.endswith(f"warning: the output in {project / 'out2'} was written, but its validation could "
                                "not check everything (forward); `merge validate` says why\n")
@@ -240,12 +244,17 @@ def test_unknown_architecture_is_not_checked(tmp_path):
         " does not know model_type 'nonesuch'")
 
 
-def test_a_model_too_big_for_memory_is_not_checked(project, monkeypatch):
-    from mergekit_lite.validation import inference
+def test_a_model_that_cannot_stream_and_exceeds_the_bound_is_not_checked(project, monkeypatch):
+    """Budgeted from the tensors, never from free memory: (inputs + 2) x largest float32 tensor + slack."""
+    from mergekit_lite.validation import forward, streamed
 
-    monkeypatch.setattr(inference, "available_memory", lambda device: 100_000)
+    monkeypatch.setattr(streamed, "streamed_model", lambda *args, **kwargs: None)   # as if its names were renamed
+    monkeypatch.setattr(forward, "WHOLE_SLACK", 0)
     report = validate(project / "out", device="cpu")
     assert report.status == "not_checked" and report.check("forward").status == "not_checked"
+    assert report.check("forward").summary.startswith(
+        "the merged model: its tensor names are not its modules' (transformers renames them while loading), so it "
+        "cannot run layer by layer, and loading it whole in float32 needs about ")
 
 
 def test_nonfinite_weights_allowed_leave_forward_not_checked(project):
@@ -389,8 +398,9 @@ def test_merge_fold_prints_its_verdict_like_merge_run(cli, models_f32, tmp_path,
     adapter = write_adapter(str(tmp_path / "adapter"), SHAPE)
     result = cli("fold", models_f32 / "base", adapter, "-o", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert re.fullmatch(r"Validation passed on cpu in \d+\.\d s: structure, finite, recompute \(21/39 tensors "
-                        r"bit-exact\), forward \(loss \d\.\d{3}; inputs \d\.\d{3}-\d\.\d{3}\)",
+    assert re.fullmatch(r"Validation passed on cpu in \d+\.\d s: structure \d+\.\d s, finite \d+\.\d s, recompute "
+                        r"\d+\.\d s \(21/39 tensors bit-exact\), forward \d+\.\d s \(loss \d\.\d{3}; inputs "
+                        r"\d\.\d{3}-\d\.\d{3}\)",
                         result.stdout.splitlines()[-1]), result.stdout
     original = writer.ShardWriter.write
 

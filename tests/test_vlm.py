@@ -6,6 +6,7 @@ only. ``modules:`` merges each module from its own models and parameters, as mer
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -78,7 +79,7 @@ def test_merge_run_validates_and_equals_mergekit(llavas, method, with_base, para
     spec.write_text(spec_for(llavas, method, with_base, params, density))
     result = cli("run", spec, "-o", tmp_path / "ours")
     assert result.exit_code == 0, result.output
-    assert "Validation passed" in result.output and "forward (loss" in result.output, result.output
+    assert "Validation passed" in result.output and re.search(r"forward [\d.]+ s \(loss", result.output), result.output
     same_as_mergekit(spec.read_text(), tmp_path / "ours", tmp_path)
 
 
@@ -234,7 +235,7 @@ def test_modules_validate_and_equal_mergekit(llavas, template, cli, tmp_path):
     spec.write_text(template.format(root=llavas))
     result = cli("run", spec, "-o", tmp_path / "ours")
     assert result.exit_code == 0, result.output
-    assert "Validation passed" in result.output and "forward (loss" in result.output, result.output
+    assert "Validation passed" in result.output and re.search(r"forward [\d.]+ s \(loss", result.output), result.output
     same_as_mergekit(spec.read_text(), tmp_path / "ours", tmp_path)
 
 
@@ -266,13 +267,6 @@ def test_modules_errors(llavas, cli, tmp_path):
         "'model.vision_tower.encoder.layers.0.layer_norm1.bias') is not listed, so the output would lack its "
         "tensors (mergekit leaves them out)\nHint: add modules.model.vision_tower.encoder.layers with the models "
         "to merge into it\n")
-    assert refused(cli, tmp_path, "merge_method: linear\nmodules:\n  default:\n    slices:\n      - sources: "
-                                  f"[{{model: {llavas}/a, layer_range: [0, 2]}}]\n") == (
-        "error: spec.yaml: modules.default.slices: per-module slices (layer stacking inside a module) are not "
-        "supported yet\nHint: list the module's models under models:\n")
-    assert refused(cli, tmp_path, text + "tokenizer_source: base\n") == (
-        "error: spec.yaml: tokenizer_source: tokenizer settings are not supported yet with modules\nHint: leave "
-        "them out: the base model's tokenizer (else the first model's) is copied\n")
     assert "exactly one of 'models', 'slices' or 'modules' must be given" in refused(
         cli, tmp_path, text + f"models:\n  - model: {llavas}/a\n")
 

@@ -22,7 +22,8 @@ PathLike = Union[str, os.PathLike]
 
 def fold_spec(base: PathLike, adapters: Sequence[PathLike], weights: Optional[Sequence[float]] = None, *,
               tied_embeddings: str = "untie", check_base: bool = True, out_dtype: Optional[str] = None) -> dict:
-    """The spec of a fold: one passthrough input, ``{model: base, lora: [{path, weight}, ...]}``."""
+    """The spec of a fold: one passthrough input, ``{model: base, lora: [{path, weight}, ...]}``; for one
+    adapter at weight 1, mergekit's ``base+adapter``."""
     adapters = [os.fspath(a) for a in adapters]
     if not adapters:
         raise UsageError("no adapters to fold", where="ADAPTER", hint="give one or more PEFT adapter folders")
@@ -41,13 +42,22 @@ def fold_spec(base: PathLike, adapters: Sequence[PathLike], weights: Optional[Se
         if not check_base:
             entry["check_base"] = False
         lora.append(entry)
-    model: dict = {"model": os.fspath(base), "lora": lora}
+    model: Union[str, dict] = {"model": os.fspath(base), "lora": lora}
     if tied_embeddings != "untie":
         model["tied_embeddings"] = tied_embeddings
+    elif _mergekit_can_say(os.fspath(base), lora):
+        model = f"{os.fspath(base)}+{lora[0]['path']}"   # mergekit's spelling: its tools read this spec too
     spec: dict = {"merge_method": "passthrough", "models": [{"model": model}]}
     if out_dtype is not None:
         spec["out_dtype"] = out_dtype
     return spec
+
+
+def _mergekit_can_say(base: str, lora: list[dict]) -> bool:
+    """One adapter at weight 1, its base checked: mergekit's ``base+adapter`` says exactly that (a path holding
+    '+' or '@' would be read apart, so it keeps the dict form)."""
+    return (len(lora) == 1 and lora[0] == {"path": lora[0]["path"], "weight": 1.0}
+            and not any(mark in base + lora[0]["path"] for mark in "+@"))
 
 
 def fold_lora(base: PathLike, adapters: Union[PathLike, Sequence[PathLike]], out: Optional[PathLike] = None,

@@ -22,7 +22,7 @@ from ..output.place import Place, check_path, check_place, commit_partial, start
 from ..output.remote_code import remote_code_files
 from ..output.run_settings import settings_for, write_run_settings
 from ..plan.planner import MergePlan, dtype_setting, make_plan
-from ..spec.schema import SpecLike
+from ..spec.schema import SpecLike, load_spec
 from ..strategy import Strategy
 from ..units import parse_size
 
@@ -48,6 +48,7 @@ class MergeResult:
     validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run)
     pushed: Optional["PushResult"] = None   # with push_to_hub: where the model went
     resumed_shards: int = 0   # shards an interrupted run had finished, verified and kept (--resume)
+    stages: tuple[str, ...] = ()   # a multi-stage file: one line per stage, what it did (merged, kept)
 
     def __str__(self) -> str:
         from ..units import format_size
@@ -112,7 +113,9 @@ class MergeSettings:
     ``allow_pickle``: load local models that have only pickle weights, with torch.load(weights_only=True).
     ``allow_nonfinite``: merge inputs that hold NaN or Inf instead of refusing them.
     ``push_to_hub="org/name"`` then uploads the result (``private`` applies to a new repo), unless its
-    validation failed. ``resume`` continues an interrupted merge of the same spec from its partial folder;
+    validation failed; ``license`` (a Hub license id) and ``base_models`` (Hub ids the merge comes from, for a
+    merge of local folders) go into the pushed card's front matter, as `merge push --license --base-model` does.
+    ``resume`` continues an interrupted merge of the same spec from its partial folder;
     ``executor="ray"`` computes the shards on a Ray cluster (``ray_address``; default: a local one).
     mergekit's options: ``copy_tokenizer``/``write_model_card`` (False: no tokenizer files / no README.md),
     ``allow_crimes`` (merge models whose config.json name different ``architectures``, with a warning; shapes
@@ -127,12 +130,14 @@ class MergeSettings:
     seed: int = 0
     overwrite: bool = False             # replace an earlier merge's output at OUT (never a folder of other files)
     dry_run: bool = False
-    progress: bool = True
+    progress: bool = True               # False: no progress bar at all, huggingface_hub's download bars included
     validate: bool = True
     allow_pickle: bool = False
     allow_nonfinite: bool = False
     push_to_hub: Optional[str] = None
     private: bool = False
+    license: Optional[str] = None        # with push_to_hub: the pushed card's license (a Hub license id)
+    base_models: tuple[str, ...] = ()    # with push_to_hub: Hub ids added to the pushed card's base_model
     resume: bool = False
     executor: str = "local"
     ray_address: Optional[str] = None
@@ -143,6 +148,8 @@ class MergeSettings:
     trust_remote_code: bool = False
     num_threads: Optional[int] = None
     strict: bool = True                 # a failed validation raises ValidationFailed; False: warns and returns
+    intermediate_dir: Optional[str] = None   # multi-stage files: where named stages go (default OUT.stages)
+    fuse: bool = False                  # multi-stage files: one pass, no intermediate written (api/stages.py)
 
 
 def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[MergeSettings] = None, *,
@@ -157,16 +164,45 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[M
     ValidationFailed (``.report``, ``.result``; nothing is pushed), or with ``strict=False`` warns and returns;
     either way the output stays in place. A not checked validation never raises.
     ``result.pushed`` says where a push went. Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt)
-    saying what was left behind.
+    saying what was left behind. A multi-stage file (mergekit-multi's, several YAML documents) runs its
+    stages in order (api/stages.py): ``result`` is the final stage's, ``result.stages`` says what each did.
     """
-    started = time.perf_counter()
+    from contextlib import nullcontext
+
+    from ..hub.client import quiet_hub
+    from ..spec.stages import multi_stage_source
+    from .stages import run_stages
+
     run = dataclasses.replace(settings or MergeSettings(), **changes)
+    with quiet_hub(True) if not run.progress else nullcontext():   # no huggingface_hub bar either (downloads)
+        source = multi_stage_source(spec)   # refuses a mergekit-moe file
+        if source is not None:
+            _check_settings(run)   # the final stage's settings (a push's token, ...), before any stage runs
+            return run_stages(source, os.fspath(out), run, list(strategies), merge_one=merge_spec,
+                              result=MergeResult)
+        if run.intermediate_dir is not None or run.fuse:
+            raise UsageError("--intermediate-dir and --fuse apply to multi-stage files only (several YAML "
+                             "documents)", where="intermediate_dir" if run.intermediate_dir is not None else "fuse",
+                             hint="drop the option, or give a multi-stage file")
+        return merge_spec(spec, out, run, list(strategies))
+
+
+def merge_spec(spec: SpecLike, out: Union[str, os.PathLike], run: MergeSettings, strategies: list[Strategy],
+               stage_digest: Optional[str] = None, recipe: Optional[str] = None,
+               plan: Optional[MergePlan] = None) -> MergeResult:
+    """run_merge of one spec. ``stage_digest`` (a stage of a multi-stage file) goes into merge_run.json,
+    ``recipe`` (the whole multi-stage file) onto the card; ``plan``: the spec already planned (a fused run)."""
+    started = time.perf_counter()
     out = os.fspath(out)
+    spec = load_spec(spec)
+    if spec.raw.get("output") == "adapter":   # base+adapter inputs combined into one adapter (docs/adapters.md)
+        from .adapter_spec import run_adapter_spec
+
+        return run_adapter_spec(spec, out, run, MergeResult)
     shard_bytes, device = _check_settings(run)
-    strategies = list(strategies)
-    merge_plan = make_plan(spec, dtype=run.dtype, out_dtype=run.out_dtype, seed=run.seed, strategies=strategies,
-                           allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite,
-                           config_from=run.config_from)
+    merge_plan = plan if plan is not None else make_plan(
+        spec, dtype=run.dtype, out_dtype=run.out_dtype, seed=run.seed, strategies=strategies,
+        allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite, config_from=run.config_from)
     log.info("%s of %d model(s): %d tensors (%s) on %s, merged in %s, written as %s, shards of at most %s, "
              "seed %d%s", merge_plan.strategy.name, len(merge_plan.checkpoints), len(merge_plan.jobs),
              _size(merge_plan.total_bytes), device, run.dtype or "the spec's dtype",
@@ -184,7 +220,8 @@ def run_merge(spec: SpecLike, out: Union[str, os.PathLike], settings: Optional[M
             return _dry_run(merge_plan, out, shard_bytes, run, started)
         with OutputLock(out):   # held until validated: a second run cannot replace OUT under the validation
             place = _check_place(merge_plan, out, shard_bytes, device, run)   # under the lock: no other run moves
-            result = _execute(merge_plan, place, shard_bytes, device, started, run, code_files)
+            result = _execute(merge_plan, place, shard_bytes, device, started, run, code_files,
+                              (stage_digest, recipe))
             if run.validate:
                 result = dataclasses.replace(result, validation=_validate(merge_plan, out, device, strategies, run))
     finally:
@@ -210,6 +247,7 @@ def _check_settings(run: MergeSettings) -> tuple[int, torch.device]:
     if run.private and not run.push_to_hub:
         raise UsageError("--private only applies with --push-to-hub", where="private",
                          hint="add --push-to-hub ORG/NAME, or drop --private")
+    _check_card_settings(run)
     if run.push_to_hub:  # a missing token or offline mode fails now, not after the merge
         from ..hub.push import check_push_target
 
@@ -225,6 +263,26 @@ def _check_settings(run: MergeSettings) -> tuple[int, torch.device]:
     device = resolve_device(run.device)
     check_executor(run.executor, run.ray_address)
     return shard_bytes, device
+
+
+def _check_card_settings(run: MergeSettings) -> None:
+    """license / base_models: what `merge push` checks, before the merge instead of after it."""
+    if not run.license and not run.base_models:
+        return
+    given = "license" if run.license else "base_models"
+    if not run.push_to_hub:
+        raise UsageError(f"{'--license' if run.license else '--base-model'} only applies with --push-to-hub",
+                         where=given, hint="add --push-to-hub ORG/NAME, or `merge push OUT --repo ORG/NAME` "
+                                           "with it later")
+    if not run.write_model_card:
+        raise UsageError("there would be no README.md (model card) to write the license or base models into",
+                         where=given, hint="drop --no-write-model-card")
+    from ..hub.push_plan import check_card_options
+
+    if isinstance(run.base_models, str):
+        raise UsageError(f"base_models={run.base_models!r} is one string", where="base_models",
+                         hint="give a list of Hub ids: base_models=['org/name']")
+    check_card_options(run.license, run.base_models)
 
 
 def _size(size: int) -> str:
@@ -282,17 +340,14 @@ def _dry_run(merge_plan: MergePlan, out: str, shard_bytes: int, run: MergeSettin
 def _validate(merge_plan: MergePlan, out: str, device: torch.device, strategies: list[Strategy],
               run: MergeSettings) -> "ValidationReport":
     from ..validation import validate as validate_output
-    from ..validation.inference import TRUST_REMOTE_CODE
 
-    trusted = TRUST_REMOTE_CODE.set(run.trust_remote_code)   # the forward check may run the copied code
-    try:
+    try:   # trust_remote_code: the forward check may run the code files copied into the output
         return validate_output(out, merge_plan.spec, device=device, strategies=strategies,
                                allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite,
-                               progress=run.progress)
+                               progress=run.progress, trust_remote_code=run.trust_remote_code,
+                               context_inputs=False)   # inputs' losses: `merge validate`
     except KeyboardInterrupt:
         raise Interrupted(f"{out} is complete but was not validated; run `merge validate {out}`") from None
-    finally:
-        TRUST_REMOTE_CODE.reset(trusted)
 
 
 def _push(result: MergeResult, out: str, run: MergeSettings) -> MergeResult:
@@ -305,11 +360,13 @@ def _push(result: MergeResult, out: str, run: MergeSettings) -> MergeResult:
     from ..hub.push import push_to_hub as push
 
     return dataclasses.replace(result, pushed=push(result.path, run.push_to_hub, private=run.private,
-                                                   progress=run.progress))
+                                                   progress=run.progress, license=run.license,
+                                                   base_models=run.base_models))
 
 
 def _execute(merge_plan: MergePlan, place: Place, shard_bytes: int, device: torch.device, started: float,
-             run: MergeSettings, code_files: list[tuple[str, str]]) -> MergeResult:
+             run: MergeSettings, code_files: list[tuple[str, str]],
+             stage: tuple[Optional[str], Optional[str]] = (None, None)) -> MergeResult:
     from ..engine.executors import open_output
     from ..engine.progress import byte_progress
 
@@ -322,10 +379,11 @@ def _execute(merge_plan: MergePlan, place: Place, shard_bytes: int, device: torc
                                    threads=run.num_threads)
         try:
             write_companions(merge_plan, partial, shards, name=os.path.basename(os.path.abspath(out)),
-                             tokenizer=run.copy_tokenizer, card=run.write_model_card, code_files=code_files)
+                             tokenizer=run.copy_tokenizer, card=run.write_model_card, code_files=code_files,
+                             recipe=stage[1])
             write_run_settings(partial, settings_for(dtype_setting(run.dtype, "dtype"),
                                                      dtype_setting(run.out_dtype, "out_dtype"), run.seed, device,
-                                                     config_from=merge_plan.config_from))
+                                                     config_from=merge_plan.config_from, stage=stage[0]))
         except OSError as exc:
             raise OutputError(f"cannot write {os.path.basename(exc.filename or '') or 'a file'}: {exc.strerror}",
                               file=partial, hint=f"free some disk space and run again ({LEFTOVER})") from None

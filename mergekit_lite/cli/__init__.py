@@ -9,10 +9,13 @@ import sys
 import click
 
 from .. import __version__
+from .adapters import adapters
 from .check import check
+from .extract import extract
 from .fold import fold
 from .mergekit_flags import GuardedGroup
 from .methods import methods
+from .moe import moe
 from .push import push
 from .run import run
 from .validate import validate
@@ -26,14 +29,18 @@ def cli() -> None:
     \b
     merge run SPEC.yaml OUT         run a (mergekit-compatible) merge spec; -o OUT works too
     merge fold BASE ADAPTER -o OUT  fold PEFT LoRA adapters into their base model
+    merge adapters A1 A2 -o OUT     combine LoRA adapters into one (peft's add_weighted_adapter)
+    merge extract --model FT --base-model BASE -o OUT
+                                    a fine-tune's change as a PEFT LoRA adapter
     merge methods [NAME]            list the merge methods and their parameters
     merge validate OUT              check a merged model against its spec
     merge check SPEC...             check specs offline, without opening any model
+    merge moe MOE.yml OUT           build a mixture of experts (mergekit-moe's YAML)
     merge push OUT --repo ORG/NAME  publish a merged model to the Hugging Face Hub
     """
 
 
-for command in (run, fold, methods, validate, push, check):
+for command in (run, fold, methods, validate, push, check, moe, extract, adapters):
     cli.add_command(command)
 
 

@@ -7,8 +7,12 @@ the models (shapes, tensor names, configs, that the paths exist) is left to `mer
 --dry-run`, and cross-parameter rules a method checks per tensor (with the resolved values) too.
 
 Files of several YAML documents (mergekit-multi's multi-stage merges) have each document checked as a
-spec: a later stage may name an earlier one as a model. mergekit-moe files (``experts:``) have their keys
-and values checked. Neither kind is merged by `merge run` yet: a note says so, and it is no problem (exit 0).
+spec: a later stage may name an earlier one as a model; then the graph of stages as `merge run` checks it
+(one final stage, no cycle; names are not looked up as folders). mergekit-moe files (``experts:``) have
+their keys and values checked. A note says which kind a file is (exit 0).
+
+Every problem of a file is shown, not just the first (spec/problems.py collects them), in document order, at
+most LIMIT per file. A spec with ``output: adapter`` is checked as `merge run` reads it (api/adapter_spec.py).
 
 Output: one line per problem, ``FILE: YAML.path: what (hint)``, on stdout; exit 0 when every spec is fine,
 2 otherwise.
@@ -22,16 +26,15 @@ from typing import Any, Optional
 
 import click
 
-from ..errors import MergeError, SpecError, did_you_mean
+from ..errors import MergeError, SpecError
 from .common import common_options
 
 DOCUMENT_START = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
-MOE_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture",
-            "tokenizer_source", "tokenizer", "chat_template", "name")
-EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
-MULTI_STAGE = "multi-stage files are not supported by merge run yet; run each stage as its own spec"
-MOE = "MoE files (mergekit-moe) are not supported by merge run yet"
+MULTI_STAGE = ("a multi-stage file: `merge run FILE OUT` writes each named stage to OUT.stages/NAME, then the "
+               "final one to OUT")
+MOE = "a mergekit-moe file: run it with `merge moe SPEC OUT`"
+ADAPTER = "output: adapter: the models' adapters are combined into one LoRA adapter (docs/adapters.md)"
+LIMIT = 50   # problem lines shown per file
 
 
 @click.command()
@@ -46,8 +49,10 @@ def check(specs: tuple[str, ...], quiet: bool) -> None:
     for path in specs:
         found, notes = check_file(path)
         problems += len(found)
-        for line in found:
+        for line in found[:LIMIT]:
             click.echo(line)
+        if len(found) > LIMIT:
+            click.echo(f"{path}: ... and {len(found) - LIMIT} more")
         for note in notes if not quiet else ():
             click.echo(f"{path}: note: {note}", err=True)
         if not found and not quiet:
@@ -72,27 +77,110 @@ def check_file(path: str) -> tuple[list[str], list[str]]:
         found, more = check_document(part, path, f"document {i + 1}", names)
         problems += found
         notes += [note for note in more if note not in notes]
+    if not problems:
+        problems += _stage_graph(text, path)
     return problems, notes
+
+
+def _stage_graph(text: str, path: str) -> list[str]:
+    """The graph of a multi-stage file (spec/stages.py): cycles, the final stage; model names are not looked up."""
+    from ..spec.stages import read_stages
+
+    try:
+        read_stages(text, path, exists=lambda _: True)
+    except MergeError as exc:
+        return [_line(exc, path)]
+    return []
 
 
 def check_document(text: str, path: str, label: Optional[str], names: Optional[set] = None
                    ) -> tuple[list[str], list[str]]:
-    from ..plan.planner import check_spec
+    """(problem lines in document order, notes) of one YAML document."""
+    from ..spec.moe import is_moe
     from ..spec.safe_yaml import load_yaml
-    from ..spec.schema import parse_spec
 
     file = f"{path} ({label})" if label else path
     try:
         data = load_yaml(text, file)
-        if names is not None:
-            _stage_name(data, names, file)
-        if isinstance(data, dict) and ("experts" in data or "gate_mode" in data):
-            check_moe(data, file)
-            return [], [MOE]
-        warnings = check_spec(parse_spec(data, text=text, file=file))
     except MergeError as exc:
         return [_line(exc, file)], []
-    return [], warnings
+    found: list[MergeError] = []
+    if names is not None:
+        _collect(found, _stage_name, data, names, file)
+    if is_moe(data):
+        _collect(found, check_moe, data, file)
+        notes = [MOE]
+    else:
+        notes = _collect(found, _check_spec, data, text, file) or []
+    order = _document_order(data)
+    found.sort(key=lambda exc: _position(exc.where, order))
+    return [_line(exc, file) for exc in found], notes if not found else []
+
+
+def _check_spec(data: Any, text: str, file: str) -> list[str]:
+    """The schema, then what `merge run` checks before it opens a model (an adapter output: what it reads of
+    the spec); the warnings. Raises SpecProblems with every problem found."""
+    from ..plan.planner import check_spec
+    from ..spec.problems import SpecProblems
+    from ..spec.schema import parse_spec
+
+    found: list[MergeError] = []
+    warnings: list[str] = []
+    try:
+        spec = parse_spec(data, text=text, file=file)
+    except SpecProblems as exc:
+        found, spec = list(exc.problems), exc.spec
+    adapter = spec is not None and spec.raw.get("output") == "adapter"
+    if spec is not None and not (adapter and found):   # an adapter output's checks need every model read
+        warnings = _collect(found, _check_adapter if adapter else check_spec, spec) or []
+    if found:
+        raise SpecProblems(found)
+    return warnings
+
+
+def _check_adapter(spec: Any) -> list[str]:
+    from ..api.adapter_spec import adapter_combination
+
+    adapter_combination(spec)
+    return [ADAPTER]
+
+
+def _collect(found: list, check, *args: Any) -> Any:
+    """``check(*args)``, its problems added to ``found`` (all of a SpecProblems); None when it raised."""
+    from ..spec.problems import SpecProblems
+
+    try:
+        return check(*args)
+    except SpecProblems as exc:
+        found += exc.problems
+    except MergeError as exc:
+        found.append(exc)
+    return None
+
+
+def _document_order(data: Any, prefix: str = "", order: Optional[dict] = None) -> dict[str, int]:
+    """Each YAML path of the document, numbered in the order it is written."""
+    order = {} if order is None else order
+    if prefix:
+        order.setdefault(prefix, len(order))
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _document_order(value, f"{prefix}.{key}" if prefix else str(key), order)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _document_order(value, f"{prefix}[{i}]", order)
+    return order
+
+
+def _position(where: Optional[str], order: dict[str, int]) -> int:
+    """Where a YAML path is in the document (its longest written prefix); a problem of the whole file first."""
+    path = (where or "").split(": ")[0]
+    while path:
+        if path in order:
+            return order[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[:cut] if cut > 0 else ""
+    return -1 if not where else len(order)
 
 
 def _stage_name(data: Any, names: set, file: str) -> None:
@@ -105,63 +193,10 @@ def _stage_name(data: Any, names: set, file: str) -> None:
 
 
 def check_moe(data: dict, file: str) -> None:
-    """The keys and values of a mergekit-moe file (mergekit/moe/config.py: MoEMergeConfig)."""
-    from ..dtypes import parse_dtype
-    from ..spec.references import parse_reference
+    """The keys and values of a mergekit-moe file (spec/moe.py, which `merge moe` reads with)."""
+    from ..spec.moe import parse_moe
 
-    def fail(what: str, where: str, hint: Optional[str] = None) -> SpecError:
-        return SpecError(what, where=where, file=file, hint=hint)
-
-    _keys(data, MOE_KEYS, "", fail)
-    if data.get("base_model") is None:
-        raise fail("base_model is missing", "base_model", "a MoE merge starts from base_model: <folder or org/name>")
-    parse_reference(data["base_model"], "base_model")
-    for key in ("experts", "shared_experts"):
-        if key == "experts" or data.get(key) is not None:
-            _experts(data.get(key), key, fail)
-    gate = data.get("gate_mode", "hidden")
-    if gate not in GATE_MODES:
-        raise fail(f"unknown gate_mode {gate!r}." + did_you_mean(str(gate), GATE_MODES), "gate_mode",
-                   "one of: " + ", ".join(GATE_MODES))
-    per_token = data.get("experts_per_token", 2)
-    if type(per_token) is not int or not 1 <= per_token <= len(data["experts"]):
-        raise fail(f"experts_per_token must be an integer from 1 to the number of experts "
-                   f"({len(data['experts'])}), got {per_token!r}", "experts_per_token")
-    if data.get("dtype") is not None:
-        try:
-            parse_dtype(str(data["dtype"]))
-        except ValueError as exc:
-            raise fail(str(exc), "dtype") from None
-
-
-def _experts(node: Any, key: str, fail) -> None:
-    from ..spec.references import parse_reference
-
-    if not isinstance(node, list) or not node:
-        raise fail("expected a non-empty list of experts", key, "each expert: {source_model: ..., positive_prompts: [...]}")
-    for i, expert in enumerate(node):
-        where = f"{key}[{i}]"
-        if not isinstance(expert, dict):
-            raise fail("expected a mapping", where)
-        _keys(expert, EXPERT_KEYS, where, fail)
-        if expert.get("source_model") is None:
-            raise fail("'source_model' is missing", where, "each expert needs source_model: <folder or org/name>")
-        parse_reference(expert["source_model"], f"{where}.source_model")
-        for prompts in ("positive_prompts", "negative_prompts"):
-            value = expert.get(prompts)
-            if value is not None and not (isinstance(value, list) and all(isinstance(p, str) for p in value)):
-                raise fail("expected a list of strings", f"{where}.{prompts}")
-        for number in ("noise_scale", "residual_scale"):
-            value = expert.get(number)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise fail(f"expected a number, got {value!r}", f"{where}.{number}")
-
-
-def _keys(node: dict, allowed: tuple[str, ...], where: str, fail) -> None:
-    for key in node:
-        if key not in allowed:
-            raise fail("unknown key." + did_you_mean(str(key), allowed), f"{where}.{key}" if where else str(key),
-                       "allowed here: " + ", ".join(allowed))
+    parse_moe(data, file=file)
 
 
 def _line(exc: MergeError, file: str) -> str:

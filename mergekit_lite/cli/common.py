@@ -10,13 +10,25 @@ from typing import Callable
 import click
 
 from ..errors import Interrupted, MergeError, UsageError
+from ..hub.client import quiet_hub
 
 # The library names a bad setting by its Python name (``run_merge(..., max_shard_size=...)``); on the command
 # line it is the option's name.
 FLAGS = {"max_shard_size": "--max-shard-size", "dtype": "--dtype", "out_dtype": "--out-dtype", "device": "--device",
          "private": "--private", "push_to_hub": "--push-to-hub", "executor": "--executor",
          "ray_address": "--ray-address", "config_from": "--config-from", "out": "OUT",
-         "out_shard_size": "--out-shard-size", "seed": "--seed", "num_threads": "--num-threads"}
+         "out_shard_size": "--out-shard-size", "seed": "--seed", "num_threads": "--num-threads",
+         "license": "--license", "base_models": "--base-model", "intermediate_dir": "--intermediate-dir",
+         "fuse": "--fuse"}
+
+
+VERBOSE = "mergekit_lite.verbose"   # click context meta key: how many -v were given
+
+
+def verbosity() -> int:
+    """How many -v the running command was given (0 outside a command)."""
+    context = click.get_current_context(silent=True)
+    return context.meta.get(VERBOSE, 0) if context is not None else 0
 
 
 class _Formatter(logging.Formatter):
@@ -46,8 +58,12 @@ def common_options(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, verbose: int, quiet: bool, debug: bool, **kwargs):
         setup_logging(verbose, quiet)
+        context = click.get_current_context(silent=True)
+        if context is not None:   # for what prints more with -v (cli/validate.py's verdict)
+            context.meta[VERBOSE] = verbose
         try:
-            return fn(*args, quiet=quiet, **kwargs)
+            with quiet_hub(quiet):   # -q: no huggingface_hub bar either ("Fetching N files")
+                return fn(*args, quiet=quiet, **kwargs)
         except MergeError as exc:
             if debug:
                 raise
@@ -70,3 +86,14 @@ def common_options(fn: Callable) -> Callable:
             sys.exit(1)
 
     return wrapper
+
+
+def output_folder(positional: str | None, option: str | None, usage: str) -> str:
+    """OUT given as an argument (mergekit's CONFIG OUT) or with -o; both only if they agree. ``usage`` is the
+    command line to show, such as ``merge run SPEC``."""
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(f"two output folders given: OUT '{positional}' and -o '{option}'", where="out",
+                         hint=f"give one: `{usage} OUT` or `{usage} -o OUT`")
+    if positional is None and option is None:
+        raise UsageError("no output folder given", where="out", hint=f"`{usage} OUT` or `{usage} -o OUT`")
+    return positional if positional is not None else option

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from .common import common_options
+from .mergekit_flags import shard_bytes
+from .run import DTYPES
 from .validate import print_verdict
 
 
@@ -19,10 +21,11 @@ from .validate import print_verdict
                    "base+adapter computed); shared folds into the one shared tensor, as peft does.")
 @click.option("--no-check-base", is_flag=True,
               help="Fold even if an adapter's config names another base model.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="Largest output shard in bytes; accepts 500MB, 2GiB, ...")
-@click.option("--out-dtype", default=None, help="Precision to write (default: the base's).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-shard-size", default=None,
+              help="Largest output shard in bytes, at least 1MB; accepts 500MB, 2GiB, ...  [default: 5GB]")
+@click.option("--out-dtype", default=None, metavar=DTYPES, help="Precision to write (default: the base's).")
+@click.option("--device", default="auto", show_default=True, metavar="[auto|cpu|cuda|cuda:N|mps]",
+              help="Where to compute; auto: cuda when present, else cpu.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the output of an earlier merge at OUT (never a folder holding other files).")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; write nothing.")
@@ -32,7 +35,7 @@ from .validate import print_verdict
 @click.option("--allow-nonfinite", is_flag=True, help="Fold inputs that hold NaN or Inf instead of refusing them.")
 @common_options
 def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], tied_embeddings: str,
-         no_check_base: bool, max_shard_size: str, out_dtype: str | None, device: str, overwrite: bool,
+         no_check_base: bool, max_shard_size: str | None, out_dtype: str | None, device: str, overwrite: bool,
          dry_run: bool, no_validate: bool, allow_pickle: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Fold the PEFT LoRA ADAPTERS into BASE (local folders or Hub ids org/name[@revision]) and write OUT.
 
@@ -44,10 +47,10 @@ def fold(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, .
 
     try:
         result = fold_lora(base, list(adapters), out, list(weights) or None, tied_embeddings=tied_embeddings,
-                           check_base=not no_check_base, max_shard_size=max_shard_size, out_dtype=out_dtype,
-                           device=device, overwrite=overwrite, dry_run=dry_run, progress=not quiet and not dry_run,
-                           allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                           validate=not no_validate)
+                           check_base=not no_check_base, max_shard_size=shard_bytes(max_shard_size, None),
+                           out_dtype=out_dtype, device=device, overwrite=overwrite, dry_run=dry_run,
+                           progress=not quiet and not dry_run, allow_pickle=allow_pickle,
+                           allow_nonfinite=allow_nonfinite, validate=not no_validate)
     except ValidationFailed as failed:   # printed as on success, then print_verdict exits 1
         result = failed.result
     if dry_run:

@@ -29,7 +29,7 @@ NOT_NEEDED = {
                       "as they are made (memory holds a few tensors, not the model)",
     "clone_tensors": "--clone-tensors: not needed, every output tensor is written from its own buffer (a layer "
                      "used twice is written twice correctly)",
-    "lazy_unpickle": "--lazy-unpickle: not needed, safetensors inputs are memory-mapped (read lazily). Pickle "
+    "lazy_unpickle": "--lazy-unpickle: not needed, safetensors inputs are read one tensor at a time. Pickle "
                      "(*.bin) inputs are refused unless you add --allow-pickle: unpickling can run code hidden in "
                      "the file; with --allow-pickle they are read with torch.load(weights_only=True)",
 }

@@ -8,7 +8,7 @@ from typing import Callable
 import click
 
 from ..errors import UsageError
-from .common import common_options
+from .common import common_options, output_folder
 from .mergekit_flags import MergekitCommand, mergekit_options, say_not_needed, shard_bytes
 from .validate import print_verdict
 
@@ -34,6 +34,32 @@ def _output_options(fn: Callable) -> Callable:
     return fn
 
 
+def _push_options(fn: Callable) -> Callable:
+    """--push-to-hub and what the push takes: --private, and `merge push`'s --license and --base-model."""
+    options = [
+        click.option("--push-to-hub", default=None, metavar="ORG/NAME",
+                     help="Upload the result to this Hub repo when it is written and validated."),
+        click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+        click.option("--license", "license_id", default=None, metavar="ID",
+                     help="With --push-to-hub: the license the Hub shows (apache-2.0, mit, ...), written into the "
+                          "pushed card as `merge push --license` does."),
+        click.option("--base-model", "base_models", multiple=True, metavar="ORG/NAME",
+                     help="With --push-to-hub: a Hub model this merge comes from (repeatable; for merges of local "
+                          "folders), as `merge push --base-model`."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _stage_options(fn: Callable) -> Callable:
+    """Multi-stage files (mergekit-multi's): --intermediate-dir, --fuse."""
+    fn = click.option("--fuse", is_flag=True, help="Multi-stage files: compute the final model in one pass, writing "
+                                                   "no intermediate stage (same bytes; per-tensor merges only).")(fn)
+    return click.option("--intermediate-dir", default=None, type=click.Path(file_okay=False),
+                        help="Multi-stage files: where each named stage is written.  [default: OUT.stages]")(fn)
+
+
 @click.command(cls=MergekitCommand)
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("out_path", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
@@ -46,9 +72,7 @@ def _output_options(fn: Callable) -> Callable:
 @click.option("--allow-pickle", is_flag=True,
               help="Load models that have only pickle weights (*.bin), with torch.load(weights_only=True).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs that hold NaN or Inf instead of refusing them.")
-@click.option("--push-to-hub", default=None, metavar="ORG/NAME",
-              help="Upload the result to this Hub repo when it is written and validated.")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@_push_options
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted merge of the same spec from OUT.partial (finished shards are verified "
                    "and kept).")
@@ -56,6 +80,7 @@ def _output_options(fn: Callable) -> Callable:
               help="Compute shards in this process, or as tasks on a Ray cluster (the [ray] extra).")
 @click.option("--ray-address", default=None, help="Ray cluster to use (auto, host:6379, ray://host:10001); "
                                                   "default: start a local one.")
+@_stage_options
 @click.option("--config-from", default=None, metavar="MODEL",
               help="Which model's config.json the output takes (as the spec writes it, e.g. ./ft-b): needed when "
                    "the models disagree on rope_theta, hidden_act, ... Default: the base model, else the first.")
@@ -64,26 +89,28 @@ def _output_options(fn: Callable) -> Callable:
 def run(spec: str, out_path: str | None, out: str | None, max_shard_size: str | None, dtype: str | None,
         out_dtype: str | None, device: str | None, overwrite: bool, dry_run: bool, seed: int | None,
         no_validate: bool, allow_pickle: bool, allow_nonfinite: bool, push_to_hub: str | None, private: bool,
-        resume: bool, executor: str, ray_address: str | None, config_from: str | None, quiet: bool,
-        **mergekit) -> None:
+        license_id: str | None, base_models: tuple[str, ...], resume: bool, executor: str, ray_address: str | None,
+        intermediate_dir: str | None, fuse: bool, config_from: str | None, quiet: bool, **mergekit) -> None:
     """Run the merge described by SPEC (a mergekit-compatible YAML file) into OUT.
 
-    mergekit-yaml's command line works too: `merge run config.yml out --cuda --out-shard-size 5B`."""
+    mergekit-yaml's command line works too: `merge run config.yml out --cuda --out-shard-size 5B`. A
+    multi-stage file (mergekit-multi's) writes each named stage to OUT.stages/NAME, then the final one to OUT."""
     from ..api.merge import MergeSettings
 
     say_not_needed(quiet, lazy_unpickle=mergekit.pop("lazy_unpickle"), low_cpu_memory=mergekit.pop("low_cpu_memory"),
                    clone_tensors=mergekit.pop("clone_tensors"))
     settings = MergeSettings(shard_bytes(max_shard_size, mergekit.pop("out_shard_size")), dtype, out_dtype,
                              _device(device, mergekit.pop("cuda")), _seed(seed, mergekit.pop("random_seed")),
-                             overwrite, dry_run, progress=not quiet and not dry_run, validate=not no_validate,
+                             overwrite, dry_run, progress=not quiet, validate=not no_validate,
                              allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, push_to_hub=push_to_hub,
-                             private=private, resume=resume, executor=executor, ray_address=ray_address,
-                             config_from=config_from, **mergekit)
-    result = _merged(spec, _out(out_path, out), settings)
+                             private=private, license=license_id, base_models=base_models, resume=resume,
+                             executor=executor, ray_address=ray_address, config_from=config_from,
+                             intermediate_dir=intermediate_dir, fuse=fuse, **mergekit)
+    result = _merged(spec, output_folder(out_path, out, "merge run SPEC"), settings)
     if dry_run:
         click.echo(result.summary)
     elif not quiet:
-        click.echo(str(result))
+        click.echo("\n".join(result.stages) if result.stages else str(result))
     print_verdict(result.validation, quiet)
     if result.pushed is not None and not quiet:
         click.echo(str(result.pushed))
@@ -97,16 +124,6 @@ def _merged(spec: str, out: str, settings):
         return run_merge(spec, out, settings)
     except ValidationFailed as failed:
         return failed.result
-
-
-def _out(positional: str | None, option: str | None) -> str:
-    if positional is not None and option is not None and positional != option:
-        raise UsageError(f"two output folders given: OUT '{positional}' and -o '{option}'", where="out",
-                         hint="give one: `merge run SPEC OUT` or `merge run SPEC -o OUT`")
-    if positional is None and option is None:
-        raise UsageError("no output folder given", where="out",
-                         hint="`merge run SPEC OUT` (as mergekit-yaml CONFIG OUT) or `merge run SPEC -o OUT`")
-    return positional if positional is not None else option
 
 
 def _device(device: str | None, cuda: bool) -> str:

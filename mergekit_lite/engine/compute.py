@@ -9,7 +9,7 @@ validation's recomputation calls the same functions, so what it recomputes is wh
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -36,6 +36,17 @@ def read_sources(job: TensorJob, rows: Rows = None) -> list[torch.Tensor]:
     The merge loop and validation's recomputation both read through here, so a change to what a source
     returns (a LoRA fold) is recomputed exactly as it was merged."""
     return [source.read(rows) for source in job.sources]
+
+
+def fetch_sources(job: TensorJob, rows: Rows = None) -> list[Any]:
+    """What ``read_sources`` returns, except that a source transform that computes (a LoRA fold) may return a
+    deferred value instead: its inputs read now (the reader thread), computed by ``resolve_sources`` later."""
+    return [source.fetch(rows) for source in job.sources]
+
+
+def resolve_sources(fetched: list[Any]) -> list[torch.Tensor]:
+    """``fetch_sources``' values as tensors (deferred ones computed here, on the calling thread)."""
+    return [item if isinstance(item, torch.Tensor) else item.resolve() for item in fetched]
 
 
 def merge_tensor(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -118,6 +129,8 @@ def merge_blocks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], shape
     strategy = job.strategy
     if check and not strategy.propagates_nonfinite:
         check_inputs(job, raw, rows)
+    if _copies_input(job, raw) and not (check and count_nonfinite(raw[0]) is not None):
+        return raw[0]
     out = torch.empty(shape, dtype=job.dtype)
     flat_out = out.view(-1)                                    # (numel,)
     offset = rows[0] * math.prod(job.shape[1:]) if rows is not None else 0
@@ -129,6 +142,14 @@ def merge_blocks(plan: MergePlan, job: TensorJob, raw: list[torch.Tensor], shape
         check_inputs(job, raw, rows)                                      # an input to blame, first
         _merge_block_range(plan, job, flats, scratch, flat_out, offset)   # else raises at the first bad block
     return out
+
+
+def _copies_input(job: TensorJob, raw: list[torch.Tensor]) -> bool:
+    """An unscaled passthrough of an input stored in the written dtype (a fold, a layer slice): the result is
+    the input itself, bit for bit, without the pass through float32 and back."""
+    return (job.strategy.name == "passthrough" and len(raw) == 1 and raw[0].is_contiguous()
+            and all(factor is None for factor in job.params.get("scale", (None,)))
+            and raw[0].dtype == job.dtype == job.merge_dtype and job.load_dtype in (None, job.dtype))
 
 
 def _merge_block_range(plan: MergePlan, job: TensorJob, flats: list[torch.Tensor], scratch: list[torch.Tensor],

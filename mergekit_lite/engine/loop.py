@@ -34,7 +34,16 @@ from ..plan.planner import MergePlan
 from ..plan.shards import ShardPlan, file_order
 from ..strategies.chunks import Spread, in_order
 from ..strategy import Strategy
-from .compute import Rows, merge_blocks, merge_chunks, merge_prepared, prepare_inputs, read_sources
+from .compute import (
+    Rows,
+    fetch_sources,
+    merge_blocks,
+    merge_chunks,
+    merge_prepared,
+    prepare_inputs,
+    read_sources,
+    resolve_sources,
+)
 from .memory import reuse_freed_memory
 from .pipeline import Reader, WriteBehind
 
@@ -107,8 +116,10 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
     writers: dict[str, ShardWriter] = {}
     checksums, finished = _with_inputs(on_shard, shards, paths)
 
-    def hand_over(shard: ShardPlan, piece: _Piece, result: torch.Tensor) -> None:
-        """To the writer thread, in file order."""
+    def hand_over(shard: ShardPlan, piece: _Piece, result: torch.Tensor, computed: list) -> None:
+        """To the writer thread, in file order (with the checksums of inputs computed by the merging thread)."""
+        if checksums is not None and any(t is not None for t in computed):
+            checksums.add(piece.job, computed)
         if shard.file not in writers:
             path = (paths or {}).get(shard.file) or os.path.join(folder, shard.file)
             writers[shard.file] = ShardWriter(path, shard.entries)
@@ -131,7 +142,7 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
                 if parallel:
                     running.append((shard, piece, pool.submit(_compute, plan, piece, loaded, device)))
                 else:
-                    hand_over(shard, piece, _compute(plan, piece, loaded, device, spread))
+                    hand_over(shard, piece, *_compute(plan, piece, loaded, device, spread))
                 del loaded
             while running:
                 hand_over(*_finished(running))
@@ -159,10 +170,10 @@ def _with_inputs(on_shard: Optional[Callable[[ShardRecord], None]], shards: Sequ
     return checksums, lambda record: on_shard(dataclasses.replace(record, inputs=checksums.shard(by_file[record.file])))
 
 
-def _finished(running: deque) -> tuple[ShardPlan, _Piece, torch.Tensor]:
+def _finished(running: deque) -> tuple[ShardPlan, _Piece, torch.Tensor, list]:
     """The oldest pool merge, done (its error is raised; the caller then cancels those queued after it)."""
     shard, piece, future = running.popleft()
-    return shard, piece, future.result()
+    return (shard, piece, *future.result())
 
 
 def _one_torch_thread() -> None:
@@ -208,27 +219,80 @@ def split(job: TensorJob, strategy: Strategy, blocked: bool = False) -> list[_Pi
     return [_Piece(job, (start, min(start + step, job.shape[0])), blocked) for start in range(0, job.shape[0], step)]
 
 
-def _compute(plan: MergePlan, piece: _Piece, loaded: list[torch.Tensor], device: torch.device,
-             spread: Spread = in_order) -> torch.Tensor:
-    """One piece's output, on the CPU in the written dtype."""
+@contextmanager
+def merge_arithmetic(device: torch.device) -> Iterator[None]:
+    """Torch's intra-op threads as the merge sets them (``_merge_session``, ``_one_torch_thread``): one on the
+    CPU. A reduction (a norm, a sum) split over several threads adds in another order and can round its last
+    bit otherwise, so a recomputation must run with the merge's setting to give the merge's bits."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def computed_pieces(plan: MergePlan, job: TensorJob, device: torch.device, threads: int = 1
+                    ) -> Iterator[tuple[Rows, torch.Tensor, list[torch.Tensor]]]:
+    """(rows or None, result in the written dtype on the CPU, the inputs it was computed from) for each piece of
+    one output tensor, in order, by the pieces and paths the loop takes (call under ``merge_arithmetic``): a
+    recomputation holds what the merge held, and gets the bytes it wrote. Row blocks of element-wise merges are
+    computed by up to ``threads`` threads at once, each with one torch thread, as the loop computes them."""
+    pieces = split(job, job.strategy, blocked=device.type == "cpu")
+
+    def one(piece: _Piece) -> tuple[Rows, torch.Tensor, list[torch.Tensor]]:
+        loaded = _load(piece, device, not plan.allow_nonfinite)
+        inputs = resolve_sources(loaded) if piece.raw or device.type != "cpu" else list(loaded)
+        return piece.rows, _compute(plan, piece, list(inputs), device)[0], inputs
+
+    if threads <= 1 or len(pieces) == 1 or not all(piece.blocked for piece in pieces):
+        for piece in pieces:
+            yield one(piece)
+        return
+    with ThreadPoolExecutor(threads, "mergekit-lite-recompute", _one_torch_thread) as pool:
+        running: deque[Future] = deque()
+        for piece in pieces:
+            if len(running) >= threads:
+                yield running.popleft().result()
+            running.append(pool.submit(one, piece))
+        while running:
+            yield running.popleft().result()
+
+
+def _compute(plan: MergePlan, piece: _Piece, loaded: list, device: torch.device,
+             spread: Spread = in_order) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+    """One piece's output, on the CPU in the written dtype; and the inputs this thread computed from deferred
+    ones (LoRA folds; None for the others), whose checksums the loop adds in file order."""
+    inputs = resolve_sources(loaded)
+    computed = [tensor if tensor is not item else None for tensor, item in zip(inputs, loaded)]
     if piece.blocked:
-        return merge_blocks(plan, piece.job, loaded, piece.shape, piece.rows)
+        return merge_blocks(plan, piece.job, inputs, piece.shape, piece.rows), computed
     if piece.chunked:
-        return merge_chunks(plan, piece.job, loaded, spread)
-    prepared = loaded if device.type == "cpu" else prepare_inputs(piece.job, loaded, device, piece.rows,
+        return merge_chunks(plan, piece.job, inputs, spread), computed
+    prepared = inputs if device.type == "cpu" else prepare_inputs(piece.job, inputs, device, piece.rows,
                                                                   check=not plan.allow_nonfinite)
-    return merge_prepared(plan, piece.job, prepared, piece.rows)
+    return merge_prepared(plan, piece.job, prepared, piece.rows), computed
+
+
+def compute_whole(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """One output tensor in memory, in the written dtype, by the pieces and paths the loop takes for it, so
+    its bytes are those the loop writes (a fused multi-stage run feeds it to the next stage: plan/stages.py)."""
+    pieces = split(job, job.strategy, blocked=device.type == "cpu")
+    parts = [_compute(plan, piece, _load(piece, device, not plan.allow_nonfinite), device)[0] for piece in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _load(piece: _Piece, device: torch.device, check: bool,
-          checksums: Optional[InputChecksums] = None) -> list[torch.Tensor]:
-    """A piece's inputs as the merging thread wants them: raw for blocked merges (checked there) and off-CPU
-    devices (moved and converted there), converted to float32 and checked for NaN and Inf (``check``) here
-    otherwise, in the reader thread (which reads pieces in order: ``checksums`` sees each input's rows in order)."""
+          checksums: Optional[InputChecksums] = None) -> list:
+    """A piece's inputs as the merging thread wants them: raw for blocked and chunked merges (checked there;
+    a LoRA fold deferred to the merging thread, fetch_sources) and off-CPU devices (moved and converted there),
+    converted to float32 and checked for NaN and Inf (``check``) here otherwise, in the reader thread (which
+    reads pieces in order: ``checksums`` sees each input's rows in order; deferred ones are added by the loop)."""
     job = piece.job
-    raw = read_sources(job, piece.rows)
+    raw = fetch_sources(job, piece.rows) if piece.raw else read_sources(job, piece.rows)
     if checksums is not None:
-        checksums.add(job, raw)
+        checksums.add(job, [t if isinstance(t, torch.Tensor) else None for t in raw])
     return raw if piece.raw or device.type != "cpu" else prepare_inputs(job, raw, device, piece.rows,
                                                                             check=check)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import stat
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..errors import HubError
 
@@ -19,6 +21,8 @@ AUTH_HINT = "run `hf auth login` or set HF_TOKEN, with write access to {namespac
 # What huggingface_hub tokens look like, so that one echoed back by a server is masked too.
 TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9_]{8,}")
 TOKEN_FILE_LIMIT = 64 << 10   # a token is ~40 characters
+# Whether huggingface_hub may draw its own bars ("Fetching N files", each file's bytes): not under `-q`.
+HUB_PROGRESS: ContextVar[bool] = ContextVar("mergekit_lite_hub_progress", default=True)
 
 
 def client() -> ModuleType:
@@ -31,6 +35,31 @@ def client() -> ModuleType:
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise HubError("huggingface_hub is not installed", hint="pip install 'huggingface_hub>=1.30'") from None
     return huggingface_hub
+
+
+@contextmanager
+def quiet_hub(quiet: bool) -> Iterator[None]:
+    """Within, with ``quiet`` (`-q`): no download or upload draws a huggingface_hub progress bar. Imports nothing."""
+    token = HUB_PROGRESS.set(not quiet)
+    try:
+        yield
+    finally:
+        HUB_PROGRESS.reset(token)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[None]:
+    """huggingface_hub's bars follow a process-wide switch: turned off for one call when not ``enabled`` or
+    inside quiet_hub(True), and turned back on after it (unless they were off already)."""
+    utils = client().utils
+    off = not (enabled and HUB_PROGRESS.get()) and not utils.are_progress_bars_disabled()
+    if off:
+        utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if off:
+            utils.enable_progress_bars()
 
 
 def endpoint() -> str:

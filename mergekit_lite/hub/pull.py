@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..errors import HubError
 from ..spec.references import ModelPath
-from .client import client, offline, redact, server_message, status_code
+from .client import client, offline, progress_bars, redact, server_message, status_code
 
 log = logging.getLogger("mergekit_lite")
 
@@ -89,8 +89,9 @@ def download(item: HubInput) -> str:
         return item.folder
     hf = client()
     try:
-        return hf.snapshot_download(item.path.path, revision=item.commit,
-                                    allow_patterns=[glob.escape(f) for f in item.files])
+        with progress_bars():   # none under -q (quiet_hub)
+            return hf.snapshot_download(item.path.path, revision=item.commit,
+                                        allow_patterns=[glob.escape(f) for f in item.files])
     except Exception as exc:
         raise _error(exc, item.path, item.where) from None
 

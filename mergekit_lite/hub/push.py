@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 
 from ..errors import HubError, MergeError
 from ..units import format_size
-from .client import AUTH_HINT, client, redact, server_message, status_code
+from .client import AUTH_HINT, client, progress_bars, redact, server_message, status_code
 from .push_files import CARD, check_unchanged, upload_sources
 from .push_plan import PushPlan, check_repo_id, plan_push, target_problems
 
@@ -87,7 +87,7 @@ def push_to_hub(out: str | os.PathLike, repo_id: str, *, private: bool = False, 
         raise plan.problems[0]
     for message in plan.warnings:
         log.warning(message)
-    with _progress_bars(progress):
+    with progress_bars(progress):
         info = _upload(plan, token)
     return PushResult(repo_id, plan.url, len(plan.files), plan.total_bytes, commit_url=info.commit_url,
                       pr_url=info.pr_url, warnings=plan.warnings)
@@ -189,20 +189,6 @@ def _translated(step: str, plan: PushPlan, token: Optional[str]) -> Iterator[Non
             raise
         raise HubError(f"the Xet transfer failed while trying to {step}: {redact(str(exc), token)}",
                        where=plan.repo_id, hint=RESUME_HINT) from None
-
-
-@contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """huggingface_hub's upload display follows a process-wide switch: set it for this push only."""
-    utils = client().utils
-    was_disabled = utils.are_progress_bars_disabled()
-    if not enabled and not was_disabled:
-        utils.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and not was_disabled:
-            utils.enable_progress_bars()
 
 
 def _version() -> str:

@@ -79,8 +79,9 @@ class Adapter:
     def info(self, key: str) -> TensorInfo:
         return self.file.tensors[key]
 
-    def read(self, key: str) -> torch.Tensor:
-        return self.file.read(key)
+    def read(self, key: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """One adapter tensor as stored (or the block of its rows [start, end))."""
+        return self.file.read(key, rows)
 
     def close(self) -> None:
         self.file.close()

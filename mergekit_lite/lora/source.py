@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -28,11 +28,13 @@ from ..safetensors_format import TensorInfo
 from ..sources.checkpoint import Checkpoint
 from ..spec.references import ModelPath
 from .adapter import Adapter
-from .fold import replace
+from .fold import aligned_rows, fold_rows, replace
 from .identity import check_base
-from .recipes import Recipe, RecipeBuilder, check_targets
+from .recipes import Fold, Recipe, RecipeBuilder, check_targets
 
 log = logging.getLogger("mergekit_lite")
+
+ROW_DTYPES = (torch.bfloat16, torch.float16, torch.float32)   # weights whose folds are rounded from float32
 
 
 @dataclass
@@ -61,11 +63,14 @@ class LoraSource:
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Read one tensor with the adapters folded in, or the block of its rows [start, end).
 
-        Row blocks of a folded tensor are cut from the whole folded tensor, which is kept until its last block
-        is read (the engine reads one tensor's blocks in order), so the fold is computed once."""
+        Plain LoRA on linear layers folds just those rows. Other row blocks of a folded tensor (DoRA's norms,
+        transposed layouts, replacements) are cut from the whole folded tensor, which is kept until its last
+        block is read (the engine reads one tensor's blocks in order), so the fold is computed once."""
         recipe = self.recipes.get(name)
         if recipe is None:
             return self.base.read(name, rows)
+        if _row_folds(recipe, self.base) is not None:
+            return self._fetch_rows(name, recipe, rows).resolve()
         if rows is None:
             return self._fold(name, recipe)
         with self._lock:
@@ -75,6 +80,22 @@ class LoraSource:
             if rows[1] >= whole.shape[0]:
                 self._cached = None
         return whole[rows[0]:rows[1]].clone()
+
+    def fetch(self, name: str, rows: Optional[tuple[int, int]] = None) -> Union[torch.Tensor, "DeferredFold"]:
+        """What ``read(name, rows)`` returns, or, for a tensor folded row by row (plain LoRA on a linear layer),
+        its stored rows and adapter factors read now and folded by ``resolve()`` later: the merge loop reads in
+        one thread and folds on the merging threads."""
+        recipe = self.recipes.get(name)
+        if recipe is None or _row_folds(recipe, self.base) is None:
+            return self.read(name, rows)
+        return self._fetch_rows(name, recipe, rows)
+
+    def _fetch_rows(self, name: str, recipe: Recipe, rows: Optional[tuple[int, int]]) -> "DeferredFold":
+        start, end = rows if rows is not None else (0, self.tensors[name].shape[0])
+        first, last = aligned_rows(start, end, self.tensors[name].shape[0])
+        steps = [(f.adapter.read(f.module.down), f.adapter.read(f.module.up, (first, last)), f.scaling,
+                  f.adapter.settings.mica) for f in _row_folds(recipe, self.base) or ()]
+        return DeferredFold(self.base.read(recipe.source, rows), start, first, steps)
 
     def _fold(self, name: str, recipe: Recipe) -> torch.Tensor:
         swap = recipe.replacement
@@ -106,6 +127,31 @@ class LoraSource:
         self.base.close()
         for adapter in self.adapters:
             adapter.close()
+
+
+@dataclass
+class DeferredFold:
+    """Rows [start, ...) of a linear weight as stored and the factors of its folds (B's rows from ``first``, on
+    ROW_ALIGN boundaries), read; ``resolve()`` folds them (fold.fold_rows), on whichever thread calls it."""
+
+    weight: torch.Tensor
+    start: int
+    first: int
+    steps: list[tuple[torch.Tensor, torch.Tensor, float, bool]]   # (A, B rows, scaling, round_delta_first)
+
+    def resolve(self) -> torch.Tensor:
+        return fold_rows(self.weight, self.start, self.first, self.steps)
+
+
+def _row_folds(recipe: Recipe, base: Checkpoint) -> Optional[list[Fold]]:
+    """The folds of a tensor that can be folded a block of rows at a time, in order; None if it cannot: only
+    plain (not DoRA) LoRA weight updates of linear layers, with no full replacement, on a float16, bfloat16
+    or float32 weight (others fold the whole tensor at once)."""
+    folds = [step for group in recipe.groups.values() for step in group]
+    if recipe.replacement is not None or base.tensors[recipe.source].dtype not in ROW_DTYPES or \
+            any(step.bias or step.kind != "linear" or step.module.magnitude for step in folds):
+        return None
+    return folds
 
 
 def open_source(label: str, base: Checkpoint, base_path: ModelPath, adapters: list[tuple[Adapter, float, bool]],

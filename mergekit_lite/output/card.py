@@ -23,8 +23,10 @@ Model = Union[ModelPath, ModelRef]
 
 def card_text(name: str, method_title: str, paper: Optional[str], models: list[Model],
               base: Optional[Model], spec_text: str, tags: tuple[str, ...] = ("merge", "mergekit", "mergekit-lite"),
-              notes: tuple[str, ...] = (), commits: Optional[dict[ModelPath, str]] = None) -> str:
-    """``commits`` pins each Hub input to the commit that was merged (its revision may be a moving branch)."""
+              notes: tuple[str, ...] = (), commits: Optional[dict[ModelPath, str]] = None,
+              recipe: Optional[str] = None) -> str:
+    """``commits`` pins each Hub input to the commit that was merged (its revision may be a moving branch);
+    ``recipe``, a multi-stage file whose final stage this is, is shown whole instead of the spec."""
     commits = commits or {}
     fold = _fold_of(method_title, models, base)
     if fold is not None:   # a fold speaks of a fold, and shows a spec mergekit reads too when one can say it
@@ -39,7 +41,12 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
     meta["library_name"] = "transformers"
     meta["tags"] = list(tags)
     method = f"[{method_title}]({paper})" if paper else method_title
-    fence = "`" * max(3, _longest_backtick_run(spec_text) + 1)
+    shown = recipe if recipe is not None else spec_text
+    fence = "`" * max(3, _longest_backtick_run(shown) + 1)
+    produced = ("The following multi-stage spec produced this model, as its final stage (the document without a "
+                "name); each named stage was merged first (`merge run` of mergekit_lite, and mergekit-multi-"
+                "compatible):" if recipe is not None else
+                "The following spec produced this model (`merge run` of mergekit_lite, and mergekit-compatible):")
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---",
         f"# {_one_line(name)}", "",
@@ -51,8 +58,8 @@ def card_text(name: str, method_title: str, paper: Optional[str], models: list[M
             *[f"- {_link(m, commits)}" for m in models], ""]),
         *([*map(_one_line, notes), ""] if notes else []),
         "## Configuration", "",
-        "The following spec produced this model (`merge run` of mergekit_lite, and mergekit-compatible):", "",
-        f"{fence}yaml", spec_text.rstrip(), fence, "",
+        produced, "",
+        f"{fence}yaml", shown.rstrip(), fence, "",
     ]
     return "\n".join(lines)
 

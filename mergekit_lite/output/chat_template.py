@@ -1,8 +1,7 @@
 """The spec's ``chat_template``: a named format, ``auto`` (the inputs' most common template), or Jinja text.
 
-The named templates are our own Jinja texts of the five formats mergekit names: chatml and mistral render
-what mergekit's render; llama3, alpaca and exaone render their formats without the stray whitespace of
-mergekit's files (docs/agreement.md). ``auto`` reads every merged model's template
+The named templates are the texts of mergekit's five template files, so the output's tokenizer renders
+exactly the prompts mergekit's would (docs/agreement.md). ``auto`` reads every merged model's template
 as transformers loads it (tokenizer_config.json, or chat_template.jinja) and takes the most common one,
 the first in spec order on a tie; when no model has one, the output's tokenizer is left as it is.
 """
@@ -18,34 +17,88 @@ from ..plan.vocabulary import load_tokenizer
 
 log = logging.getLogger("mergekit_lite")
 
+# mergekit 0.1.5's template files (mergekit/_data/chat_templates/*.jinja), character for character: the output's
+# tokenizer then carries the text mergekit writes, stray whitespace included (llama3 renders a newline after each
+# <|eot_id|>, which Meta's own template does not; exaone's indentation is rendered), so a model merged here and
+# one merged by mergekit prompt alike. tests/test_chat_templates.py compares them with mergekit's files.
 TEMPLATES = {
     "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-        "{% endif %}"),
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>' + '\\n'}}{% endfor %}\n"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"),
     "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+        "{% set loop_messages = messages %}\n"
+        "{% for message in loop_messages %}\n"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+        "message['content'] | trim + '<|eot_id|>' %}\n"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n"
+        "{{ content }}\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}\n"),
     "mistral": (
-        "{{ bos_token }}{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else none %}"
-        "{% for message in (messages[1:] if system is not none else messages) %}"
-        "{% if message['role'] == 'user' %}{{ ' [INST] ' + ((system + '\\n\\n') if loop.first and system is not none "
-        "else '') + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{{ ' ' + message['content'] + eos_token }}{% else %}{{ raise_exception('mistral takes user and assistant "
-        "messages after an optional system message') }}{% endif %}{% endfor %}"),
+        "{%- if messages[0]['role'] == 'system' %}\n"
+        "    {%- set system_message = messages[0]['content'] %}\n"
+        "    {%- set loop_messages = messages[1:] %}\n"
+        "{%- else %}\n"
+        "    {%- set loop_messages = messages %}\n"
+        "{%- endif %}\n"
+        "\n"
+        "{{- bos_token }}\n"
+        "{%- for message in loop_messages %}\n"
+        "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+        "        {{- raise_exception('After the optional system message, conversation roles must alternate "
+        "user/assistant/user/assistant/...') }}\n"
+        "    {%- endif %}\n"
+        "    {%- if message['role'] == 'user' %}\n"
+        "        {%- if loop.first and system_message is defined %}\n"
+        "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
+        "        {%- else %}\n"
+        "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
+        "        {%- endif %}\n"
+        "    {%- elif message['role'] == 'assistant' %}\n"
+        "        {{- ' ' + message['content'] + eos_token}}\n"
+        "    {%- else %}\n"
+        "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an "
+        "initial optional system message!') }}\n"
+        "    {%- endif %}\n"
+        "{%- endfor %}\n"),
     "alpaca": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] | trim + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}"
-        "{% elif message['role'] == 'user_context' %}{{ '### Input:\\n' + message['content'] | trim + '\\n\\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim + '\\n\\n' }}"
-        "{% endif %}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
-        "{{ '### Response:\\n' }}{% endif %}"),
+        "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if "
+        "(messages|selectattr('role', 'equalto', 'system')|list) else '' }}\n"
+        "\n"
+        "{% for message in messages %}\n"
+        "{% if message['role'] == 'user' %}\n"
+        "### Instruction:\n"
+        "{{ message['content']|trim -}}\n"
+        "{% if not loop.last %}\n\n\n{% endif %}\n"
+        "{% elif message['role'] == 'assistant' %}\n"
+        "### Response:\n"
+        "{{ message['content']|trim -}}\n"
+        "{% if not loop.last %}\n\n\n{% endif %}\n"
+        "{% elif message['role'] == 'user_context' %}\n"
+        "### Input:\n"
+        "{{ message['content']|trim -}}\n"
+        "{% if not loop.last %}\n\n\n{% endif %}\n"
+        "{% endif %}\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}\n"
+        "### Response:\n"
+        "{% endif %}\n"),
     "exaone": (
-        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-        "{{ '[|system|][|endofturn|]\\n' }}{% endif %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
-        "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"),
+        "{% for message in messages %}\n"
+        "    {% if loop.first and message['role'] != 'system' %}\n"
+        "        {{ '[|system|][|endofturn|]\\n' }}\n"
+        "    {% endif %}\n"
+        "    {{ '[|' + message['role'] + '|]' + message['content'] }}\n"
+        "    {% if message['role'] == 'user' %}\n"
+        "        {{ '\\n' }}\n"
+        "    {% else %}\n"
+        "        {{ '[|endofturn|]\\n' }}\n"
+        "    {% endif %}\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt %}\n"
+        "    {{ '[|assistant|]' }}\n"
+        "{% endif %}\n"),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..plan.planner import MergePlan
 from ..plan.vocabulary import load_tokenizer
@@ -41,9 +41,11 @@ def _copied(plan: MergePlan) -> list[tuple[str, str]]:
 
 
 def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: str, *, tokenizer: bool = True,
-                     card: bool = True, code_files: Sequence[tuple[str, str]] = ()) -> None:
+                     card: bool = True, code_files: Sequence[tuple[str, str]] = (), recipe: Optional[str] = None
+                     ) -> None:
     """``tokenizer``/``card`` False: no tokenizer files / no README.md (mergekit's --no-copy-tokenizer,
-    --no-write-model-card); ``code_files``: (folder, name) of a model's own code to copy (remote_code.py)."""
+    --no-write-model-card); ``code_files``: (folder, name) of a model's own code to copy (remote_code.py);
+    ``recipe``: the whole multi-stage file this output is the final stage of, shown on the card."""
     if len(shards.files) > 1:
         index = {"metadata": {"total_size": shards.total_size}, "weight_map": dict(sorted(shards.weight_map.items()))}
         _write_text(os.path.join(folder, INDEX_NAME), json.dumps(index, indent=2) + "\n")
@@ -59,10 +61,11 @@ def write_companions(plan: MergePlan, folder: str, shards: WrittenShards, name: 
     if not card:
         return
     spec = plan.spec
-    models = list(dict.fromkeys(m.ref for m in spec.all_models())) or [s.ref for p in spec.slices or () for s in p.sources]
+    models = list(dict.fromkeys([m.ref for m in spec.all_models()] + [s.ref for p in spec.all_slices()
+                                                                       for s in p.sources]))
     base = spec.base_model
     card = card_text(name, plan.strategy.title, plan.strategy.paper, [m for m in models if m != base], base,
-                     spec.text, notes=tuple(plan.card_notes), commits=_commits(plan))
+                     spec.text, notes=tuple(plan.card_notes), commits=_commits(plan), recipe=recipe)
     _write_text(os.path.join(folder, "README.md"), card)
 
 

@@ -91,15 +91,17 @@ def input_identity(plan: MergePlan) -> Identity:
 class InputChecksums:
     """The CRC-32 of every input tensor's bytes as the engine reads them (row blocks in order), combined per
     output shard: what the journal records, so that ``--resume`` can tell an input whose content changed.
-    ``add`` runs in the reader thread, ``shard`` in the writer thread once the shard's tensors are written."""
+    ``add`` runs in the reader thread (and for inputs computed on a merging thread, a LoRA fold, in the loop's
+    thread, in row order), ``shard`` in the writer thread once the shard's tensors are written."""
 
     def __init__(self) -> None:
         self._crcs: dict[str, list[int]] = {}
 
-    def add(self, job: TensorJob, raw: Sequence[torch.Tensor]) -> None:
+    def add(self, job: TensorJob, raw: Sequence[Optional[torch.Tensor]]) -> None:
         crcs = self._crcs.setdefault(job.name, [0] * len(raw))
         for i, tensor in enumerate(raw):
-            crcs[i] = zlib.crc32(tensor_bytes(tensor), crcs[i])
+            if tensor is not None:   # None: this input's bytes are added later (the merge loop's deferred folds)
+                crcs[i] = zlib.crc32(tensor_bytes(tensor), crcs[i])
 
     def shard(self, shard: ShardPlan) -> int:
         return combine(self._crcs.pop(e.name, []) for e in file_order(shard.entries))

@@ -27,11 +27,13 @@ from .journal import JOURNAL
 from .run_settings import RUN_SETTINGS_FILE
 from .writer import INDEX_NAME
 
+# What `merge extract` and `merge adapters` write (an adapter folder) besides README.md and the run record.
+ADAPTER_OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors\Z")
 # The files a finished merge writes besides its shards (the marker stays only if a run stopped right after its
 # final rename, before removing it).
 OUTPUT_FILES = frozenset({INDEX_NAME, RUN_SETTINGS_FILE, "config.json", "README.md", "mergekit_config.yml",
-                          *TOKENIZER_FILES, MARKER})
+                          *TOKENIZER_FILES, MARKER, *ADAPTER_OUTPUT_FILES})
 PARTIAL_FILES = OUTPUT_FILES | {JOURNAL}
 SHOWN = 5   # names listed in a message
 

@@ -34,7 +34,7 @@ def remote_code_files(plan: MergePlan, trust: bool) -> list[tuple[str, str]]:
     if not isinstance(auto_map, dict) or not auto_map:
         return []
     source = _source(plan, auto_map)
-    modules, elsewhere = _modules(auto_map)
+    modules, elsewhere = code_modules(auto_map)
     if elsewhere:
         _warn(plan, f"config.json's auto_map names code in other repositories ({', '.join(sorted(elsewhere))}); "
                     "transformers fetches it from there when the output is loaded with trust_remote_code")
@@ -59,7 +59,7 @@ def _source(plan: MergePlan, auto_map: dict[str, Any]) -> Checkpoint:
     return getattr(plan.reference, "base", plan.reference)
 
 
-def _modules(auto_map: dict[str, Any]) -> tuple[set[str], set[str]]:
+def code_modules(auto_map: dict[str, Any]) -> tuple[set[str], set[str]]:
     """(module names in the model folder, references to code in another repository ``org/repo--module.Class``)."""
     local, elsewhere = set(), set()
     for value in auto_map.values():

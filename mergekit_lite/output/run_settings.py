@@ -22,7 +22,7 @@ from ..sources.checkpoint import read_json_object
 from .folder import write_new
 
 RUN_SETTINGS_FILE = "merge_run.json"
-FIELDS = ("dtype", "out_dtype", "seed", "device", "tool", "version", "working_dir", "config_from")
+FIELDS = ("dtype", "out_dtype", "seed", "device", "tool", "version", "working_dir", "config_from", "stage")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class RunSettings:
     version: str = ""
     working_dir: Optional[str] = None  # absolute folder the run started in (None: not recorded, an older run)
     config_from: Optional[str] = None  # --config-from, as the YAML path of that model in the spec (plan/configs.py)
+    stage: Optional[str] = None        # a stage of a multi-stage file: digest of its spec and inputs (api/stages.py)
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:
@@ -46,7 +47,7 @@ class RunSettings:
 
 
 def settings_for(dtype: Optional[torch.dtype], out_dtype: Optional[torch.dtype], seed: int,
-                 device: torch.device, config_from: Optional[str] = None) -> RunSettings:
+                 device: torch.device, config_from: Optional[str] = None, stage: Optional[str] = None) -> RunSettings:
     from .. import __version__
 
     try:
@@ -54,7 +55,8 @@ def settings_for(dtype: Optional[torch.dtype], out_dtype: Optional[torch.dtype],
     except OSError:   # the current folder was deleted: relative paths could not have resolved either
         working_dir = None
     return RunSettings(dtype_name(dtype) if dtype else None, dtype_name(out_dtype) if out_dtype else None, seed,
-                       device.type, version=__version__, working_dir=working_dir, config_from=config_from)
+                       device.type, version=__version__, working_dir=working_dir, config_from=config_from,
+                       stage=stage)
 
 
 def write_run_settings(folder: str, settings: RunSettings) -> None:

@@ -84,12 +84,15 @@ def open_reference(ref: ModelRef, where: str, hub: Optional[Resolved] = None, al
         raise
 
 
-def open_inputs(spec: Spec, opened: ExitStack, allow_pickle: bool = False) -> dict[ModelRef, Checkpoint]:
+def open_inputs(spec: Spec, opened: ExitStack, allow_pickle: bool = False,
+                provided: Optional[dict[ModelRef, Checkpoint]] = None) -> dict[ModelRef, Checkpoint]:
     """Open every model the spec references, keyed by reference; each is closed by ``opened`` (the caller
     keeps them with ``opened.pop_all()`` once its planning succeeded). Errors name the YAML path.
 
-    ``allow_pickle``: a model with only pickle weights is loaded with torch.load(weights_only=True)."""
-    refs = spec.references()
+    ``allow_pickle``: a model with only pickle weights is loaded with torch.load(weights_only=True);
+    ``provided``: references already opened (a fused stage), taken as they are."""
+    provided = provided or {}
+    refs = [(ref, where) for ref, where in spec.references() if ref not in provided]
     for ref, where in refs:  # fail on missing local folders before any download starts
         local_folder(ref.model, where, file=spec.file)
         for adapter in ref.adapters:
@@ -101,4 +104,8 @@ def open_inputs(spec: Spec, opened: ExitStack, allow_pickle: bool = False) -> di
         with within(spec.file, where):   # the YAML path, then the tensor
             checkpoints[ref] = open_reference(ref, where, hub, allow_pickle)
         opened.callback(checkpoints[ref].close)
-    return checkpoints
+    for ref, _ in spec.references():
+        if ref in provided:
+            checkpoints[ref] = provided[ref]
+            opened.callback(provided[ref].close)
+    return {ref: checkpoints[ref] for ref, _ in spec.references()}   # in the spec's order

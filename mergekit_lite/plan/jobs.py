@@ -36,6 +36,14 @@ class Source:
         """The tensor (or the block of its rows [start, end)) as stored; a source transform overrides this."""
         return self.checkpoint.read(self.name, rows)
 
+    def fetch(self, rows: Optional[tuple[int, int]] = None) -> Any:
+        """What ``read`` returns, or a deferred value whose ``resolve()`` returns it: a source transform that
+        computes (a LoRA fold) reads its inputs here, and the merge loop resolves them on a merging thread."""
+        fetch = getattr(self.checkpoint, "fetch", None)
+        if fetch is None or type(self).read is not Source.read:   # a subclass that reads its own way
+            return self.read(rows)
+        return fetch(self.name, rows)
+
 
 @dataclass(eq=False)
 class TensorJob:

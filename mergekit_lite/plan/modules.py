@@ -12,14 +12,14 @@ mergekit's rules, which specs written for mergekit rely on:
 
 Where mergekit would write something else than a loadable model, this is an error instead: a module the
 model does not have, and a module of the model that the spec does not list (mergekit leaves its tensors
-out). Per-module ``slices`` are refused by the spec reader.
+out). A module given by ``slices`` stacks layers inside the module (module_slices.py).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..architecture import DEFAULT_MODULE, NAMED_MODULES, layer_stack, module_of, stack_layers
 from ..errors import did_you_mean
@@ -28,6 +28,9 @@ from ..spec.references import ModelRef
 from ..spec.schema import Module, Spec
 from ..strategy import Strategy
 from .jobs import Dtypes, Input, Planned
+from .module_slices import module_slice_jobs
+from .stacking import token_remap
+from .vocabulary import set_vocab_size
 from .whole_models import output_names, whole_model_inputs, whole_model_job
 
 NAMED = tuple(name for name, _ in NAMED_MODULES)
@@ -43,34 +46,59 @@ class Modules:
              extra: Sequence[Strategy]) -> Planned:
         assert spec.modules is not None
         merges: dict[str, tuple[Module, list[Input], Optional[Input], Input]] = {}
-        for module in spec.modules:   # each module is a models: merge of its own models
-            scoped = dataclasses.replace(spec, models=module.models, modules=None)
-            merges[module.name] = (module, *whole_model_inputs(scoped, strategy, checkpoints))
-        lead = merges[spec.modules[0].name][3]   # the base, else the first module's first model
+        for module in spec.modules:   # each module is a models: merge of its own models, or stacked slices
+            if module.slices is None:
+                scoped = dataclasses.replace(spec, models=module.models, modules=None)
+                merges[module.name] = (module, *whole_model_inputs(scoped, strategy, checkpoints))
+        lead_ref = _lead(spec, merges)
+        lead = checkpoints[lead_ref]
         everyone = [m for _, inputs, base, _ in merges.values() for m in (*inputs, *([base] if base else []))]
-        names = output_names(lead.checkpoint, everyone)
-        owners = _owners(spec, names, lead.checkpoint.label)
+        names = output_names(lead, everyone)
+        owners, owner = _owners(spec, names, lead.label)
         num_layers = stack_layers(names)
+        config = copy.deepcopy(lead.config)
+        remap, vocabulary = token_remap(spec, checkpoints, dtypes.load, lead_ref)
+        if vocabulary is not None:
+            set_vocab_size(config, vocabulary.size)
         jobs = []
         for name in names:
+            if owners[name] not in merges:
+                continue
             module, inputs, base, module_lead = merges[owners[name]]
             jobs.append(whole_model_job(spec, strategy, inputs, base, module_lead, name,
-                                        num_layers.get(layer_stack(name) or "", 0), dtypes,
+                                        num_layers.get(layer_stack(name) or "", 0), dtypes, remap,
                                         shared=(module.parameters, spec.parameters)))
-        return Planned(jobs, copy.deepcopy(lead.checkpoint.config), lead.checkpoint)
+        for module in spec.modules:
+            if module.slices is not None:
+                jobs += module_slice_jobs(spec, strategy, module, checkpoints, dtypes, owner, config, remap)
+        return Planned(jobs, config, lead, vocabulary)
 
 
-def _owners(spec: Spec, names: list[str], label: str) -> dict[str, str]:
-    """The listed module each output tensor belongs to; a SpecError for a module the model does not have, a
-    tensor in no module, or a module of the model the spec does not list."""
+def _lead(spec: Spec, merges: dict) -> ModelRef:
+    """Whose tensor names, config and tokenizer the output takes: the base, else the first module's first model."""
+    first = spec.modules[0] if spec.modules else None
+    if spec.base_model is not None:
+        return spec.base_model
+    if first is not None and first.name in merges:
+        return merges[first.name][3].ref
+    return spec.all_slices()[0].sources[0].ref
+
+
+
+
+def _owners(spec: Spec, names: list[str], label: str) -> tuple[dict[str, str], Callable[[str], str]]:
+    """The listed module each output tensor belongs to (and the rule for any tensor name); a SpecError for a module the model does not have, a tensor in no module, or a module
+    of the model the spec does not list."""
     assert spec.modules is not None
     listed = [module.name for module in spec.modules]
     stacks = {module_of(name, False) for name in names} - {DEFAULT_MODULE}
     inferred = {name: module_of(name, False) if len(stacks) > 1 else DEFAULT_MODULE for name in names}
-    named = {name: module_of(name, True) for name in names}
-    have_inferred, have_named = list(dict.fromkeys(inferred.values())), [m for m in NAMED if m in named.values()]
+    named_owners = {name: module_of(name, True) for name in names}
+    have_inferred = list(dict.fromkeys(inferred.values()))
+    have_named = [m for m in NAMED if m in named_owners.values()]
     # the naming most of the listed modules use (a typo in one must not switch the naming)
-    owners = inferred if sum(m in have_inferred for m in listed) >= sum(m in have_named for m in listed) else named
+    owners = inferred if sum(m in have_inferred for m in listed) >= sum(m in have_named for m in listed) \
+        else named_owners
     have = have_inferred if owners is inferred else have_named
     for module in spec.modules:
         if module.name not in have:
@@ -90,4 +118,9 @@ def _owners(spec: Spec, names: list[str], label: str) -> dict[str, str]:
             raise spec.error(f"the model's module '{module}' ({count} tensors, e.g. '{example}') is not listed, so "
                              "the output would lack its tensors (mergekit leaves them out)", where="modules",
                              hint=f"add modules.{module} with the models to merge into it")
-    return owners
+    named = owners is named_owners
+    several = len(stacks) > 1
+
+    def owner(name: str) -> str:
+        return module_of(name, True) if named else module_of(name, False) if several else DEFAULT_MODULE
+    return owners, owner

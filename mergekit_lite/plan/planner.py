@@ -22,6 +22,7 @@ from ..architecture import OUTPUT_EMBEDDING, TIED_OUTPUT_EMBEDDINGS
 from ..dtypes import dtype_name, parse_dtype
 from ..errors import SpecError, UsageError, did_you_mean, within
 from ..sources.checkpoint import Checkpoint
+from ..spec.problems import Problems, guard
 from ..spec.references import ModelRef
 from ..spec.schema import Parameters, Spec, SpecLike, load_spec
 from ..strategies.registry import get_strategy, known_parameters
@@ -66,13 +67,15 @@ class MergePlan:
 
 def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Optional[torch.dtype] = None,
                out_dtype: Optional[torch.dtype] = None, seed: int = 0, allow_pickle: bool = False,
-               allow_nonfinite: bool = False, config_from: Optional[str] = None) -> MergePlan:
+               allow_nonfinite: bool = False, config_from: Optional[str] = None,
+               provided: Optional[dict[ModelRef, Checkpoint]] = None) -> MergePlan:
     """Check the spec against its strategy and inputs and plan every output tensor. Reads headers only.
 
     ``allow_pickle``: models with pickle weights only are loaded with torch.load(weights_only=True);
     ``allow_nonfinite``: inputs holding NaN or Inf are merged (the output may hold them too);
     ``config_from``: the merged model whose config.json the output takes (as the spec writes it, or its YAML
-    path), needed when the models disagree on a key that changes what the model computes (configs.py)."""
+    path), needed when the models disagree on a key that changes what the model computes (configs.py);
+    ``provided``: inputs already opened, by reference (a fused stage: plan/stages.py)."""
     strategies = list(strategies)
     strategy = get_strategy(spec.merge_method, strategies, file=spec.file)
     layout = _layout(spec, strategy)
@@ -83,7 +86,7 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
     for message in warnings:
         log.warning(message)
     with ExitStack() as opened:   # every input is closed if planning fails
-        checkpoints = open_inputs(spec, opened, allow_pickle)
+        checkpoints = open_inputs(spec, opened, allow_pickle, provided)
         refuse_unmergeable(spec, checkpoints)
         with within(spec.file, kinds=(SpecError,)):
             planned = layout.plan(spec, strategy, checkpoints,
@@ -115,30 +118,35 @@ def plan_merge(spec: Spec, *, strategies: Iterable[Strategy] = (), dtype: Option
 def check_spec(spec: Spec, strategies: Iterable[Strategy] = ()) -> list[str]:
     """What plan_merge checks before it opens an input, for `merge check`: the method, the layout, parameter
     names and the type and range of every value the spec writes, the number of inputs. Opens no model and
-    needs no network. Returns the warnings; raises SpecError on the first problem."""
+    needs no network. Returns the warnings; raises SpecProblems (spec/problems.py) with every problem found."""
     strategies = list(strategies)
     strategy = get_strategy(spec.merge_method, strategies, file=spec.file)
-    layout = _layout(spec, strategy)
-    with within(spec.file, kinds=(SpecError,)):
-        declared = [strategy, *layout.companions(spec, strategies)]
-    warnings = _check_parameter_names(spec, declared, strategies)
-    if strategy.base == "required" and spec.base_model is None and not any(s.base_model for s in spec.slices or ()):
-        raise spec.error(f"{strategy.name} needs a base_model", where="base_model",
-                         hint="add base_model: <the model the others were fine-tuned from>")
+    problems, warnings = Problems(spec.file), []
+    with problems.guard():
+        layout = _layout(spec, strategy)
+        with within(spec.file, kinds=(SpecError,)):
+            declared = [strategy, *layout.companions(spec, strategies)]
+        warnings = _check_parameter_names(spec, declared, strategies, problems)
+    if strategy.base == "required" and spec.base_model is None and not any(s.base_model for s in spec.all_slices()):
+        problems.report(spec.error(f"{strategy.name} needs a base_model", where="base_model",
+                                   hint="add base_model: <the model the others were fine-tuned from>"))
     groups = [("models", [e.ref for e in spec.models], spec.base_model)] if spec.models else []
-    groups += [(f"{m.where}.models", [e.ref for e in m.models], spec.base_model) for m in spec.modules or ()]
+    groups += [(f"{m.where}.models", [e.ref for e in m.models], spec.base_model) for m in spec.modules or ()
+               if m.slices is None]
     groups += [(f"{p.where}.sources", [s.ref for s in p.sources], p.base_model or spec.base_model)
-               for p in spec.slices or ()]
+               for p in spec.all_slices()]
     for where, refs, base in groups:
         if strategy.base == "input":
             count, has_base = len(refs) + (base is not None and base not in refs), False
         else:
             count, has_base = sum(ref != base for ref in refs), base is not None
         if not strategy.changes_shapes:
-            check_input_count(strategy, count, has_base, where, spec.file)
-    if strategy.check is not None and not strategy.changes_shapes:
-        with within(spec.file, kinds=(SpecError,)):
+            with problems.guard():
+                check_input_count(strategy, count, has_base, where, spec.file)
+    if strategy.check is not None and not strategy.changes_shapes and not problems.found:
+        with problems.guard(), within(spec.file, kinds=(SpecError,)):
             _probe_checks(spec, strategy)
+    problems.raise_if_any(spec)
     return warnings
 
 
@@ -156,6 +164,8 @@ def _probe_checks(spec: Spec, strategy: Strategy) -> None:
     groups = [((spec.parameters,), spec.models, spec.base_model)] if spec.models else []
     groups += [((piece.parameters, spec.parameters), piece.sources, piece.base_model or spec.base_model)
                for piece in spec.slices or ()]
+    groups += [((piece.parameters, module.parameters, spec.parameters), piece.sources,
+                piece.base_model or spec.base_model) for module in spec.modules or () for piece in module.slices or ()]
     for shared, entries, base in groups:
         inputs = [Input(e.ref, SimpleNamespace(label=str(e.ref)), e.parameters, e.where) for e in entries
                   if strategy.base == "input" or e.ref != base]
@@ -169,8 +179,8 @@ def _probe_checks(spec: Spec, strategy: Strategy) -> None:
 
 
 def _settings_of(spec: Spec) -> list[Any]:
-    levels = [spec.parameters] + [e.parameters for e in spec.all_models()]
-    for piece in spec.slices or ():
+    levels = [spec.parameters] + [m.parameters for m in spec.modules or ()] + [e.parameters for e in spec.all_models()]
+    for piece in spec.all_slices():
         levels += [piece.parameters] + [s.parameters for s in piece.sources]
     return [setting.raw for level in levels for setting in level.values()]
 
@@ -225,14 +235,12 @@ def _layout(spec: Spec, strategy: Strategy) -> Layout:
         if strategy.changes_shapes:
             raise spec.error(f"{strategy.name} changes tensor shapes; it cannot be used with modules",
                              where="merge_method", hint="merge the whole models with models:")
-        if tokenizer is not None:
-            raise spec.error("tokenizer settings are not supported yet with modules", where=tokenizer.where,
-                             hint="leave them out: the base model's tokenizer (else the first model's) is copied")
         return Modules()
     if tokenizer is not None and strategy.changes_shapes and (
             tokenizer.source == "union" or tokenizer.tokens or tokenizer.pad_to_multiple_of):
-        raise spec.error(f"merging tokenizers (union, tokens:, pad_to_multiple_of) is not supported yet with "
-                         f"{strategy.name}", where=tokenizer.where,
+        raise spec.error(f"merging tokenizers (union, tokens:, pad_to_multiple_of) is not supported with "
+                         f"{strategy.name} (mergekit has no {strategy.name} method, so it has no such merge either)",
+                         where=tokenizer.where,
                          hint="use tokenizer_source: base or a model, which copies its tokenizer, or merge the "
                               "vocabularies in a linear merge first")
     if not strategy.changes_shapes:
@@ -247,18 +255,20 @@ def _layout(spec: Spec, strategy: Strategy) -> Layout:
     return OWN_LAYOUTS[strategy.name]
 
 
-def _check_parameter_names(spec: Spec, declared: list[Strategy], extra: list[Strategy]) -> list[str]:
+def _check_parameter_names(spec: Spec, declared: list[Strategy], extra: list[Strategy],
+                           problems: Optional[Problems] = None) -> list[str]:
     """Unknown names are errors; names another method uses are one warning; values are type-checked.
 
     ``declared`` is the merge's strategy, then any companion whose parameters the spec may also set (concat's
-    fallback); a value must suit every strategy that declares its name.
+    fallback); a value must suit every strategy that declares its name. With ``problems`` (`merge check`), each
+    problem is recorded there and the next setting is checked.
     """
     strategy = declared[0]
     levels: list[tuple[Parameters, bool]] = [(spec.parameters, False)]
     for module in spec.modules or ():
         levels.append((module.parameters, False))
     levels += [(entry.parameters, True) for entry in spec.all_models()]
-    for piece in spec.slices or ():
+    for piece in spec.all_slices():
         levels.append((piece.parameters, False))
         levels += [(source.parameters, True) for source in piece.sources]
     others = known_parameters(extra)
@@ -267,22 +277,23 @@ def _check_parameter_names(spec: Spec, declared: list[Strategy], extra: list[Str
     warnings: list[str] = []
     for parameters, per_model_level in levels:
         for name, setting in parameters.items():
-            params = [p for p in (s.param(name) for s in declared) if p is not None]
-            if not params:
-                if name in others:
-                    ignored.append(setting.where)
+            with guard(problems):
+                params = [p for p in (s.param(name) for s in declared) if p is not None]
+                if not params:
+                    if name in others:
+                        ignored.append(setting.where)
+                        continue
+                    raise spec.error("unknown parameter." + did_you_mean(name, takes + list(others)),
+                                     where=setting.where,
+                                     hint=" and ".join(s.name for s in declared) + " take: " + ", ".join(takes)
+                                     if len(declared) > 1 else f"{strategy.name} takes: " + ", ".join(takes))
+                if per_model_level and not any(p.per_model for p in params):
+                    warnings.append(f"{setting.where}: '{name}' is set once per merge, not per model; it is ignored "
+                                    "here (as mergekit does). Move it to the top-level parameters.")
                     continue
-                raise spec.error("unknown parameter." + did_you_mean(name, takes + list(others)),
-                                 where=setting.where,
-                                 hint=" and ".join(s.name for s in declared) + " take: " + ", ".join(takes)
-                                 if len(declared) > 1 else f"{strategy.name} takes: " + ", ".join(takes))
-            if per_model_level and not any(p.per_model for p in params):
-                warnings.append(f"{setting.where}: '{name}' is set once per merge, not per model; it is ignored "
-                                "here (as mergekit does). Move it to the top-level parameters.")
-                continue
-            with within(spec.file, kinds=(SpecError,)):
-                for param in params:
-                    check_setting(setting, param)
+                with within(spec.file, kinds=(SpecError,)):
+                    for param in params:
+                        check_setting(setting, param)
     if ignored:
         warnings.append(f"{strategy.name} does not use these parameters, so they are ignored: " + ", ".join(ignored))
     return warnings

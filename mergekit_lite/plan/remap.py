@@ -22,15 +22,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..architecture import INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
 from ..errors import SpecError
 from ..safetensors_format import TensorInfo
 from ..spec.references import ModelRef
 from ..spec.tokenizer import ModelToken, ZeroToken
 from .jobs import Source
-from .vocabulary import Vocabulary
+from .vocabulary import VOCAB_TENSORS, Vocabulary
 
-VOCAB_TENSORS = frozenset((*INPUT_EMBEDDINGS, OUTPUT_EMBEDDING))
 # How a default row is made: zeros, one model's row, or the average of several models' rows.
 Rule = Union[None, tuple[ModelRef, int], list[tuple[ModelRef, int]]]
 

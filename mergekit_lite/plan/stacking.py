@@ -20,6 +20,8 @@ import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
+
 from ..architecture import (
     LAYER_COUNT_KEYS,
     OUTPUT_EMBEDDING,
@@ -42,7 +44,7 @@ from ..spec.schema import Parameters, Slice, Spec
 from ..strategy import Strategy
 from .jobs import Dtypes, Input, Planned, Source, TensorJob, check_input_count, make_job, resolve_params
 from .remap import TokenRemap
-from .vocabulary import Vocabulary, build_vocabulary, set_vocab_size
+from .vocabulary import Vocabulary, build_vocabulary, set_vocab_size, unchanged_vocabulary
 from .whole_models import source_name
 
 NAMING = ".layers.N., .h.N., .layer.N. or .blocks.N."
@@ -135,7 +137,7 @@ class Stacking:
                     stacks[source.ref] = read_stack(checkpoints[source.ref], f"{source.where}.model")
         slices = [_plan_slice(spec, strategy, piece, checkpoints, stacks) for piece in spec.slices or ()]
         _check_same_naming(slices, stacks)
-        remap, vocabulary = _token_remap(spec, checkpoints)
+        remap, vocabulary = token_remap(spec, checkpoints, dtypes.load)
         jobs = _outside_jobs(spec, strategy, slices[0], stacks, "before", dtypes, remap=remap)
         out_layer = 0
         for planned in slices:
@@ -150,13 +152,18 @@ class Stacking:
         return Planned(jobs, config, reference, vocabulary)
 
 
-def _token_remap(spec: Spec, checkpoints: dict[ModelRef, Checkpoint]
-                 ) -> tuple[Optional[TokenRemap], Optional[Vocabulary]]:
-    """A tokenizer merge's output vocabulary over every merged model (remap.py), when the spec asks for one."""
+def token_remap(spec: Spec, checkpoints: dict[ModelRef, Checkpoint], load_dtype: Optional[torch.dtype],
+                lead: Optional[ModelRef] = None) -> tuple[Optional[TokenRemap], Optional[Vocabulary]]:
+    """A tokenizer merge's output vocabulary over every merged model (remap.py), when the spec asks for one
+    that changes any row (not ``source: base`` over models that already share its vocabulary). ``lead``: the
+    model whose tokenizer ``source: base`` means (default: the base, else the first model)."""
     if spec.tokenizer is None:
         return None, None
     models = [ref for ref, where in spec.references() if not where.startswith("tokenizer")]
-    vocabulary = build_vocabulary(spec.tokenizer, checkpoints, models, spec.base_model or models[0])
+    lead = lead or spec.base_model or models[0]
+    if unchanged_vocabulary(spec.tokenizer, checkpoints, models, lead, load_dtype):
+        return None, None
+    vocabulary = build_vocabulary(spec.tokenizer, checkpoints, models, lead)
     return TokenRemap(vocabulary, models, spec.base_model), vocabulary
 
 
@@ -242,14 +249,15 @@ def _layer_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks: d
 
 def _outside_jobs(spec: Spec, strategy: Strategy, planned: PlannedSlice, stacks: dict[ModelRef, Stack],
                   position: str, dtypes: Dtypes, first: Optional[PlannedSlice] = None,
-                  remap: Optional[TokenRemap] = None) -> list[TensorJob]:
-    """Tensors before the layers (from the first slice) or after them (from the last), at t = 0."""
+                  remap: Optional[TokenRemap] = None, head: bool = True) -> list[TensorJob]:
+    """Tensors before the layers (from the first slice) or after them (from the last), at t = 0; ``head``:
+    whether ``lm_head`` may be added (not for a module of a VLM that does not hold it)."""
     def outside(model: SliceInput) -> list[str]:
         stack = stacks[model.ref]
         return stack.before if position == "before" else stack.after
 
     names = list(outside(planned.lead))
-    if position == "after" and OUTPUT_EMBEDDING not in names and _needs_head(planned, first):
+    if position == "after" and head and OUTPUT_EMBEDDING not in names and _needs_head(planned, first):
         names.append(OUTPUT_EMBEDDING)
     for model in planned.models:
         extra = sorted(set(outside(model)) - set(names))
@@ -292,6 +300,13 @@ def _stacked_config(reference: Checkpoint, slices: list[PlannedSlice], stacks: d
     if key is None:
         raise ModelError("config.json has no layer count we know, so the stacked model's count cannot be written",
                          file=reference.label, hint="expected one of: " + ", ".join(LAYER_COUNT_KEYS))
+    restack_config(config, key, slices, stacks, total)
+    return config
+
+
+def restack_config(config: dict, key: str, slices: list[PlannedSlice], stacks: dict[ModelRef, Stack],
+                   total: int) -> None:
+    """Set the layer count ``key`` to ``total`` and re-slice the per-layer lists beside it."""
     set_config_value(config, key, total)
     for list_key in (sibling_key(key, name) for name in PER_LAYER_KEYS):
         if get_config_value(config, list_key) is None:
@@ -307,7 +322,6 @@ def _stacked_config(reference: Checkpoint, slices: list[PlannedSlice], stacks: d
                                      hint="merge layers of the same kind (e.g. full with full attention)")
             stacked += pieces[0]
         set_config_value(config, list_key, stacked)
-    return config
 
 
 def _per_layer(model: SliceInput, key: str, length: int, num_layers: int) -> list:

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..architecture import TEXT_SECTION, get_config_value
+from ..architecture import INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, TEXT_SECTION, get_config_value
 from ..errors import ModelError, SpecError, within
 from ..sources.checkpoint import Checkpoint, contained_path
 from ..sources.user_files import COPY_LIMIT, check_copyable, read_json_object
@@ -41,6 +41,8 @@ log = logging.getLogger("mergekit_lite")
 TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                     "chat_template.jinja", "chat_template.json", "config.json")
+# The vocabulary-indexed tensors: their rows follow the output tokenizer (remap.py)
+VOCAB_TENSORS = frozenset((*INPUT_EMBEDDINGS, OUTPUT_EMBEDDING))
 
 
 @dataclass
@@ -102,6 +104,71 @@ def build_vocabulary(spec: TokenizerSpec, checkpoints: dict[ModelRef, Checkpoint
                       copy_from, spec)
 
 
+def unchanged_vocabulary(spec: TokenizerSpec, checkpoints: dict[ModelRef, Checkpoint], models: Sequence[ModelRef],
+                         lead: ModelRef, load_dtype: Optional[torch.dtype]) -> bool:
+    """True when ``source: base`` or a model's tokenizer needs nothing built: no ``tokens:``, no padding, and every
+    merged model (and the source) has the same vocabulary, ids 0..n-1, n = each vocabulary tensor's rows (and
+    config vocab_size), so no row moves and nothing is stripped. Its tokenizer files are then copied as they are,
+    without transformers (as before tokenizer merging). Read from tokenizer.json alone; anything it cannot settle
+    (no tokenizer.json, a special token outside it, vocabularies that differ) says False: transformers decides.
+    Without a ``dtype:`` the vocabulary tensors must share one dtype too (remap.py would convert them)."""
+    if spec.source == "union" or spec.tokens or spec.pad_to_multiple_of:
+        return False
+    source = spec.source if isinstance(spec.source, ModelRef) else lead
+    wanted = _plain_vocabulary(checkpoints[source])
+    if wanted is None:
+        return False
+    dtypes = set()
+    for ref in dict.fromkeys([source, lead, *models]):
+        checkpoint = checkpoints[ref]
+        if ref != source and _plain_vocabulary(checkpoint) != wanted:
+            return False
+        tensors = [info for name, info in checkpoint.tensors.items() if name in VOCAB_TENSORS]
+        if any(info.shape[0] != len(wanted) for info in tensors) or vocab_size(checkpoint) not in (None, len(wanted)):
+            return False
+        if ref in models:
+            dtypes |= {info.dtype for info in tensors}
+    return load_dtype is not None or len(dtypes) <= 1
+
+
+def _plain_vocabulary(checkpoint: Checkpoint) -> Optional[dict[str, int]]:
+    """token -> id from the folder's tokenizer.json (its model's vocabulary and added tokens), when that is the
+    whole story: ids 0..n-1 once each, and tokenizer_config.json's added and special tokens all in it. Else None."""
+    folder, label = checkpoint.folder, checkpoint.label
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return None
+    hint = "download the model's tokenizer files again"
+    data = read_json_object(contained_path(folder, "tokenizer.json", label), "tokenizer.json", label, hint,
+                            limit=COPY_LIMIT)
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, list):                      # Unigram: [piece, score] in id order
+        vocab = {entry[0]: i for i, entry in enumerate(vocab) if isinstance(entry, list) and entry}
+    if not isinstance(vocab, dict):
+        return None
+    tokens = dict(vocab)
+    for entry in data.get("added_tokens") or []:
+        if not isinstance(entry, dict) or tokens.setdefault(entry.get("content"), entry.get("id")) != entry.get("id"):
+            return None
+    if set(tokens.values()) != set(range(len(tokens))):
+        return None
+    settings = {name: read_json_object(contained_path(folder, name, label), name, label, hint, limit=COPY_LIMIT)
+                for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+                if os.path.isfile(os.path.join(folder, name))}
+    config = settings.get("tokenizer_config.json", {})
+    for tid, info in (config.get("added_tokens_decoder") or {}).items():
+        if not isinstance(info, dict) or str(tokens.get(info.get("content"))) != str(tid):
+            return None
+    if any(tokens.get(token) != tid for token, tid in settings.get("added_tokens.json", {}).items()):
+        return None
+    for key, value in [*config.items(), *settings.get("special_tokens_map.json", {}).items()]:
+        if key.endswith("_token") or key.endswith("_special_tokens"):   # transformers adds missing special tokens
+            for token in value if isinstance(value, list) else [value]:
+                text = token.get("content") if isinstance(token, dict) else token
+                if isinstance(text, str) and text not in tokens:
+                    return None
+    return tokens
+
+
 def vocab_size(checkpoint: Checkpoint) -> Optional[int]:
     for key in ("vocab_size", TEXT_SECTION + "vocab_size"):
         value = get_config_value(checkpoint.config, key)
@@ -121,8 +188,11 @@ def _transformers():
 
 
 def require_transformers(spec: Spec) -> None:
-    """Fail before the merge when the spec asks for a tokenizer merge or a chat template without transformers."""
-    if spec.tokenizer is not None or spec.chat_template is not None:
+    """Fail before the merge when the spec asks for a tokenizer merge or a chat template without transformers.
+    ``source: base`` or a model alone may need nothing built (``unchanged_vocabulary``): decided when planning."""
+    tokenizer = spec.tokenizer
+    if spec.chat_template is not None or (tokenizer is not None and (
+            tokenizer.source == "union" or tokenizer.tokens or tokenizer.pad_to_multiple_of)):
         with within(spec.file):
             _transformers()
 

@@ -18,7 +18,7 @@ from ..spec.schema import Parameters, Spec
 from ..strategy import Strategy
 from .jobs import Dtypes, Input, Planned, Source, TensorJob, check_input_count, make_job, resolve_params
 from .remap import TokenRemap
-from .vocabulary import build_vocabulary, set_vocab_size
+from .vocabulary import build_vocabulary, set_vocab_size, unchanged_vocabulary
 
 
 def whole_model_inputs(spec: Spec, strategy: Strategy, checkpoints: dict[ModelRef, Checkpoint]
@@ -87,8 +87,10 @@ class WholeModels:
         inputs, base, lead = whole_model_inputs(spec, strategy, checkpoints)
         config = copy.deepcopy(lead.checkpoint.config)
         remap = vocabulary = None
-        if spec.tokenizer is not None:   # rows of the vocabulary tensors follow the output tokenizer (remap.py)
-            models = list(dict.fromkeys(m.ref for m in ([base] if base is not None else []) + inputs))
+        models = list(dict.fromkeys(m.ref for m in ([base] if base is not None else []) + inputs))
+        if spec.tokenizer is not None and not unchanged_vocabulary(spec.tokenizer, checkpoints, models, lead.ref,
+                                                                    dtypes.load):
+            # rows of the vocabulary tensors follow the output tokenizer (remap.py)
             vocabulary = build_vocabulary(spec.tokenizer, checkpoints, models, lead.ref)
             remap = TokenRemap(vocabulary, models, spec.base_model)
             set_vocab_size(config, vocabulary.size)

@@ -17,12 +17,14 @@ import yaml
 
 from ..dtypes import parse_dtype
 from ..errors import SpecError, did_you_mean
-from .references import ModelRef, parse_reference
+from .problems import Problems, misspelled
+from .references import ModelPath, ModelRef, parse_reference
 from .safe_yaml import HINT, load_yaml, read_spec_file
 from .tokenizer import TokenizerSpec, parse_chat_template, parse_tokenizer
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+                  "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "output")
+OUTPUTS = ("model", "adapter")   # output: adapter combines base+adapter inputs into one adapter (docs/adapters.md)
 # mergekit keys we parse but do not implement yet: refusing them is better than a different output.
 UNSUPPORTED_KEYS: dict[str, str] = {}
 MODEL_KEYS = ("model", "parameters")
@@ -70,13 +72,14 @@ class Slice:
 
 @dataclass(frozen=True)
 class Module:
-    """One entry of ``modules:`` (mergekit's multi-module merges): the models merged into that module's tensors,
-    and parameters between theirs and the top-level ones."""
+    """One entry of ``modules:`` (mergekit's multi-module merges): the models merged into that module's tensors
+    (or its ``slices``: layer stacking inside the module), and parameters between theirs and the top-level ones."""
 
     name: str
     models: tuple[InputModel, ...]
     parameters: Parameters
     where: str  # "modules.text_decoder"
+    slices: Optional[tuple[Slice, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,10 @@ class Spec:
         """The models entries, those of every module included (models: or modules:)."""
         return tuple(self.models or ()) + tuple(m for module in self.modules or () for m in module.models)
 
+    def all_slices(self) -> tuple[Slice, ...]:
+        """The slices entries, those of every module included (slices: or modules.NAME.slices:)."""
+        return tuple(self.slices or ()) + tuple(p for module in self.modules or () for p in module.slices or ())
+
     def references(self) -> list[tuple[ModelRef, str]]:
         """Every model reference with the YAML path where it first appears, base first."""
         found: dict[ModelRef, str] = {}
@@ -107,7 +114,7 @@ class Spec:
             found[self.base_model] = "base_model"
         for entry in self.all_models():
             found.setdefault(entry.ref, f"{entry.where}.model")
-        for piece in self.slices or ():
+        for piece in self.all_slices():
             if piece.base_model is not None:
                 found.setdefault(piece.base_model, f"{piece.where}.base_model")
             for source in piece.sources:
@@ -141,45 +148,65 @@ def load_spec(source: Union[str, os.PathLike, dict, Spec]) -> Spec:
 
 
 def parse_spec(data: Any, *, text: str = "", file: Optional[str] = None) -> Spec:
-    def fail(what: str, where: Optional[str] = None, hint: Optional[str] = None) -> SpecError:
-        return SpecError(what, where=where, hint=hint, file=file)
-
+    """Read a spec strictly. Every problem is collected (spec/problems.py): a SpecProblems is raised with the
+    first one's message, all of them and what could be read (for `merge check`)."""
+    fail = Problems(file)
     if not isinstance(data, dict):
         raise fail(f"the spec must be a YAML mapping, got {type(data).__name__}",
                    hint="start from an example in merge_configs/")
     _check_keys(data, TOP_LEVEL_KEYS, "", fail)
     for key, why in UNSUPPORTED_KEYS.items():
         if key in data:
-            raise fail(why.split(";")[0], where=key, hint=why.split("; ", 1)[-1])
+            fail.report(fail(why.split(";")[0], where=key, hint=why.split("; ", 1)[-1]))
+    if data.get("output", "model") not in OUTPUTS:
+        output = str(data.get("output"))
+        fail.report(fail(f"unknown output '{output}'." + did_you_mean(output, OUTPUTS), where="output",
+                         hint="output: model (the default, a merged model) or output: adapter (a LoRA adapter)"))
     method = data.get("merge_method")
-    if not isinstance(method, str) or not method:
-        raise fail("merge_method is missing" if method is None else "merge_method must be a string",
-                   where="merge_method", hint="e.g. merge_method: linear (see `merge methods`)")
+    if (not isinstance(method, str) or not method) and not misspelled(data, "merge_method", TOP_LEVEL_KEYS):
+        fail.report(fail("merge_method is missing" if method is None else "merge_method must be a string",
+                         where="merge_method", hint="e.g. merge_method: linear (see `merge methods`)"))
     present = [key for key in ("models", "slices", "modules") if data.get(key) is not None]
-    if len(present) != 1:
-        raise fail("exactly one of 'models', 'slices' or 'modules' must be given" if present else
-                   "no models to merge", where=None, hint="list the inputs under models: (whole models), slices: "
-                                                          "(layer ranges) or modules: (per module of a VLM)")
-    base = _reference(data, "base_model", "base_model", fail)
-    models = _models(data["models"], fail) if "models" in present else None
-    slices = _slices(data["slices"], fail) if "slices" in present else None
-    tokenizer = parse_tokenizer(data, fail, _check_keys)
-    return Spec(
-        merge_method=method, models=models, slices=slices, base_model=base,
+    if len(present) != 1 and (present or not any(misspelled(data, key, TOP_LEVEL_KEYS) for key in ("models", "slices", "modules"))):
+        fail.report(fail("exactly one of 'models', 'slices' or 'modules' must be given" if present else
+                         "no models to merge", where=None, hint="list the inputs under models: (whole models), "
+                         "slices: (layer ranges) or modules: (per module of a VLM)"))
+    one = present[0] if len(present) == 1 else None
+    base = _read(fail, None, _reference, data, "base_model", "base_model", fail)
+    models = _read(fail, None, _models, data["models"], fail) if one == "models" else None
+    slices = _read(fail, None, _slices, data["slices"], fail) if one == "slices" else None
+    tokenizer = _read(fail, None, parse_tokenizer, data, fail, _check_keys)
+    spec = Spec(
+        merge_method=method if isinstance(method, str) else "", models=models, slices=slices, base_model=base,
         parameters=_parameters(data.get("parameters"), "parameters", fail),
-        dtype=_dtype(data, "dtype", fail), out_dtype=_dtype(data, "out_dtype", fail),
+        dtype=_read(fail, None, _dtype, data, "dtype", fail),
+        out_dtype=_read(fail, None, _dtype, data, "out_dtype", fail),
         tokenizer_source=tokenizer.source if tokenizer is not None else None, tokenizer=tokenizer,
-        chat_template=parse_chat_template(data.get("chat_template"), fail), text=text, file=file, raw=data,
-        modules=_modules(data["modules"], fail) if "modules" in present else None,
+        chat_template=_read(fail, None, parse_chat_template, data.get("chat_template"), fail), text=text, file=file,
+        raw=data, modules=_read(fail, None, _modules, data["modules"], fail) if one == "modules" else None,
     )
+    fail.raise_if_any(spec if one and isinstance(method, str) and method else None)   # None: too broken to check
+    return spec
 
 
-def _check_keys(node: dict, allowed: tuple[str, ...], where: str, fail) -> None:
+def _read(fail: Problems, default: Any, read, *args: Any) -> Any:
+    """``read(*args)``; on a SpecError the problem is recorded and ``default`` stands for what it would read."""
+    with fail.guard():
+        return read(*args)
+    return default
+
+
+def _unread(where: str) -> ModelRef:
+    """Stands for a model reference that could not be read, so the number of inputs stays what was written."""
+    return ModelRef(ModelPath(f"<{where}.model>"))
+
+
+def _check_keys(node: dict, allowed: tuple[str, ...], where: str, fail: Problems) -> None:
     for key in node:
         if key not in allowed:
             path = f"{where}.{key}" if where else str(key)
-            raise fail("unknown key." + did_you_mean(str(key), allowed), where=path,
-                       hint="allowed here: " + ", ".join(allowed))
+            fail.report(fail("unknown key." + did_you_mean(str(key), allowed), where=path,
+                             hint="allowed here: " + ", ".join(allowed)))
 
 
 def _reference(node: dict, key: str, where: str, fail) -> Optional[ModelRef]:
@@ -194,6 +221,8 @@ def _reference(node: dict, key: str, where: str, fail) -> Optional[ModelRef]:
 def _model(entry: dict, where: str, fail) -> ModelRef:
     """The ``model:`` of a models entry or a slice source: required, and not null (``model: ~``)."""
     if "model" not in entry:
+        if misspelled(entry, "model", SOURCE_KEYS):   # said once, as an unknown key
+            return _unread(where)
         raise fail("'model' is missing", where=where, hint="each entry needs model: <folder or org/name>")
     if entry["model"] is None:
         raise fail("the model is empty (null)", where=f"{where}.model",
@@ -222,47 +251,58 @@ def _models(node: Any, fail, at: str = "models") -> tuple[InputModel, ...]:
         where = f"{at}[{i}]"
         if isinstance(entry, str):  # shorthand some configs use: "- org/model"
             entry = {"model": entry}
-        entry = _mapping(entry, where, fail)
+        entry = _read(fail, None, _mapping, entry, where, fail)
+        if entry is None:
+            entries.append(InputModel(_unread(where), {}, where))
+            continue
         _check_keys(entry, MODEL_KEYS, where, fail)
-        entries.append(InputModel(_model(entry, where, fail),
+        entries.append(InputModel(_read(fail, _unread(where), _model, entry, where, fail),
                                   _parameters(entry.get("parameters"), f"{where}.parameters", fail), where))
     return tuple(entries)
 
 
 def _modules(node: Any, fail) -> tuple[Module, ...]:
-    modules = []
-    for name, entry in _mapping(node, "modules", fail).items():
+    modules, listed = [], _mapping(node, "modules", fail)
+    for name, entry in listed.items():
         where = f"modules.{name}"
-        entry = _mapping(entry, where, fail)
+        entry = _read(fail, None, _mapping, entry, where, fail)
+        if entry is None:
+            continue
         _check_keys(entry, MODULE_KEYS, where, fail)
-        if entry.get("slices") is not None:
-            raise fail("per-module slices (layer stacking inside a module) are not supported yet",
-                       where=f"{where}.slices", hint="list the module's models under models:")
-        if entry.get("models") is None:
-            raise fail("the module lists no models", where=where, hint="give the module models: [...]")
-        modules.append(Module(str(name), _models(entry["models"], fail, f"{where}.models"),
-                              _parameters(entry.get("parameters"), f"{where}.parameters", fail), where))
-    if not modules:
+        if (entry.get("models") is None) == (entry.get("slices") is None):
+            raise fail("the module must list either models or slices" if entry.get("models") is None else
+                       "the module lists both models and slices", where=where,
+                       hint="give the module models: [...] (merged whole) or slices: [...] (layers stacked)")
+        slices = _read(fail, (), _slices, entry["slices"], fail, f"{where}.") if entry.get("slices") else None
+        modules.append(Module(str(name), _read(fail, (), _models, entry["models"], fail, f"{where}.models")
+                              if slices is None else (),
+                              _parameters(entry.get("parameters"), f"{where}.parameters", fail), where, slices))
+    if not listed:
         raise fail("no modules listed", where="modules", hint="e.g. modules: {text_decoder: {models: [...]}}")
     return tuple(modules)
 
 
-def _slices(node: Any, fail) -> tuple[Slice, ...]:
+def _slices(node: Any, fail, within: str = "") -> tuple[Slice, ...]:
     slices = []
-    for i, entry in enumerate(_list(node, "slices", fail)):
-        where = f"slices[{i}]"
-        entry = _mapping(entry, where, fail)
+    for i, entry in enumerate(_list(node, f"{within}slices", fail)):
+        where = f"{within}slices[{i}]"
+        entry = _read(fail, {}, _mapping, entry, where, fail)
         _check_keys(entry, SLICE_KEYS, where, fail)
         sources = []
-        for j, source in enumerate(_list(entry.get("sources"), f"{where}.sources", fail)):
+        for j, source in enumerate(_read(fail, [], _list, entry.get("sources"), f"{where}.sources", fail)
+                                   if entry else []):
             swhere = f"{where}.sources[{j}]"
-            source = _mapping(source, swhere, fail)
+            source = _read(fail, None, _mapping, source, swhere, fail)
+            if source is None:
+                sources.append(SliceSource(_unread(swhere), (0, 1), {}, swhere))
+                continue
             _check_keys(source, SOURCE_KEYS, swhere, fail)
-            sources.append(SliceSource(_model(source, swhere, fail),
-                                       _layer_range(source.get("layer_range"), f"{swhere}.layer_range", fail),
+            sources.append(SliceSource(_read(fail, _unread(swhere), _model, source, swhere, fail),
+                                       _read(fail, (0, 1), _layer_range, source.get("layer_range"),
+                                             f"{swhere}.layer_range", fail),
                                        _parameters(source.get("parameters"), f"{swhere}.parameters", fail), swhere))
         slices.append(Slice(tuple(sources), _parameters(entry.get("parameters"), f"{where}.parameters", fail),
-                            _reference(entry, "base_model", f"{where}.base_model", fail), where))
+                            _read(fail, None, _reference, entry, "base_model", f"{where}.base_model", fail), where))
     return tuple(slices)
 
 
@@ -280,9 +320,9 @@ def _layer_range(node: Any, where: str, fail) -> tuple[int, int]:
 def _parameters(node: Any, where: str, fail) -> Parameters:
     if node is None:
         return {}
-    node = _mapping(node, where, fail)
-    return {str(name): Setting(_setting(value, f"{where}.{name}", fail), f"{where}.{name}")
-            for name, value in node.items()}
+    node = _read(fail, {}, _mapping, node, where, fail)
+    read = {str(name): _read(fail, None, _setting, value, f"{where}.{name}", fail) for name, value in node.items()}
+    return {name: Setting(value, f"{where}.{name}") for name, value in read.items() if value is not None}
 
 
 def _setting(value: Any, where: str, fail) -> Any:

@@ -8,6 +8,11 @@ spread over the merging threads, each chunk is converted to float32 while in cac
 raw inputs and the output, whatever the tensor's size. A per-chunk reduction (a chunk's norm, its L1 row
 sums) combined in chunk order gives the same bits on any number of threads.
 
+Methods whose statistics torch must reduce in one call to give their bits (mergekit's float32 norms, sums,
+dot products and top-k: Multi-SLERP, Karcher, SCE) fill one whole float32 vector at a time for it
+(``collect``) and do everything else in chunks: memory holds the raw inputs, the output and one to three
+such vectors, whatever the number of models.
+
 A strategy written this way has one body: ``whole`` runs it on whole float32 tensors (the reference the
 engine uses off the CPU, and validation's recomputation), so the two paths cannot drift apart.
 """
@@ -57,6 +62,10 @@ class Chunks:
         """Input ``i``'s elements [start, end) in float32. (end - start,)"""
         return self._read(self._inputs[i], start, end)
 
+    @property
+    def base_present(self) -> bool:
+        return self._base is not None
+
     def base(self, start: int, end: int) -> torch.Tensor:
         assert self._base is not None
         return self._read(self._base, start, end)
@@ -70,6 +79,30 @@ class Chunks:
         threads; the results in chunk order."""
         ranges = [(start, min(start + step, self.numel)) for start in range(0, self.numel, step)]
         return self._spread(lambda r: fn(*r), ranges)
+
+
+def collect(src: Chunks, fn: Callable[[int, int], torch.Tensor], step: int,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One whole vector, (numel,) in the chunks' dtype, filled on the merging threads: ``fn(start, end)`` gives
+    elements [start, end). For a reduction torch must see whole (a norm, a sum, a dot product, a top-k): it
+    rounds in an order of its own that no combination of per-chunk results reproduces, so this one vector,
+    whatever the number of models, is the price of its bits. ``out``: a vector to fill again."""
+    if out is None:
+        out = torch.empty(src.numel, dtype=src.dtype, device=src.device)
+
+    def fill(start: int, end: int) -> None:
+        out[start:end] = fn(start, end)
+
+    src.map(fill, step)
+    return out
+
+
+def as_rows(vector: torch.Tensor) -> torch.Tensor:
+    """(numel,) -> (2, numel), both rows the vector (no copy): reduce over dim 1 and take row 0 to get the bits
+    mergekit gets from reducing one model's row of its stacked (n_models, numel) tensor. torch reduces each row
+    of a several-row reduction on one thread, but splits a 1-D one across its threads, which rounds
+    differently; so a 1-D reduction would equal mergekit's only on one torch thread."""
+    return vector.expand(2, -1)
 
 
 def whole(body: Callable[..., None]) -> Callable[..., torch.Tensor]:

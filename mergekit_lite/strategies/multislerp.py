@@ -2,23 +2,30 @@
 at their weighted mean direction (Goddard, https://goddard.blog/posts/multislerp-wow-what-a-cool-idea;
 mergekit's multislerp).
 
-Whole tensors: every output element depends on the norms of the whole flattened task vectors. The
-operations are mergekit's, on the same stacked (n_models, numel) tensor, so the float32 reductions round the
-same way and give the same bits.
+Every output element depends on four whole-tensor reductions: each task vector's norm, the norm of the mean
+direction, each model's dot product with it, and the norm of the mean tangent. mergekit makes them with
+torch's float32 norm and sum over the whole flattened tensor, whose order of rounding no per-chunk partial
+results reproduce; so each is made by the same torch call on one whole float32 vector filled in chunks
+(``chunks.collect``), and everything element-wise runs in chunks of the raw inputs. The result has mergekit's
+bits, and memory holds the raw inputs, the output and at most two float32 vectors of the tensor's size
+(mergekit holds about four stacks of every model's float32 tensor).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import StrategyError
 from ..strategy import Param, ParamProblem, Strategy, TensorContext
+from .chunks import Chunks, as_rows, collect, whole
+
+BLOCK = 1 << 16   # elements per piece of work: a few (n_models, BLOCK) float32 temporaries per thread
 
 
-def multislerp(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext, *,
-               weight: Sequence[float], normalize_weights: bool, eps: float) -> torch.Tensor:
+def multislerp_chunks(src: Chunks, ctx: TensorContext, *, weight: Sequence[float], normalize_weights: bool,
+                      eps: float) -> None:
     """With X_i the models (their task vectors x_i - base with a base_model), flattened:
 
         u_i = X_i / (|X_i| + eps)          m = normalize(sum_i w_i u_i)
@@ -30,43 +37,89 @@ def multislerp(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx
     sum_i w_i X_i; for more, all-zero X_i give zero (the base), and others are an error (mergekit raises for
     both).
     """
-    if len(inputs) == 1:
-        return inputs[0].clone()
-    models = torch.stack(list(inputs))                     # (n_models, *shape)
-    if base is not None:
-        models -= base                                     # task vectors
-    flat = models.view(models.shape[0], -1)                # (n_models, numel)
-    weights = torch.tensor(list(weight), dtype=models.dtype, device=models.device)   # (n_models,)
+    n = src.count
+    if n == 1 or src.numel == 0:
+        src.map(lambda lo, hi: src.emit(lo, src.input(0, lo, hi)), BLOCK)
+        return
+    has_base = src.base_present
+
+    def task(i: int, lo: int, hi: int) -> torch.Tensor:    # (m,): X_i
+        return src.input(i, lo, hi) - src.base(lo, hi) if has_base else src.input(i, lo, hi)
+
+    def models(lo: int, hi: int) -> torch.Tensor:          # (n_models, m)
+        return torch.stack([task(i, lo, hi) for i in range(n)])
+
+    def plus_base(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return values + src.base(lo, hi) if has_base else values
+
+    weights = torch.tensor(list(weight), dtype=src.dtype, device=src.device)   # (n_models,)
     if normalize_weights:
         weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)         # (n_models, 1)
-    units = flat / (norms + eps)
-    mean = (units * weights.view(-1, 1)).sum(0)            # (numel,)
+    column = weights.view(-1, 1)
+    norms, vector = _per_model(src, task, lambda rows: torch.norm(rows, dim=-1), None)   # |X_i|, as mergekit
+    divisors = norms + eps                                 # (n_models, 1)
+
+    def units(lo: int, hi: int) -> torch.Tensor:           # (n_models, m)
+        return models(lo, hi) / divisors
+
+    mean = collect(src, lambda lo, hi: (units(lo, hi) * column).sum(0), BLOCK)   # (numel,)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
-        if len(inputs) > 2 and not bool(norms.any()):
-            # every model equals the base (or is zero): the result is that point. mergekit raises here for
-            # 3+ models; for 2 its linear fallback gives the same result. (Untouched embeddings, norms.)
-            return models[0].view(models.shape[1:]) if base is None else base.clone()
-        if len(inputs) != 2:
-            raise StrategyError(f"the weighted mean direction of the {len(inputs)} models is zero (norm "
-                                f"{float(mean_norm):.3g} < eps {eps:g}), so it has no point on the sphere",
-                                where=f"tensor '{ctx.name}'",
-                                hint="models (or task vectors) that cancel out, such as a and -a with equal "
-                                     "weights; change a weight")
-        lerp = (models[0] * weights[0] + models[1] * weights[1]).view(models.shape[1:])
-        return lerp if base is None else lerp + base
-    shape = models.shape[1:]
-    del models, flat                                       # in place below where mergekit makes new tensors
-    mean = mean / mean_norm
-    tangents = units.sub_((units * mean).sum(-1, keepdim=True) * mean)   # (n_models, numel)
-    tangent = tangents.mul_(weights.view(-1, 1)).sum(0)                  # (numel,)
-    del units, tangents
+        del mean, vector
+        return _degenerate(src, ctx, models, plus_base, weights, norms, mean_norm, eps)
+    mean.div_(mean_norm)
+    dots, vector = _per_model(src, lambda i, lo, hi: task(i, lo, hi) / divisors[i] * mean[lo:hi],
+                              lambda rows: rows.sum(-1), vector)   # u_i . m, as mergekit's sum of its row
+
+    def tangent_part(lo: int, hi: int) -> torch.Tensor:    # sum_i w_i (u_i - (u_i . m) m)
+        return ((units(lo, hi) - dots * mean[lo:hi]) * column).sum(0)
+
+    tangent = collect(src, tangent_part, BLOCK, out=vector)
     length = torch.norm(tangent) + eps
     # exponential map back to the sphere, then the weighted mean norm
-    result = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
-    result = (result * (norms.squeeze(-1) * weights).sum()).view(shape)
-    return result if base is None else result + base
+    cos, sin = torch.cos(length), torch.sin(length) / length
+    scale = (norms.squeeze(-1) * weights).sum()
+
+    def output(lo: int, hi: int) -> None:
+        src.emit(lo, plus_base((mean[lo:hi] * cos + tangent[lo:hi] * sin) * scale, lo, hi))
+
+    src.map(output, BLOCK)
+
+
+def _per_model(src: Chunks, part: Callable[[int, int, int], torch.Tensor],
+               reduce: Callable[[torch.Tensor], torch.Tensor], vector: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reduce`` (over dim 1 of ``chunks.as_rows``, as mergekit reduces its stacked models) of each model's whole
+    vector (elements [lo, hi) of model i: ``part(i, lo, hi)``), filled one model at a time into one reused
+    vector: (n_models, 1), and that vector."""
+    found = []
+    for i in range(src.count):
+        vector = collect(src, lambda lo, hi, i=i: part(i, lo, hi), BLOCK, out=vector)
+        found.append(reduce(as_rows(vector))[0])
+    return torch.stack(found).view(-1, 1), vector
+
+
+def _degenerate(src: Chunks, ctx: TensorContext, models, plus_base, weights: torch.Tensor, norms: torch.Tensor,
+                mean_norm: torch.Tensor, eps: float) -> None:
+    """The weighted mean direction is zero: the base (every model is it), two models' lerp, else an error."""
+    n = src.count
+    if n > 2 and not bool(norms.any()):
+        # every model equals the base (or is zero): the result is that point. mergekit raises here for
+        # 3+ models; for 2 its linear fallback gives the same result. (Untouched embeddings, norms.)
+        src.map(lambda lo, hi: src.emit(lo, src.base(lo, hi) if src.base_present else models(lo, hi)[0]), BLOCK)
+        return
+    if n != 2:
+        raise StrategyError(f"the weighted mean direction of the {n} models is zero (norm "
+                            f"{float(mean_norm):.3g} < eps {eps:g}), so it has no point on the sphere",
+                            where=f"tensor '{ctx.name}'",
+                            hint="models (or task vectors) that cancel out, such as a and -a with equal "
+                                 "weights; change a weight")
+
+    def lerp(lo: int, hi: int) -> None:
+        pair = models(lo, hi)
+        src.emit(lo, plus_base(pair[0] * weights[0] + pair[1] * weights[1], lo, hi))
+
+    src.map(lerp, BLOCK)
 
 
 def normalize_weights_check(params: dict[str, Any]) -> Optional[ParamProblem]:
@@ -82,7 +135,8 @@ def normalize_weights_check(params: dict[str, Any]) -> Optional[ParamProblem]:
 
 STRATEGY = Strategy(
     name="multislerp",
-    fn=multislerp,
+    fn=whole(multislerp_chunks),
+    chunked=multislerp_chunks,
     title="Multi-SLERP",
     summary="Spherical weighted average of any number of models (of their task vectors with a base_model), "
             "through the tangent space at their mean direction.",

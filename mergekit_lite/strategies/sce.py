@@ -1,25 +1,29 @@
 """SCE: Select, Calculate, Erase (Wan et al., "FuseChat: Knowledge Fusion of Chat Models", arXiv 2408.07990;
 mergekit's sce).
 
-Whole tensors: the selection is a top-k over the whole tensor's per-entry variance, and the weights are
-whole-tensor means of squares. The operations are mergekit's, on the same stacked tensors, so the float32
-reductions (the variance, the means, the sums over models) round the same way and give the same bits.
+The selection is a top-k over the whole tensor's per-entry variance, and the weights are whole-tensor means of
+squares; everything else is per entry. The per-entry variance is exact in any chunking, but torch's top-k picks
+among equal variances at the cut in an order of its own, and its float32 mean rounds in its own order: so the
+variance (for the top-k) and each model's squared task vector (for its mean) are each one whole float32 vector
+filled in chunks (``chunks.collect``), reduced by the same torch call as mergekit's, and the rest runs in
+chunks of the raw inputs. The result has mergekit's bits; memory holds the raw inputs, the output, one float32
+vector of the tensor's size and, with ``select_topk`` < 1, a byte per entry (plus torch's top-k, 16 bytes per
+entry while it runs).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
 from ..strategy import Param, Strategy, TensorContext
+from .chunks import Chunks, as_rows, collect, whole
 
 WEIGHT_SUM_FLOOR = 1e-6   # the matrix-level weights sum to less: every model gets 1/N instead
 DIVISOR_FLOOR = 1e-6      # the per-entry sum of the kept weights is clamped to at least this
+BLOCK = 1 << 16           # elements per piece of work: a few (n_models, BLOCK) float32 temporaries per thread
 
 
-def sce(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext, *,
-        select_topk: float, int8_mask: bool) -> torch.Tensor:
+def sce_chunks(src: Chunks, ctx: TensorContext, *, select_topk: float, int8_mask: bool) -> None:
     """base + sum_i w_i m_i tau_i / max(sum_i w_i m_i, 1e-6), tau_i = x_i - base.
 
     Select: with ``select_topk`` < 1, only the entries with the largest variance across the models are kept
@@ -28,37 +32,56 @@ def sce(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: Tenso
     sum is below 1e-6. Erase: m_i keeps tau_i's entries whose sign agrees with the sign of sum_j tau_j
     (0 counting as +), as in TIES. ``int8_mask`` changes only the dtype of mergekit's masks, not the result.
     """
-    assert base is not None
-    # In place where mergekit makes a new tensor (the same values): about 3 stacks at the peak, not 5.
-    deltas = torch.stack(list(inputs)).sub_(base)                   # (n_models, *shape)
-    if select_topk < 1:
-        deltas.mul_(_select(deltas, select_topk).unsqueeze(0))
-    # Erase: keep entries agreeing with the elected sign (sum >= 0 elects +)
-    elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1     # (*shape,) +1 / -1
-    agrees = deltas.sign() == elected                                # (n_models, *shape); zeros never agree
-    weights = _matrix_weights(deltas).view(-1, *([1] * base.dim()))  # (n_models, 1, ...)
-    kept = weights * agrees                                          # (n_models, *shape)
-    del agrees
-    mixed = deltas.mul_(kept).sum(dim=0)
-    return base + mixed / kept.sum(dim=0).clamp(min=DIVISOR_FLOOR)
+    if src.numel == 0:
+        return
+    keep = _select(src, select_topk) if select_topk < 1 else None     # (numel,) bool, or None: all
+
+    def delta(i: int, lo: int, hi: int) -> torch.Tensor:             # (m,) model i's selected task vector
+        values = src.input(i, lo, hi) - src.base(lo, hi)
+        return values if keep is None else values.mul_(keep[lo:hi])  # x * 1.0 / x * 0.0, as mergekit's float mask
+
+    def deltas(lo: int, hi: int) -> torch.Tensor:                     # (n_models, m)
+        return torch.stack([delta(i, lo, hi) for i in range(src.count)])
+
+    # Calculate: each model's mean squared (selected) task vector entry, by torch over the whole vector
+    squares, energy = None, []
+    for i in range(src.count):
+        squares = collect(src, lambda lo, hi, i=i: delta(i, lo, hi).square_(), BLOCK, out=squares)
+        energy.append(as_rows(squares).mean(dim=1)[0])            # as mergekit's row of its stack
+    del squares
+    weights = _matrix_weights(torch.stack(energy)).view(-1, 1)        # (n_models, 1)
+
+    def output(lo: int, hi: int) -> None:
+        block = deltas(lo, hi)
+        # Erase: keep entries agreeing with the elected sign (sum >= 0 elects +)
+        elected = (block.sum(dim=0) >= 0).to(block.dtype) * 2 - 1    # (m,) +1 / -1
+        kept = weights * (block.sign() == elected)                    # (n_models, m); zeros never agree
+        mixed = block.mul_(kept).sum(dim=0)
+        src.emit(lo, src.base(lo, hi) + mixed / kept.sum(dim=0).clamp(min=DIVISOR_FLOOR))
+
+    src.map(output, BLOCK)
 
 
-def _select(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
-    """1.0 at the top ``fraction`` of the entries with nonzero variance across the models, else 0.0. (*shape)"""
+def _select(src: Chunks, fraction: float) -> torch.Tensor:
+    """True at the top ``fraction`` of the entries with nonzero variance across the models. (numel,) bool"""
+    keep = torch.zeros(src.numel, dtype=torch.bool, device=src.device)
     if fraction <= 0:
-        return torch.zeros_like(deltas[0])
-    variance = torch.var(deltas, dim=0, unbiased=False)             # (*shape,) population variance
-    k = int(torch.count_nonzero(variance) * fraction)               # float32 product, as mergekit rounds it
-    mask = torch.zeros_like(variance)
+        return keep
+
+    def variance(lo: int, hi: int) -> torch.Tensor:                   # population variance per entry
+        block = torch.stack([src.input(i, lo, hi) for i in range(src.count)]).sub_(src.base(lo, hi))
+        return torch.var(block, dim=0, unbiased=False)
+
+    variances = collect(src, variance, BLOCK)
+    k = int(torch.count_nonzero(variances) * fraction)               # float32 product, as mergekit rounds it
     if k > 0:
         # the same top-k call on the same values: the same entries win ties at the cut
-        mask.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
-    return mask
+        keep[torch.topk(variances.abs_(), k=k, largest=True).indices] = True
+    return keep
 
 
-def _matrix_weights(deltas: torch.Tensor) -> torch.Tensor:
+def _matrix_weights(energy: torch.Tensor) -> torch.Tensor:
     """Each model's mean squared task vector entry, as a share of their sum. (n_models,)"""
-    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
     total = torch.sum(energy).item()
     if abs(total) < WEIGHT_SUM_FLOOR:
         return torch.ones_like(energy) / energy.shape[0]
@@ -67,7 +90,8 @@ def _matrix_weights(deltas: torch.Tensor) -> torch.Tensor:
 
 STRATEGY = Strategy(
     name="sce",
-    fn=sce,
+    fn=whole(sce_chunks),
+    chunked=sce_chunks,
     title="SCE",
     summary="Select the entries where the models' task vectors vary most, weight each model by its mean "
             "squared task vector, erase entries against the elected sign, and average.",

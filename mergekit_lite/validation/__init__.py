@@ -44,7 +44,8 @@ __all__ = ["validate", "ValidationReport", "CheckResult", "Finding"]
 def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, Spec, None] = None,
              device: str = "auto", full: bool = False, forward: bool = True, *,
              strategies: Iterable[Strategy] = (), allow_pickle: bool = False,
-             allow_nonfinite: bool = False, progress: bool = False) -> ValidationReport:
+             allow_nonfinite: bool = False, progress: bool = False,
+             trust_remote_code: bool = False, context_inputs: bool = True) -> ValidationReport:
     """Check the merged model in ``out`` and return a report: ``report.status`` is "passed", "failed" or
     "not_checked" (``report.passed``, ``report.failed``, ``report.exit_code``; ``print(report)``,
     ``report.to_json()``). Raises MergeError only when ``out`` is no folder, the device is unusable, or a
@@ -52,7 +53,11 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
     ``allow_pickle``: sources and models with pickle weights only are read (torch.load(weights_only=True));
     without it no pickle is ever unpickled. ``allow_nonfinite``: NaN and Inf in the output (and the sources)
     are counted but do not fail. ``forward=False`` leaves the forward pass out (not applicable). ``progress``
-    shows a bar naming the check that runs and the time spent (tqdm; the notebook widget in Jupyter)."""
+    shows a bar naming the check that runs and the time spent (tqdm; the notebook widget in Jupyter).
+    ``trust_remote_code``: the forward check may run a model whose code is its own (config.json's auto_map,
+    files in ``out``); without it that check is not checked, and says so. ``context_inputs=False`` (the validation
+    after `merge run`): the forward check runs an input model only when the merged model must equal it (the
+    report lists the others as not run, with why); their losses are context, computed by default here."""
     started = time.perf_counter()
     compute = resolve_device(device)
     folder = read_output(os.fspath(out))
@@ -64,7 +69,7 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
         from .finite import check_finite
         from .structure import check_structure
 
-        with _progress(progress) as step:
+        with _progress(progress) as step, _trusting(trust_remote_code):
             step("structure")
             checks = [check_structure(folder, plan, problem, record.findings)]
             step("finite")
@@ -72,7 +77,8 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
             step("recompute")
             checks.append(_recompute(folder, record, plan, problem, compute, full))
             step("forward")
-            checks.append(_forward(folder, record, plan, problem, compute, forward, allow_pickle, checks[1]))
+            checks.append(_forward(folder, record, plan, problem, compute, forward, allow_pickle, checks[1],
+                                   context_inputs))
     finally:
         if plan is not None:
             plan.close()
@@ -81,14 +87,27 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
 
 
 @contextmanager
+def _trusting(trust_remote_code: bool) -> Iterator[None]:
+    """The forward check runs a model's own code only inside this, and only when the caller said so."""
+    from .inference import TRUST_REMOTE_CODE
+
+    token = TRUST_REMOTE_CODE.set(trust_remote_code)
+    try:
+        yield
+    finally:
+        TRUST_REMOTE_CODE.reset(token)
+
+
+@contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str], None]]:
-    """A bar over the four checks, naming the one that runs; it ends showing the total time."""
+    """A bar over the four checks while they run, naming the one that runs and what the finished ones cost. It
+    is cleared at the end: the verdict line (or the report) that follows says the same, with the total."""
     if not enabled:
         yield lambda name: None
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=4, desc="validating", unit="check", dynamic_ncols=True,
+    with tqdm(total=4, desc="validating", unit="check", dynamic_ncols=True, leave=False,
               bar_format="{desc}: {n_fmt}/{total_fmt} checks [{elapsed}]{postfix}") as bar:
         costs: list[tuple[str, float]] = []   # each check that ran, and when it started
 
@@ -115,6 +134,8 @@ def _recompute(folder: OutputFolder, record: MergeRecord, plan, problem: Optiona
 
     if not record.is_merge:
         return not_applicable("recompute", NO_MERGE, recompute.empty_numbers(full=full))
+    if record.moe:   # copied from the experts, routers from prompts: no tensor is a merge to compute again
+        return not_applicable("recompute", record.problem, recompute.empty_numbers(full=full))
     if plan is None:
         return not_checked("recompute", problem or "no spec", recompute.empty_numbers(full=full))
     if record.other_tool is not None and plan.strategy.random:
@@ -125,7 +146,7 @@ def _recompute(folder: OutputFolder, record: MergeRecord, plan, problem: Optiona
 
 
 def _forward(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[str], compute, requested: bool,
-             allow_pickle: bool, finite: CheckResult) -> CheckResult:
+             allow_pickle: bool, finite: CheckResult, context_inputs: bool = True) -> CheckResult:
     from . import forward as forward_check
 
     if not requested:
@@ -135,7 +156,7 @@ def _forward(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[
         return not_checked("forward", f"the weights hold {nonfinite} NaN/Inf values (--allow-nonfinite), so the "
                            "logits would say nothing", forward_check.empty_numbers())
     return forward_check.check_forward(folder, record.spec, plan, compute, allow_pickle=allow_pickle,
-                                       plan_problem=problem)
+                                       plan_problem=problem, context_inputs=context_inputs)
 
 
 def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy], allow_pickle: bool,

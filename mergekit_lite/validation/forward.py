@@ -28,11 +28,10 @@ from ..plan.planner import MergePlan
 from ..spec.references import ModelPath, ModelRef
 from ..spec.schema import Spec
 from ..strategy import TensorContext
-from ..units import format_size
 from .folder import OutputFolder
 from .report import CheckResult, Finding, not_checked, number, outcome
 
-MEMORY_MARGIN = 1.25        # float32 weights plus activations, buffers and the allocator's slack
+WHOLE_SLACK = 300 * 2**20   # the merge's memory bound: (inputs + 2) x its largest float32 tensor + this
 ADAPTER_PATTERNS = ("adapter_config.json", "*.safetensors")
 
 
@@ -45,28 +44,40 @@ class InputModel:
 
 
 def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[MergePlan], device: torch.device, *,
-                  allow_pickle: bool = False, plan_problem: Optional[str] = None) -> CheckResult:
+                  allow_pickle: bool = False, plan_problem: Optional[str] = None,
+                  context_inputs: bool = True) -> CheckResult:
     """Passed, failed, or not checked with the reason: transformers missing, no config.json, custom code, an
-    architecture transformers does not know, pickle weights without ``allow_pickle``, not enough memory, or
-    (with a spec) an input the merge should equal that could not be run."""
+    architecture transformers does not know, pickle weights without ``allow_pickle``, a model that cannot run
+    layer by layer and is too large to load whole (see inference.open_model), or (with a spec) an input the merge should equal that could not be run.
+    ``context_inputs``: run every input for its loss (context beside the merged model's); without it only the
+    input the merge must equal runs (``_needed_inputs``), and the others are listed as not run, saying why."""
     started = time.perf_counter()
     reason = _cannot_run(folder, device, allow_pickle)
     if reason:
         return not_checked("forward", reason, empty_numbers(), time.perf_counter() - started)
-    from .inference import IncompleteModel, batch_loss, load_model, logits_of, make_batch
+    from . import inference
+    from .inference import IncompleteModel, batch_loss, make_batch
+    from .streamed import TooLargeWhole, open_model
+    from .vocab_forward import shared_tokens
 
     batch = make_batch(folder.path, _vocab_size(folder), _media_tokens(folder.config))
+    models = input_models(spec, plan)
+    shared = shared_tokens(plan, models)   # a tokenizer merge changed the ids: compare on the shared tokens
+    batch = shared.batch(batch) if shared is not None else batch
     numbers = empty_numbers(prompts=int(batch.input_ids.shape[0]), tokens=batch.tokens, token_source=batch.source)
+    limit = _memory_bound(folder, spec)
     try:
-        model = load_model(folder.path, device, allow_pickle=allow_pickle)
+        model = open_model(folder.path, device, allow_pickle=allow_pickle, whole_limit=limit)
         try:
-            merged = logits_of(model, batch, device)
+            merged = inference.logits_of(model, batch, device)
         except Exception as exc:
             if _runs_on_text(folder.config):
                 raise
             # a VLM that needs its images even for text: its not running says nothing about the merge
             return not_checked("forward", f"the model loads but does not run on text alone, without images "
                                f"({type(exc).__name__}: {exc})", numbers, time.perf_counter() - started)
+    except TooLargeWhole as exc:
+        return not_checked("forward", f"the merged model: {exc}", numbers, time.perf_counter() - started)
     except IncompleteModel as exc:
         failure = Finding(str(exc), tensor=exc.tensor)
         return outcome("forward", [failure], "", numbers, time.perf_counter() - started)
@@ -81,9 +92,12 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
     numbers.update(logits_finite=nonfinite == 0, merged_loss=number(batch_loss(merged, batch)))
     if nonfinite:
         failures.append(Finding(f"{nonfinite} of {merged.numel()} logits are NaN or Inf"))
-    numbers["inputs"], reference, identical = _run_inputs(input_models(spec, plan), batch, device, allow_pickle)
-    compared, unchecked = _against_inputs(merged, reference, identical, spec, plan, plan_problem,
-                                          _output_dtype(folder), numbers)
+    identity = _identity_on_identical_inputs(spec, plan) if spec is not None else None
+    numbers["inputs"], reference, identical, attempted = _inputs(models, identity, shared, batch, device,
+                                                                 allow_pickle, limit, context_inputs)
+    merged = shared.restrict(merged) if shared is not None else merged
+    compared, unchecked = _against_inputs(merged, reference, identical, identity, spec, plan_problem,
+                                          _output_dtype(folder), numbers, attempted)
     failures += compared
     summary = _summary(numbers)
     if unchecked and not failures:
@@ -91,15 +105,29 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
     return outcome("forward", failures, summary, numbers, time.perf_counter() - started)
 
 
+def _inputs(models: list[InputModel], identity: Optional[bool], shared, batch, device: torch.device,
+            allow_pickle: bool, limit: int, context_inputs: bool
+            ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool, list[dict[str, Any]]]:
+    """(entries, reference, identical, attempted): every input with ``context_inputs``, else only those needed
+    (``_needed_inputs``); after a tokenizer merge that changed the ids (``shared``), every input on its own ids
+    of the tokens it shares with the output (vocab_forward.py)."""
+    if shared is not None or context_inputs:
+        run = shared.run_inputs if shared is not None else _run_inputs
+        entries, reference, identical = run(models, batch, device, allow_pickle, limit)
+        return entries, reference, identical, entries
+    return _needed_inputs(models, identity, batch, device, allow_pickle, limit)
+
+
 def _against_inputs(merged: torch.Tensor, reference: Optional[tuple[str, torch.Tensor]], identical: bool,
-                    spec: Optional[Spec], plan: Optional[MergePlan], plan_problem: Optional[str],
-                    dtype: torch.dtype, numbers: dict[str, Any]) -> tuple[list[Finding], Optional[str]]:
+                    identity: Optional[bool], spec: Optional[Spec], plan_problem: Optional[str],
+                    dtype: torch.dtype, numbers: dict[str, Any], attempted: list[dict[str, Any]]
+                    ) -> tuple[list[Finding], Optional[str]]:
     """(findings, why the comparison with the inputs could not be made). The merged model must compute what
-    its inputs compute when they are identical and the method gives back its input on identical inputs."""
+    its inputs compute when they are identical and the method gives back its input on identical inputs.
+    ``attempted``: the entries of the inputs that were to run (the others were not needed)."""
     if spec is None:
         return [], None   # a plain model folder: there are no inputs
-    identity = _identity_on_identical_inputs(spec, plan)
-    missing = next((entry for entry in numbers["inputs"] if entry["loss"] is None), None)
+    missing = next((entry for entry in attempted if entry["loss"] is None), None)
     if missing is not None:
         if identity is False:
             return [], None   # the inputs' losses are context only for this merge
@@ -127,11 +155,13 @@ def _shared_tied_fold(spec: Spec) -> bool:
     return any(ref.adapters and ref.tied_embeddings == "shared" for ref in refs)
 
 
-def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pickle: bool
+def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pickle: bool, limit: int
                 ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool]:
     """Each input's loss on the batch ({model, loss, note}); (label, logits) of the first input; whether all
     inputs ran and computed bit-identical logits (a merge of identical inputs, or a single input)."""
-    from .inference import PickleRefused, batch_loss, load_model, logits_of
+    from . import inference
+    from .inference import PickleRefused, batch_loss
+    from .streamed import TooLargeWhole, open_model
 
     entries: list[dict[str, Any]] = []
     reference, identical = None, True
@@ -139,14 +169,15 @@ def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pic
         entry: dict[str, Any] = {"model": model.label, "loss": None, "note": model.problem}
         if model.folder is not None:
             try:
-                logits = logits_of(load_model(model.folder, device, model.adapters, allow_pickle=allow_pickle),
-                                   batch, device)
+                opened = open_model(model.folder, device, model.adapters, allow_pickle=allow_pickle,
+                                    whole_limit=limit)
+                logits = inference.logits_of(opened, batch, device)
                 entry["loss"] = number(batch_loss(logits, batch))
                 if reference is None:
                     reference = (model.label, logits)
                 elif not torch.equal(reference[1], logits):
                     identical = False
-            except (PickleRefused, MergeError) as exc:
+            except (PickleRefused, TooLargeWhole, MergeError) as exc:
                 entry["note"] = exc.what if isinstance(exc, MergeError) else str(exc)
             except Exception as exc:   # an input transformers cannot run: its loss is missing, with the reason
                 entry["note"] = f"{type(exc).__name__}: {exc}"
@@ -155,19 +186,59 @@ def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pic
     return entries, reference, identical and reference is not None
 
 
+NOT_RUN = "not run: "   # the note of an input the default after-merge validation did not need
+
+
+def _needed_inputs(models: list[InputModel], identity: Optional[bool], batch, device: torch.device,
+                   allow_pickle: bool, limit: int) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]],
+                                                            bool, list[dict[str, Any]]]:
+    """As ``_run_inputs``, running only what the check can fail by: the input the merge must equal (a single
+    input, a LoRA fold's base with its adapters, or one of identical inputs when the method gives back its input
+    on identical inputs). Whether the inputs are identical is read from their files (same_inputs.py), not run.
+    Also returns the entries of the inputs that were to run."""
+    def skipped(why: str) -> list[dict[str, Any]]:
+        return [{"model": m.label, "loss": None, "note": NOT_RUN + why} for m in models]
+
+    if identity is False or not models:
+        return skipped("the merge need not compute what an input computes, so its loss is context only "
+                       "(`merge validate` computes it)"), None, False, []
+    lost = [m for m in models if m.folder is None]
+    if len(models) == 1 or lost or any(m.adapters for m in models):
+        entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit)
+        return entries, reference, identical, entries
+    from .same_inputs import same_weights
+
+    same = same_weights([m.folder for m in models])
+    if same is None:   # the files cannot tell: run them, as `merge validate` does
+        entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit)
+        return entries, reference, identical, entries
+    if not same:
+        return skipped("the inputs' weights differ, so the merge need not equal any of them; its loss is context "
+                       "only (`merge validate` computes it)"), None, False, []
+    entries, reference, identical = _run_inputs(models[:1], batch, device, allow_pickle, limit)
+    rest = [{"model": m.label, "loss": None, "note": NOT_RUN + f"its weights are {models[0].label}'s, byte for byte, "
+             "so it computes the same logits"} for m in models[1:]]
+    return entries + rest, reference, identical, entries
+
+
 def input_models(spec: Optional[Spec], plan: Optional[MergePlan]) -> list[InputModel]:
     """The spec's models (base first), each with its folder and adapters, in the order they are reported."""
+    return [_resolve(ref, where, plan) for ref, where in _references(spec).items()]
+
+
+def _references(spec: Optional[Spec]) -> dict[ModelRef, str]:
+    """The spec's models (base first), each with where the spec names it."""
     if spec is None:
-        return []
+        return {}
     refs: dict[ModelRef, str] = {}
     if spec.base_model is not None:
         refs[spec.base_model] = "base_model"
     for entry in spec.all_models():
         refs.setdefault(entry.ref, entry.where)
-    for piece in spec.slices or ():
+    for piece in spec.all_slices():
         for source in piece.sources:
             refs.setdefault(source.ref, source.where)
-    return [_resolve(ref, where, plan) for ref, where in refs.items()]
+    return refs
 
 
 def _resolve(ref: ModelRef, where: str, plan: Optional[MergePlan]) -> InputModel:
@@ -191,7 +262,7 @@ def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan
     with the strategy itself on a small tensor: true for averages, task arithmetic, TIES, SLERP, a fold;
     false for a linear merge with normalize: false and weights that do not sum to 1, or for layer stacking.
     None: cannot tell (no plan, or a strategy that needs real shapes)."""
-    if spec is not None and spec.slices is not None:
+    if spec is not None and spec.all_slices():   # layer stacking (slices:, or inside a module)
         return False
     if spec is None or plan is None:
         return None
@@ -230,23 +301,42 @@ def _cannot_run(folder: OutputFolder, device: torch.device, allow_pickle: bool) 
         return "transformers is not installed: pip install 'mergekit-lite[validate]'"
     if not folder.config:
         return "no config.json: transformers cannot build the model"
-    from .inference import TRUST_REMOTE_CODE, available_memory, refusal, unknown_architecture
+    from .inference import TRUST_REMOTE_CODE, refusal, unknown_architecture
 
     own_code = bool(folder.config.get("auto_map"))
-    if own_code and not TRUST_REMOTE_CODE.get():   # run by run_merge(trust_remote_code=True) only
-        return "the model needs its own code (auto_map in config.json), which validation does not run"
+    if own_code:
+        reason = _own_code_problem(folder, TRUST_REMOTE_CODE.get())
+        if reason:
+            return reason
     if folder.pickle_only and not allow_pickle:
         return refusal(folder.pickles)
     unknown = None if own_code else unknown_architecture(folder.config)   # its own code knows its model_type
-    if unknown:
-        return unknown
-    values = sum(info.numel for info in folder.tensors.values())
-    values += sum(os.path.getsize(os.path.join(folder.path, name)) // 2 for name in folder.pickles)   # >= 16-bit
-    need = int(MEMORY_MARGIN * 4 * values)
-    free = available_memory(device)
-    if free is not None and need > free:
-        return (f"the model needs about {format_size(need)} in float32 on {device.type}, "
-                f"{format_size(free)} is free")
+    return unknown or None
+
+
+def _memory_bound(folder: OutputFolder, spec: Optional[Spec]) -> int:
+    """The merge's memory bound, from the tensors: (inputs + 2) x the largest tensor in float32 + 300 MB. A model
+    that runs layer by layer holds one module at a time, well within it; one that must load whole may use it."""
+    inputs = max(1, len(_references(spec)))
+    largest = max((info.numel for info in folder.tensors.values()), default=0)
+    return (inputs + 2) * 4 * largest + WHOLE_SLACK
+
+
+def _own_code_problem(folder: OutputFolder, trusted: bool) -> Optional[str]:
+    """Why the forward check cannot run a model whose code is its own (config.json's ``auto_map``): it runs that
+    code only when the user said so (``--trust-remote-code``), and only from files in the folder."""
+    from ..output.remote_code import code_modules
+
+    local, _ = code_modules(folder.config["auto_map"])
+    files = ", ".join(sorted(module + ".py" for module in local)) or "auto_map"
+    if not trusted:
+        return (f"the model needs its own code ({files}, named by auto_map in config.json), which runs only with "
+                "--trust-remote-code (trust_remote_code=True): read that code first, then add the flag")
+    missing = [name for name in sorted(module + ".py" for module in local)
+               if not os.path.isfile(os.path.join(folder.path, name))]
+    if missing:
+        return (f"config.json's auto_map names {', '.join(missing)}, which is not in the folder: merge again with "
+                "--trust-remote-code to copy the model's code, or add the files")
     return None
 
 
@@ -293,8 +383,13 @@ def _summary(numbers: dict[str, Any]) -> str:
     def loss(value: Optional[float]) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
+    shown = [entry for entry in numbers["inputs"] if not (entry["note"] or "").startswith(NOT_RUN)]
     losses = ", ".join([f"merged {loss(numbers['merged_loss'])}"] +
-                       [f"{entry['model']} {loss(entry['loss'])}" for entry in numbers["inputs"]])
+                       [f"{entry['model']} {loss(entry['loss'])}" for entry in shown])
+    if len(shown) < len(numbers["inputs"]):
+        notes = dict.fromkeys(entry["note"].removeprefix(NOT_RUN) for entry in numbers["inputs"]
+                              if entry not in shown)
+        losses += f"; {len(numbers['inputs']) - len(shown)} input(s) not run: {'; '.join(notes)}"
     text = (f"logits finite; loss on {numbers['prompts']} prompts ({numbers['tokens']} tokens, "
             f"{numbers['token_source'].replace('_', ' ')}): {losses}")
     if numbers["compared_with"] is not None:

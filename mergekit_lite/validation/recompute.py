@@ -1,9 +1,13 @@
 """Check 3, recompute: merge a sample of tensors again from the sources and compare with what was written.
 
 The recomputation is the same plan (made again from the spec and the recorded run settings) through the
-same ``engine.merge_tensor``, on the validation device, in float32. What it can differ in is everything
-that happens around the arithmetic when merging at scale: the streaming, the byte offsets in the shards,
-the cast, the shard layout. Those bugs give wrong bytes, not wrong shapes, and only this check sees them.
+engine's own pieces and paths (``engine.loop.computed_pieces``: row blocks of element-wise merges, the chunked
+bodies of whole-tensor strategies on the CPU, whole tensors otherwise), under the merge's torch thread setting
+(one intra-op thread on the CPU, ``engine.loop.merge_arithmetic``: a reduction split over two threads adds in
+another order), and each piece is compared with the bytes written for it, so it holds what the merge held. What
+it can differ in is everything that happens around the arithmetic when merging at scale: the streaming, the
+byte offsets in the shards, the cast, the shard layout. Those bugs give wrong bytes, not wrong shapes, and only
+this check sees them.
 
 Tolerance rule: on the device type the merge ran on, the result must be bit-identical. On another device
 type (merged on the CPU, validated on CUDA) float32 arithmetic may round differently in its last bit, which
@@ -21,6 +25,7 @@ weight or a flipped bit is far outside it and still fails.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -28,7 +33,6 @@ from typing import Optional
 import torch
 
 from ..dtypes import dtype_name
-from ..engine.compute import merge_tensor, read_sources
 from ..engine.nonfinite import unravel
 from ..errors import MergeError
 from ..plan.jobs import TensorJob
@@ -37,7 +41,7 @@ from .folder import OutputFolder
 from .report import CheckResult, Finding, not_checked, number, outcome
 from .stream import TensorReader
 
-CHUNK_VALUES = 1 << 24      # values compared at once on the device (float64: 128 MiB per operand)
+CHUNK_VALUES = 1 << 22      # values compared at once on the device (float64: 32 MiB per operand)
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,33 @@ def sample_jobs(plan: MergePlan, full: bool) -> list[TensorJob]:
     return [job for job in plan.jobs if job.layer is None or job.layer in ends]
 
 
+@dataclass
+class _Tally:
+    """The comparison of one tensor, added up piece by piece."""
+    differing: int = 0
+    max_ulp: float = 0.0
+    worst: int = -1
+    half: Optional[torch.dtype] = None       # another tool's half-precision arithmetic, when it could explain it
+    rounded: bool = True                     # every differing piece within that arithmetic's rounding bound
+    unmerged: Optional[list[bool]] = None    # per source: every piece equals that source's tensor, unmerged
+
+    def add(self, result: Comparison, offset: int) -> None:
+        self.differing += result.differing
+        if result.differing and (result.max_ulp > self.max_ulp or self.worst < 0):
+            self.max_ulp, self.worst = result.max_ulp, offset + result.worst
+
+    @property
+    def comparison(self) -> Comparison:
+        return Comparison(self.differing, self.max_ulp, self.worst)
+
+
 def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device, full: bool,
                     merged_on: Optional[str], other_tool: Optional[str] = None) -> CheckResult:
+    """Each sampled tensor merged again piece by piece as the loop merges it (engine.loop.computed_pieces: row
+    blocks of element-wise merges, whole tensors otherwise, under the merge's torch thread setting) and each
+    piece compared with the bytes written for it, so memory holds what the merge held."""
+    from ..engine.loop import merge_arithmetic
+
     started = time.perf_counter()
     tolerance = 0 if merged_on == device.type and other_tool is None else 1
     rounded = 0                        # tensors of another tool within the bound of its half-precision arithmetic
@@ -72,7 +101,7 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
     unreadable: list[Finding] = []     # tensors whose sources could not be read: not checked, not failed
     exact = 0
     worst_ulp = 0.0
-    with TensorReader() as reader:
+    with TensorReader() as reader, merge_arithmetic(device):
         for job in jobs:
             info = folder.tensors.get(job.name)
             if info is None or info.shape != job.shape or info.dtype != job.dtype:
@@ -80,24 +109,20 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
                                         "planned (see structure)", tensor=job.name))
                 continue
             try:
-                raw = read_sources(job)
-                expected = merge_tensor(plan, job, list(raw), device)
+                tally = _recompute_job(plan, job, info, reader, device, other_tool)
             except MergeError as exc:
                 unreadable.append(Finding(f"cannot be recomputed: {exc.what}", tensor=job.name, file=exc.file))
                 continue
-            written = reader.read(info)
-            result = compare(written, expected, device)
+            result = tally.comparison
             worst_ulp = max(worst_ulp, result.max_ulp)
-            half = _half_precision(plan, raw) if other_tool is not None else None
             if result.identical:
                 exact += 1
-            elif job.dtype.is_floating_point and result.max_ulp > tolerance and half is not None \
-                    and within_rounding(written, expected, raw, half):
-                rounded, computed_in = rounded + 1, half
+            elif job.dtype.is_floating_point and result.max_ulp > tolerance and tally.half is not None \
+                    and tally.rounded:
+                rounded, computed_in = rounded + 1, tally.half
             elif not job.dtype.is_floating_point or result.max_ulp > tolerance:
-                failures.append(Finding(_mismatch(job, written, raw, result, tolerance), tensor=job.name,
+                failures.append(Finding(_mismatch(job, tally, tolerance), tensor=job.name,
                                         file=folder.file_of(info)))
-            del raw, expected, written
     numbers = empty_numbers(tensors=len(jobs), planned=len(plan.jobs), full=full, bit_exact=exact,
                             max_ulp=number(worst_ulp), tolerance_ulp=tolerance, merged_on=merged_on,
                             sources=len(plan.checkpoints), other_tool=other_tool,
@@ -120,6 +145,35 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
     return outcome("recompute", failures + unreadable, summary, numbers, seconds)
 
 
+def _recompute_job(plan: MergePlan, job: TensorJob, info, reader: TensorReader, device: torch.device,
+                   other_tool: Optional[str]) -> _Tally:
+    """One tensor merged again and compared with the written bytes, one piece (a row block, or the whole
+    tensor) at a time."""
+    from ..engine.loop import computed_pieces, merge_threads
+
+    tally = _Tally(half=_half_precision(plan, job) if other_tool is not None else None,
+                   unmerged=[True] * len(job.sources))
+    row_values = math.prod(job.shape[1:]) if job.shape else 1
+    for rows, expected, inputs in computed_pieces(plan, job, device, merge_threads()):
+        written = reader.read_rows(info, rows)
+        result = compare(written, expected, device)
+        tally.add(result, rows[0] * row_values if rows is not None else 0)
+        if not result.identical:
+            if tally.half is not None and tally.rounded:
+                tally.rounded = within_rounding(written, expected, inputs, tally.half)
+            for i, tensor in enumerate(inputs):
+                tally.unmerged[i] = tally.unmerged[i] and _same_bytes(tensor, written, job.dtype)
+        else:
+            tally.unmerged = [False] * len(job.sources)
+        del written, expected, inputs
+    return tally
+
+
+def _same_bytes(tensor: torch.Tensor, written: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (tensor.dtype.is_floating_point and tensor.shape == written.shape and
+            torch.equal(tensor.to(dtype).reshape(-1).view(torch.uint8), written.reshape(-1).view(torch.uint8)))
+
+
 def empty_numbers(**known) -> dict:
     numbers = {"tensors": 0, "planned": 0, "full": False, "bit_exact": 0, "max_ulp": None, "tolerance_ulp": None,
                "merged_on": None, "sources": 0, "other_tool": None, "computed_in": None}
@@ -127,10 +181,11 @@ def empty_numbers(**known) -> dict:
     return numbers
 
 
-def _half_precision(plan: MergePlan, raw: list[torch.Tensor]) -> Optional[torch.dtype]:
+def _half_precision(plan: MergePlan, job: TensorJob) -> Optional[torch.dtype]:
     """The dtype another tool computed this tensor in, when narrower than float32: the spec's ``dtype``, else
-    the narrowest floating dtype of the inputs (mergekit's rule); None for float32 or wider."""
-    dtype = plan.spec.dtype or min((t.dtype for t in raw if t.dtype.is_floating_point),
+    the narrowest floating dtype the inputs are stored in (mergekit's rule); None for float32 or wider."""
+    stored = [source.info.dtype for source in job.sources]
+    dtype = plan.spec.dtype or min((d for d in stored if d.is_floating_point),
                                    key=lambda d: torch.finfo(d).bits, default=None)
     return dtype if dtype is not None and torch.finfo(dtype).bits < 32 else None
 
@@ -189,14 +244,13 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(same, torch.zeros_like(distance), distance)
 
 
-def _mismatch(job: TensorJob, written: torch.Tensor, raw: list[torch.Tensor], result: Comparison,
-              tolerance: int) -> str:
+def _mismatch(job: TensorJob, tally: _Tally, tolerance: int) -> str:
+    result = tally.comparison
     at = list(unravel(result.worst, job.shape))
     size = f"{result.max_ulp:.3g} ulp" if result.max_ulp != float("inf") else "NaN or Inf vs a number"
-    text = (f"differs from the merge recomputed from the sources: {result.differing} of {written.numel()} values, "
-            f"up to {size} of {dtype_name(job.dtype)} (tolerance {tolerance}) at {at}")
-    for source, tensor in zip(job.sources, raw):
-        if tensor.dtype.is_floating_point and torch.equal(tensor.to(job.dtype).reshape(-1).view(torch.uint8),
-                                                          written.reshape(-1).view(torch.uint8)):
+    text = (f"differs from the merge recomputed from the sources: {result.differing} of {math.prod(job.shape)} "
+            f"values, up to {size} of {dtype_name(job.dtype)} (tolerance {tolerance}) at {at}")
+    for source, unmerged in zip(job.sources, tally.unmerged or ()):
+        if unmerged:
             return text + f"; it is {source.checkpoint.label}'s tensor, unmerged"
     return text

@@ -28,6 +28,8 @@ SPEC_FILE = "mergekit_config.yml"
 RECORDED = "the folder `merge run` ran in, from merge_run.json"
 NO_MERGE = (f"no merge record (no {SPEC_FILE} or {RUN_SETTINGS_FILE}): the tensors were not compared with a "
             "merge; give --spec to compare them")
+MOE = ("a mixture of experts (merge moe): its tensors are copied from the experts and its routers computed from "
+       "prompts, not merged, so there is nothing to recompute")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class MergeRecord:
     findings: list[Finding] = field(default_factory=list)
     sources_from: Optional[dict[str, str]] = None   # {folder, reason} when the spec has relative local paths
     other_tool: Optional[str] = None            # the output was written by another tool ("mergekit"), not us
+    moe: bool = False                           # the spec is a mixture of experts (merge moe): nothing to recompute
 
 
 def read_record(folder: str, spec: Union[str, os.PathLike, dict, Spec, None]) -> MergeRecord:
@@ -76,12 +79,25 @@ def _read_record(folder: str, spec: Union[str, os.PathLike, dict, Spec, None], s
     try:
         loaded = load_spec(path)
     except MergeError as exc:
-        return MergeRecord(settings, None, path, f"cannot read {SPEC_FILE}: {exc.what}", findings=findings)
+        moe = _is_moe(path)
+        return MergeRecord(settings, None, path, MOE if moe else f"cannot read {SPEC_FILE}: {exc.what}",
+                           findings=findings, moe=moe)
     base, reason = _sources_folder(loaded, folder, settings.working_dir, has_settings)
     if base is None:
         return MergeRecord(settings, loaded, path, findings=findings)
     return MergeRecord(settings, rebase(loaded, base), path, findings=findings,
                        sources_from={"folder": base, "reason": reason})
+
+
+def _is_moe(path: str) -> bool:
+    """Whether the output's spec is a mixture of experts (`merge moe`), which is no merge spec."""
+    from ..spec.moe import is_moe
+    from ..spec.safe_yaml import load_yaml, read_spec_file
+
+    try:
+        return is_moe(load_yaml(read_spec_file(path), path))
+    except MergeError:
+        return False
 
 
 def _settings(folder: str) -> tuple[RunSettings, list[Finding]]:

@@ -88,7 +88,8 @@ def not_applicable(name: str, reason: str, numbers: dict[str, Any]) -> CheckResu
 
 
 def _brief(check: CheckResult) -> str:
-    """A check in a few words: its name, its status unless passed, and its headline number."""
+    """A check in a few words: its name, its status unless passed, what it cost (when it ran) and its headline
+    number: ``recompute 0.3 s (21/57 tensors bit-exact)``."""
     numbers, detail = check.numbers, ""
     if check.status == PASSED and check.name == "recompute":
         exact = "bit-exact" if numbers["bit_exact"] == numbers["tensors"] else f"{numbers['bit_exact']} bit-exact"
@@ -102,7 +103,8 @@ def _brief(check: CheckResult) -> str:
     elif check.status == NOT_APPLICABLE:
         detail = f" ({check.summary.split(' (')[0].split(':')[0]})"
     word = {PASSED: "", FAILED: " FAILED"}.get(check.status, f" {LABELS[check.status]}")
-    return check.name + word + detail
+    cost = f" {check.seconds:.1f} s" if check.status in (PASSED, FAILED) or check.seconds >= 0.05 else ""
+    return check.name + word + cost + detail
 
 
 @dataclass
@@ -145,7 +147,7 @@ class ValidationReport:
         return next(c for c in self.checks if c.name == name)
 
     def verdict(self) -> str:
-        """One line, for `merge run`."""
+        """One line, for `merge run`: the verdict, the total time, and each check with what it cost."""
         word = {PASSED: "passed"}.get(self.status, VERDICT_WORDS[self.status])
         return f"Validation {word} on {self.device} in {self.seconds:.1f} s: " + ", ".join(map(_brief, self.checks))
 

@@ -7,8 +7,9 @@ tensor of a 70B model (a 2 GB embedding) is scanned in 64 MiB pieces.
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -24,21 +25,39 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._buffer: Optional[torch.Tensor] = None   # chunks(reuse=True) read into this
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """The whole tensor, as stored (dtype and shape), on the CPU."""
         return self._read(info, 0, info.nbytes).view(info.dtype).reshape(info.shape)
 
-    def chunks(self, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first element index, flat CPU tensor of at most ``chunk_bytes``) over the tensor, in order."""
+    def read_rows(self, info: TensorInfo, rows: Optional[tuple[int, int]]) -> torch.Tensor:
+        """Rows ``[start, end)`` of the tensor (the whole tensor for None), as stored, on the CPU."""
+        if rows is None:
+            return self.read(info)
+        row_bytes = itemsize(info.dtype) * math.prod(info.shape[1:])
+        count = (rows[1] - rows[0]) * row_bytes
+        return self._read(info, rows[0] * row_bytes, count).view(info.dtype).reshape(rows[1] - rows[0],
+                                                                                      *info.shape[1:])
+
+    def chunks(self, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES, reuse: bool = False
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first element index, flat CPU tensor of at most ``chunk_bytes``) over the tensor, in order. ``reuse``:
+        every chunk is read into one buffer kept by the reader (the caller drops each chunk before the next), which
+        spares the allocator a fresh 64 MiB of pages per chunk."""
         size = itemsize(info.dtype)
         step = max(size, chunk_bytes - chunk_bytes % size)
         for offset in range(0, info.nbytes, step):
             count = min(step, info.nbytes - offset)
-            yield offset // size, self._read(info, offset, count).view(info.dtype)
+            out = None
+            if reuse:
+                if self._buffer is None or self._buffer.numel() < count:
+                    self._buffer = torch.empty(step, dtype=torch.uint8)
+                out = self._buffer[:count]
+            yield offset // size, self._read(info, offset, count, out).view(info.dtype)
 
-    def _read(self, info: TensorInfo, offset: int, count: int) -> torch.Tensor:
-        buffer = torch.empty(count, dtype=torch.uint8)
+    def _read(self, info: TensorInfo, offset: int, count: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        buffer = torch.empty(count, dtype=torch.uint8) if out is None else out
         if count:
             try:
                 if info.path not in self._fds:
@@ -50,6 +69,7 @@ class TensorReader:
         return buffer
 
     def close(self) -> None:
+        self._buffer = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

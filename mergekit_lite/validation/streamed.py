@@ -1,0 +1,296 @@
+"""Running a model without holding it: its skeleton has no weights, and each module's tensors are read when it runs.
+
+The forward check runs every model (the merged one and each input) on one small batch. Loading a model whole in
+float32 needs four bytes per parameter, and each model's pass needs each weight exactly once, so here:
+
+- the model is built from its config.json by transformers with every parameter on the ``meta`` device (no
+  memory; buffers such as rotary frequencies are computed as usual, they are small and not in the files);
+- every module that owns parameters gets a forward pre-hook that reads exactly its tensors from the safetensors
+  files (``sources.Checkpoint.read``: positional reads, nothing memory-mapped), upcasts them to float32 on the
+  validation device, and a forward hook that puts the empty ``meta`` parameters back, freeing them.
+
+So memory holds one module's weights (at most the largest tensor, in float32) plus the activations of the batch,
+whatever the model's size; when it has a core of its own, a background thread reads the next group of modules (the
+next decoder layer) while the current one computes (``Prefetch``), which adds one group's weights. A tied ``lm_head`` is the embedding's Parameter in the skeleton, so its module reads
+the embedding's tensor again when it runs. Adapters applied at inference time are peft's, as in
+``inference.apply_adapters``: peft wraps the skeleton, reads the (small) adapter weights for real, and only the
+base weights stream. accelerate's ``AlignDevicesHook`` with an ``OffloadedWeightsLoader`` does much the same,
+but it memory-maps the files through safetensors, keeps the stored dtype and is not a dependency of the
+``validate`` extra; this hook is twenty lines.
+
+A model whose tensor names are not its modules' (a checkpoint transformers renames or fuses while loading, such
+as legacy LLaVA names or per-expert MoE tensors) cannot stream: ``streamed_model`` returns None and the caller
+loads it whole, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from ..units import format_size
+
+
+class TooLargeWhole(RuntimeError):
+    """A model that cannot stream (streamed.py) and would need more than the memory bound to load whole."""
+
+
+def open_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *,
+               allow_pickle: bool = False, whole_limit: Optional[int] = None):
+    """The model of ``folder`` ready to run in float32 on ``device``: streamed module by module (streamed.py)
+    when its safetensors names are its modules', else loaded whole by ``load_model`` when that needs at most
+    ``whole_limit`` bytes (from the tensors' sizes: free memory is never asked), else TooLargeWhole."""
+    from .inference import _adapter_weights_are_safe, load_model, pickle_files
+
+    for adapter, _ in adapters:
+        _adapter_weights_are_safe(adapter, allow_pickle)   # before peft reads any adapter file
+    pickled = bool(pickle_files(folder))
+    if not pickled:
+        model = streamed_model(folder, device, adapters)
+        if model is not None:
+            return model
+    need = 4 * _stored_values(folder)
+    if whole_limit is not None and need > whole_limit:
+        why = ("its weights are pickle files" if pickled else
+               "its tensor names are not its modules' (transformers renames them while loading)")
+        raise TooLargeWhole(f"{why}, so it cannot run layer by layer, and loading it whole in float32 needs about "
+                            f"{format_size(need)}, more than the merge's memory bound ({format_size(whole_limit)})")
+    return load_model(folder, device, adapters, allow_pickle=allow_pickle)
+
+
+def _stored_values(folder: str) -> int:
+    """Values in the folder's weights: from the safetensors headers, else pickle sizes (>= 2 bytes a value)."""
+    from ..sources.opener import open_checkpoint
+    from .inference import pickle_files
+
+    pickles = pickle_files(folder)
+    if pickles:
+        return sum(os.path.getsize(os.path.join(folder, name)) // 2 for name in pickles)
+    checkpoint = open_checkpoint(folder)
+    checkpoint.close()
+    return sum(info.numel for info in checkpoint.tensors.values())
+
+
+PEFT_PREFIX = "base_model.model."   # peft's wrapper in front of the base model's parameter names
+
+
+@dataclass
+class Streaming:
+    """Bytes of parameters read by the hooks and held now, and the most held at once (the memory bound)."""
+    live: int = 0
+    peak: int = 0
+    reads: int = 0
+
+    def add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.reads += 1
+        self.peak = max(self.peak, self.live)
+
+
+def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = ()):
+    """The model of ``folder`` (a causal LM, or a VLM's image-text-to-text model) ready to run in float32 on
+    ``device`` with its weights read module by module, with ``adapters`` applied by peft at inference time;
+    ``model.streaming`` counts the bytes held. None when the files' tensor names are not the model's (then load
+    it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape."""
+    from ..sources.opener import open_checkpoint
+    from .inference import apply_adapters, refuse_incomplete
+
+    checkpoint = open_checkpoint(folder)
+    model = _skeleton(folder)
+    if adapters:
+        model = apply_adapters(model, adapters, low_cpu_mem_usage=True)
+    names, missing = _file_names(model, checkpoint.tensors)
+    if missing and set(checkpoint.tensors) - set(names.values()):
+        checkpoint.close()
+        return None   # unused tensors in the files: transformers renames them while loading; load it whole
+    shapes = {id(param): tuple(param.shape) for param in model.parameters()}
+    problems = [(name, "is missing") for name in sorted(missing)]
+    for key, name in sorted(names.items(), key=lambda item: item[1]):
+        stored = list(checkpoint.tensors[name].shape)
+        if tuple(stored) != shapes[key]:
+            problems.append((name, f"has shape {stored} in the files, the model built from config.json needs "
+                                   f"{list(shapes[key])}"))
+    if problems:
+        checkpoint.close()
+        refuse_incomplete(problems)
+    model.streaming = Streaming()
+    _hook_modules(model, names, checkpoint, device, model.streaming)
+    _move_buffers(model, device)
+    return model.eval()
+
+
+def _skeleton(folder: str):
+    """The model built from config.json, float32, every parameter on ``meta`` (buffers are real)."""
+    import transformers
+
+    from .inference import TRUST_REMOTE_CODE, _config_of, _quiet, auto_class
+
+    trust = TRUST_REMOTE_CODE.get()
+    with _quiet():
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+        with _parameters_on_meta():
+            model = auto_class(_config_of(folder)).from_config(config, trust_remote_code=trust, dtype=torch.float32)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered while inside is replaced by an empty one on ``meta``: no memory, no init cost
+    (transformers' and torch's initialisers then run on meta tensors). Buffers stay where they are made."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _file_names(model: torch.nn.Module, tensors: dict) -> tuple[dict[int, str], list[str]]:
+    """({id(parameter): its tensor name in the files}, names of empty parameters the files do not hold). A tied
+    parameter has several names (lm_head.weight and the embedding's): whichever the files hold is read."""
+    names: dict[int, str] = {}
+    unnamed: dict[int, str] = {}
+    for full, param in model.named_parameters(remove_duplicate=False):
+        if param.device.type != "meta":
+            continue   # real already: an adapter's weights
+        name = _base_name(full)
+        if name in tensors:
+            names.setdefault(id(param), name)
+        else:
+            unnamed.setdefault(id(param), name)
+    return names, [name for key, name in unnamed.items() if key not in names]
+
+
+def _base_name(name: str) -> str:
+    """A parameter's name in the base model's files: without peft's wrapper (``base_model.model.``,
+    ``.base_layer``)."""
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    return name.replace(".base_layer.", ".")
+
+
+def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, device: torch.device,
+                  streaming: Streaming) -> None:
+    """A peft layer (DoRA) reads its base layer's weight in its own forward, before calling the base layer: the
+    weights of a ``base_layer`` are loaded around its peft wrapper's forward. Reads run ahead (``Prefetch``)."""
+    wrappers = {id(getattr(module, "base_layer")): module for module in model.modules()
+                if isinstance(getattr(module, "base_layer", None), torch.nn.Module)}
+    owners = []
+    for path, module in model.named_modules():
+        owned = {key: param for key, param in module._parameters.items() if param is not None and id(param) in names}
+        if owned:
+            owners.append((path, module, owned))
+    prefetch = Prefetch(owners, names, checkpoint, device)
+    weakref.finalize(model, prefetch.close)
+    for _, module, owned in owners:
+        runs = wrappers.get(id(module), module)
+        runs.register_forward_pre_hook(_loader(module, owned, prefetch, streaming))
+        runs.register_forward_hook(_freer(module, owned, streaming))
+
+
+class Prefetch:
+    """Reads the next group of modules' weights (a numbered block such as ``model.layers.3``, else one module) in
+    a background thread while the current group computes. Every read runs on that one thread; memory holds at
+    most the running group's weights and the next group's, in float32 (a decoder layer is far smaller than the
+    merge's bound, (inputs + 2) x the largest tensor).
+
+    Only when the reads have a core of their own (``reads_ahead``): on the CPU the matrix products use torch's
+    threads, and on 2 busy cores a reader beside them made the 1B pass slower (6.5 s against 5.4 s), not faster;
+    otherwise each module's weights are read when it runs, on the calling thread."""
+
+    def __init__(self, owners: list, names: dict[int, str], checkpoint, device: torch.device) -> None:
+        keys = [_group(path) for path, _, _ in owners]
+        order = list(dict.fromkeys(keys))
+        self._groups = [[(module, owned) for (_, module, owned), key in zip(owners, keys) if key == group]
+                        for group in order]
+        self._group_of = {id(module): order.index(key) for (_, module, _), key in zip(owners, keys)}
+        self._names, self._checkpoint, self._device = names, checkpoint, device
+        self._pool = ThreadPoolExecutor(1, "mergekit-lite-prefetch") if reads_ahead(device) else None
+        self._pending: dict[int, Future] = {}   # group index -> {id(module): {key: weight}}
+
+    def weights(self, module: torch.nn.Module, owned: dict) -> dict[str, torch.Tensor]:
+        if self._pool is None:
+            return self._read(owned)
+        group = self._group_of[id(module)]
+        for stale in [g for g in self._pending if g < group or g > group + 1]:
+            del self._pending[stale]              # a group that did not run (a VLM's vision tower on text)
+        if group not in self._pending:
+            self._pending[group] = self._pool.submit(self._read_group, group)
+        if group + 1 < len(self._groups) and group + 1 not in self._pending:
+            self._pending[group + 1] = self._pool.submit(self._read_group, group + 1)
+        ready = self._pending[group].result()
+        weights = ready.pop(id(module), None)
+        if not ready:
+            del self._pending[group]
+        if weights is None:                       # a module that runs twice: read again
+            weights = self._pool.submit(self._read, owned).result()
+        return weights
+
+    def _read_group(self, group: int) -> dict[int, dict[str, torch.Tensor]]:
+        return {id(module): self._read(owned) for module, owned in self._groups[group]}
+
+    def _read(self, owned: dict) -> dict[str, torch.Tensor]:
+        weights = {}
+        for key, empty in owned.items():
+            stored = self._checkpoint.read(self._names[id(empty)])
+            weights[key] = stored.to(device=self._device,
+                                     dtype=torch.float32 if stored.is_floating_point() else stored.dtype)
+        return weights
+
+    def close(self) -> None:
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def reads_ahead(device: torch.device) -> bool:
+    """Whether a reader thread has a core of its own: off the CPU (the device computes), or more cores than
+    torch's intra-op threads use."""
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
+
+
+def _group(path: str) -> str:
+    """The prefetch group of a module: its path up to the first numbered part (``model.layers.3``), else itself."""
+    parts = path.split(".")
+    numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return ".".join(parts[:numbered + 1]) if numbered is not None else path
+
+
+def _loader(module: torch.nn.Module, owned: dict, prefetch: Prefetch, streaming: Streaming):
+    def load(_runs: torch.nn.Module, _args) -> None:
+        for key, weight in prefetch.weights(module, owned).items():
+            module._parameters[key] = torch.nn.Parameter(weight, requires_grad=False)
+            streaming.add(weight.numel() * weight.element_size())
+    return load
+
+
+def _freer(module: torch.nn.Module, owned: dict, streaming: Streaming):
+    def free(_runs: torch.nn.Module, _args, _output) -> None:
+        for key, empty in owned.items():
+            weight = module._parameters[key]
+            if weight is not None and weight.device.type != "meta":
+                streaming.live -= weight.numel() * weight.element_size()
+            module._parameters[key] = empty
+    return free
+
+
+def _move_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[key] = buffer.to(device)

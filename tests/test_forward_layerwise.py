@@ -1,0 +1,147 @@
+"""The forward check runs models layer by layer (validation/streamed.py): the same logits as transformers' own
+whole-model loading, one module's weights in memory at a time, and no look at free memory."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+from collections import defaultdict
+
+import pytest
+import torch
+
+from mergekit_lite.testing.adapters import AdapterShape, write_adapter
+from mergekit_lite.testing.synthetic import LlamaShape, write_model
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+CPU = torch.device("cpu")
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+
+
+def transformers_model(folder, family: str, tied: bool, dtype: torch.dtype) -> str:
+    """A tiny random model of ``family`` saved by transformers itself, in several shards."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(**SMALL, tie_word_embeddings=tied)
+    torch.manual_seed(len(family) + tied)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+    with torch.no_grad():   # Qwen2's q/k/v biases start at zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    return str(folder)
+
+
+def both(folder: str, adapters=()):
+    """(whole-model logits by transformers' from_pretrained, layer-by-layer logits, the streamed model)."""
+    from mergekit_lite.validation.inference import _config_of, load_model, logits_of, make_batch
+    from mergekit_lite.validation.streamed import open_model
+
+    batch = make_batch(folder, _config_of(folder)["vocab_size"])
+    whole = logits_of(load_model(folder, CPU, adapters), batch, CPU)
+    streamed = open_model(folder, CPU, adapters)
+    assert hasattr(streamed, "streaming"), "the model was loaded whole, not streamed"
+    return whole, logits_of(streamed, batch, CPU), streamed
+
+
+def module_bytes(folder: str) -> tuple[dict[str, int], int]:
+    """(float32 bytes of each module's own tensors, number of tensors), from the safetensors headers."""
+    from mergekit_lite.sources.opener import open_checkpoint
+
+    checkpoint = open_checkpoint(folder)
+    checkpoint.close()
+    sizes: dict[str, int] = defaultdict(int)
+    for name, info in checkpoint.tensors.items():
+        sizes[name.rsplit(".", 1)[0]] += 4 * info.numel
+    return sizes, len(checkpoint.tensors)
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_layer_by_layer_logits_equal_transformers(family, tied, tmp_path):
+    folder = transformers_model(tmp_path / "m", family, tied, torch.bfloat16)
+    assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) >= 2
+    whole, streamed, model = both(folder)
+    assert whole.abs().max() > 0.1
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-6)   # observed: bit-identical
+    # memory: one module's weights at a time, all freed afterwards
+    sizes, tensors = module_bytes(folder)
+    assert model.streaming.live == 0
+    assert model.streaming.peak == max(sizes.values())
+    # every tensor read once; a tied lm_head reads the embedding's tensor a second time
+    assert model.streaming.reads == tensors + (1 if tied else 0)
+    assert all(p.device.type == "meta" for p in model.parameters())   # nothing left loaded
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_base_with_adapters_equals_peft_on_the_whole_model(tied, tmp_path):
+    """Adapters applied at inference time (the reference of a LoRA fold): peft's unmerged LoRA and DoRA layers over
+    streamed base weights give peft's logits over the whole model."""
+    shape = LlamaShape(tied=tied)
+    base = write_model(str(tmp_path / "base"), shape, dtype=torch.bfloat16, seed=1, max_shard_size=60_000)
+    plain = write_adapter(str(tmp_path / "lora"), shape, AdapterShape(("q_proj", "v_proj", "down_proj")), seed=3)
+    dora = write_adapter(str(tmp_path / "dora"), shape, AdapterShape(("q_proj", "o_proj"), r=4, lora_alpha=8,
+                                                                     use_dora=True), seed=4)
+    adapters = [(plain, 0.7), (dora, 1.0)]
+    whole, streamed, model = both(base, adapters)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-6)
+    without, _, _ = both(base)
+    assert (whole - without).abs().max() > 1e-2   # the adapters do change the logits
+    assert model.streaming.peak == max(module_bytes(base)[0].values())   # adapter weights are small and stay
+    adapter_weights = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapter_weights and all(p.device.type == "cpu" for p in adapter_weights)
+
+
+def test_validation_never_reads_free_memory(tmp_path, monkeypatch):
+    """Memory is budgeted from the tensors: with 1 MB reported free everywhere, the forward check still runs."""
+    from mergekit_lite import run_merge, validate
+
+    shape = LlamaShape()
+    for name, seed in (("a", 1), ("b", 2)):
+        write_model(str(tmp_path / name), shape, dtype=torch.bfloat16, seed=1, delta_seed=seed, max_shard_size=60_000)
+    spec = (f"merge_method: linear\nmodels:\n  - model: {tmp_path}/a\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {tmp_path}/b\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n")
+    run_merge(spec, str(tmp_path / "out"), progress=False, validate=False)
+
+    psutil = pytest.importorskip("psutil")
+    tiny = 1 << 20
+
+    class Free:
+        total = available = free = tiny
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Free())
+    sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 256, "SC_PHYS_PAGES": 256}.get(name)
+                        or sysconf(name))
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            return io.StringIO("MemTotal: 1024 kB\nMemFree: 1024 kB\nMemAvailable: 1024 kB\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    forward = validate(tmp_path / "out", device="cpu").check("forward")
+    assert forward.status == "passed", forward.summary
+    assert [entry["loss"] is not None for entry in forward.numbers["inputs"]] == [True, True]
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    """A tensor the skeleton needs and the files lack fails the check by name, as transformers' loading did."""
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_lite.validation.inference import IncompleteModel
+    from mergekit_lite.validation.streamed import open_model
+
+    folder = write_model(str(tmp_path / "m"), LlamaShape(), dtype=torch.float32)
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    with pytest.raises(IncompleteModel) as caught:
+        open_model(folder, CPU)
+    assert caught.value.tensor == "model.layers.1.mlp.up_proj.weight"
