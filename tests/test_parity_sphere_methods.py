@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.models import read_folder
+from test_chunked_sphere_methods import stable_mergekit_topk  # noqa: F401  (fixture)
 from test_parity_methods import compare
 
 pytest.importorskip("mergekit")
@@ -33,8 +34,10 @@ dtype: float32
 
 @pytest.mark.parametrize("fixture,topk,int8", [("models_f32", 1.0, "false"), ("models_bf16", 1.0, "true"),
                                                ("models_bf16", 0.6, "false"), ("models_f32", 0.0, "false")])
+@pytest.mark.usefixtures("stable_mergekit_topk")
 def test_sce_bit_exact(fixture, topk, int8, request, tmp_path):
-    """bf16 inputs give float32 task vectors with many equal variances: the top-k cut meets ties."""
+    """bf16 inputs give float32 task vectors with many equal variances: the top-k cut meets ties (mergekit's
+    top-k made stable: ties ranked by position, as ours)."""
     compare(SCE.format(root=request.getfixturevalue(fixture), topk=topk, int8=int8), tmp_path)
 
 

@@ -68,8 +68,10 @@ def run_moe(spec: Union[str, os.PathLike, dict, MoESpec], out: Union[str, os.Pat
 
 
 def _validate(out: str, device, run: MergeSettings):
-    """Structure and finite values; a MoE is not recomputed from a merge spec (validation/record.py says so)."""
+    """Structure, finite values and the forward pass; a MoE is not recomputed from a merge spec (validation/record.py
+    says so). The base model runs only when the MoE must equal a dense model (validation/moe_forward.py): its loss
+    as context is left to `merge validate`."""
     from ..validation import validate
 
     return validate(out, device=device, allow_pickle=run.allow_pickle, allow_nonfinite=run.allow_nonfinite,
-                    progress=run.progress)
+                    progress=run.progress, context_inputs=False)

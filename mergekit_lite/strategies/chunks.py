@@ -9,7 +9,7 @@ raw inputs and the output, whatever the tensor's size. A per-chunk reduction (a 
 sums) combined in chunk order gives the same bits on any number of threads.
 
 Methods whose statistics torch must reduce in one call to give their bits (mergekit's float32 norms, sums,
-dot products and top-k: Multi-SLERP, Karcher, SCE) fill one whole float32 vector at a time for it
+dot products: Multi-SLERP, Karcher, SCE's means) fill one whole float32 vector at a time for it
 (``collect``) and do everything else in chunks: memory holds the raw inputs, the output and one to three
 such vectors, whatever the number of models.
 
@@ -84,7 +84,7 @@ class Chunks:
 def collect(src: Chunks, fn: Callable[[int, int], torch.Tensor], step: int,
             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One whole vector, (numel,) in the chunks' dtype, filled on the merging threads: ``fn(start, end)`` gives
-    elements [start, end). For a reduction torch must see whole (a norm, a sum, a dot product, a top-k): it
+    elements [start, end). For a reduction torch must see whole (a norm, a sum, a dot product): it
     rounds in an order of its own that no combination of per-chunk results reproduces, so this one vector,
     whatever the number of models, is the price of its bits. ``out``: a vector to fill again."""
     if out is None:

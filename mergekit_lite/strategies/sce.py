@@ -2,16 +2,18 @@
 mergekit's sce).
 
 The selection is a top-k over the whole tensor's per-entry variance, and the weights are whole-tensor means of
-squares; everything else is per entry. The per-entry variance is exact in any chunking, but torch's top-k picks
-among equal variances at the cut in an order of its own, and its float32 mean rounds in its own order: so the
-variance (for the top-k) and each model's squared task vector (for its mean) are each one whole float32 vector
-filled in chunks (``chunks.collect``), reduced by the same torch call as mergekit's, and the rest runs in
-chunks of the raw inputs. The result has mergekit's bits; memory holds the raw inputs, the output, one float32
-vector of the tensor's size and, with ``select_topk`` < 1, a byte per entry (plus torch's top-k, 16 bytes per
-entry while it runs).
+squares; everything else is per entry. The variance is one whole float32 vector filled in chunks
+(``chunks.collect``), and its top-k a radix select over its bit patterns in chunks, as TIES' (no sort, no
+top-k workspace): the same entries as torch's top-k except among equal variances at the cut, which are kept by
+position, as TIES keeps equal magnitudes (torch orders them its own way). Each model's squared task vector is one
+whole float32 vector for torch's float32 mean, which rounds in its own order. The rest runs in chunks of the raw
+inputs. The result has mergekit's bits when the cut has no ties; memory holds the raw inputs, the output, one
+float32 vector of the tensor's size and, with ``select_topk`` < 1, a byte per entry.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -21,6 +23,8 @@ from .chunks import Chunks, as_rows, collect, whole
 WEIGHT_SUM_FLOOR = 1e-6   # the matrix-level weights sum to less: every model gets 1/N instead
 DIVISOR_FLOOR = 1e-6      # the per-entry sum of the kept weights is clamped to at least this
 BLOCK = 1 << 16           # elements per piece of work: a few (n_models, BLOCK) float32 temporaries per thread
+SELECT_CHUNK = 1 << 18    # the top-k's passes over the variance vector: one histogram per chunk
+BUCKETS = 1 << 15         # top 16 bits of a non-negative float32 (as int32 >> 16)
 
 
 def sce_chunks(src: Chunks, ctx: TensorContext, *, select_topk: float, int8_mask: bool) -> None:
@@ -68,16 +72,50 @@ def _select(src: Chunks, fraction: float) -> torch.Tensor:
     if fraction <= 0:
         return keep
 
-    def variance(lo: int, hi: int) -> torch.Tensor:                   # population variance per entry
+    def variance(lo: int, hi: int) -> torch.Tensor:                   # population variance per entry, >= 0
         block = torch.stack([src.input(i, lo, hi) for i in range(src.count)]).sub_(src.base(lo, hi))
-        return torch.var(block, dim=0, unbiased=False)
+        return torch.var(block, dim=0, unbiased=False).abs_()         # NaN with its sign bit cleared
 
     variances = collect(src, variance, BLOCK)
     k = int(torch.count_nonzero(variances) * fraction)               # float32 product, as mergekit rounds it
     if k > 0:
-        # the same top-k call on the same values: the same entries win ties at the cut
-        keep[torch.topk(variances.abs_(), k=k, largest=True).indices] = True
+        _keep_largest(src, variances.view(torch.int32), k, keep)
     return keep
+
+
+def _keep_largest(src: Chunks, bits: torch.Tensor, k: int, keep: torch.Tensor) -> None:
+    """Set ``keep`` at the k largest of non-negative float32 values, read as their int32 bit patterns (which
+    order alike, NaN above inf): a radix select in chunks, as TIES' (task_chunks._cuts). A histogram of the top
+    16 bits finds the bucket holding rank k; that bucket's entries give the k-th largest, ``cut``. Entries above
+    it are kept, and of those equal to it the first by position, as a stable sort ranks them."""
+    n = bits.numel()
+    counts = torch.zeros(BUCKETS, dtype=torch.int64)
+    lock = threading.Lock()
+
+    def histogram(lo: int, hi: int) -> None:
+        found = torch.bincount((bits[lo:hi] >> 16).cpu(), minlength=BUCKETS)
+        with lock:                                                    # integer counts: any order, same totals
+            counts.add_(found)
+
+    src.map(histogram, SELECT_CHUNK)
+    below = counts.cumsum_(0)                                         # entries in buckets <= b
+    rank = n - k + 1                                                  # the k-th largest is this smallest
+    bucket = int(torch.searchsorted(below, rank))
+    first = int(below[bucket - 1]) if bucket else 0                   # entries in lower buckets
+
+    def gather(lo: int, hi: int) -> torch.Tensor:                     # positions in the bucket, ascending
+        return torch.nonzero((bits[lo:hi] >> 16) == bucket).view(-1).add_(lo)
+
+    positions = torch.cat(src.map(gather, SELECT_CHUNK))
+    values = bits[positions]
+    cut = torch.kthvalue(values.cpu(), rank - first).values.to(bits.device)
+    above = n - int(below[bucket]) + int((values > cut).sum())        # ranked before every entry equal to cut
+
+    def mark(lo: int, hi: int) -> None:
+        torch.gt(bits[lo:hi], cut, out=keep[lo:hi])
+
+    src.map(mark, SELECT_CHUNK)
+    keep[positions[values == cut][:k - above]] = True
 
 
 def _matrix_weights(energy: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,7 @@ def _forward(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[
         return not_checked("forward", f"the weights hold {nonfinite} NaN/Inf values (--allow-nonfinite), so the "
                            "logits would say nothing", forward_check.empty_numbers())
     return forward_check.check_forward(folder, record.spec, plan, compute, allow_pickle=allow_pickle,
-                                       plan_problem=problem, context_inputs=context_inputs)
+                                       plan_problem=problem, context_inputs=context_inputs, moe=record.moe)
 
 
 def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy], allow_pickle: bool,

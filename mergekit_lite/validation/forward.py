@@ -6,7 +6,8 @@ logits must be finite, and every tensor must be filled from the files. Each inpu
 batch, so the report shows each input's loss beside the merged model's. When the output is supposed to
 compute what one input computes, their logits are compared: a merge of identical inputs by a method that
 is the identity on identical inputs, and a LoRA fold (one input ``base+adapter``), whose reference is the
-base with the adapter applied at inference time by peft (``inference.apply_adapters``).
+base with the adapter applied at inference time by peft (``inference.apply_adapters``). A mixture of experts
+(`merge moe`) is compared with the dense model its MoE file proves it computes, if any (moe_forward.py).
 
 Tolerance rule for that comparison: max |logit difference| <= rtol * max(1, max |reference logit|), with
 rtol = max(8 * eps(output dtype), 1e-4): both run in float32, so what differs is the rounding of each weight
@@ -45,12 +46,12 @@ class InputModel:
 
 def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[MergePlan], device: torch.device, *,
                   allow_pickle: bool = False, plan_problem: Optional[str] = None,
-                  context_inputs: bool = True) -> CheckResult:
-    """Passed, failed, or not checked with the reason: transformers missing, no config.json, custom code, an
-    architecture transformers does not know, pickle weights without ``allow_pickle``, a model that cannot run
-    layer by layer and is too large to load whole (see inference.open_model), or (with a spec) an input the merge should equal that could not be run.
-    ``context_inputs``: run every input for its loss (context beside the merged model's); without it only the
-    input the merge must equal runs (``_needed_inputs``), and the others are listed as not run, saying why."""
+                  context_inputs: bool = True, moe: bool = False) -> CheckResult:
+    """Passed, failed, or not checked with the reason: transformers missing, no config.json, custom code, an unknown
+    architecture, pickle weights without ``allow_pickle``, a model that cannot run layer by layer and is too large to
+    load whole (inference.open_model), or (with a spec) an input the merge should equal that could not be run.
+    ``context_inputs``: run every input for its loss (context); without it only the input the merge must equal runs
+    (``_needed_inputs``), the others listed as not run, saying why. ``moe``: a mixture of experts (moe_forward.py)."""
     started = time.perf_counter()
     reason = _cannot_run(folder, device, allow_pickle)
     if reason:
@@ -87,17 +88,17 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
     except Exception as exc:   # any other failure to load or run is the finding
         failure = Finding(f"transformers cannot run the merged model: {type(exc).__name__}: {exc}")
         return outcome("forward", [failure], "", numbers, time.perf_counter() - started)
-    failures: list[Finding] = []
     nonfinite = int((~torch.isfinite(merged)).sum())
     numbers.update(logits_finite=nonfinite == 0, merged_loss=number(batch_loss(merged, batch)))
-    if nonfinite:
-        failures.append(Finding(f"{nonfinite} of {merged.numel()} logits are NaN or Inf"))
+    failures = [Finding(f"{nonfinite} of {merged.numel()} logits are NaN or Inf")] if nonfinite else []
     identity = _identity_on_identical_inputs(spec, plan) if spec is not None else None
     numbers["inputs"], reference, identical, attempted = _inputs(models, identity, shared, batch, device,
                                                                  allow_pickle, limit, context_inputs)
     merged = shared.restrict(merged) if shared is not None else merged
     compared, unchecked = _against_inputs(merged, reference, identical, identity, spec, plan_problem,
                                           _output_dtype(folder), numbers, attempted)
+    if moe:   # a mixture of experts (merge moe): no merge inputs; a dense model it must equal, if any
+        compared, unchecked = _moe_twin(folder, merged, batch, device, allow_pickle, limit, context_inputs, numbers)
     failures += compared
     summary = _summary(numbers)
     if unchecked and not failures:
@@ -145,6 +146,21 @@ def _against_inputs(merged: torch.Tensor, reference: Optional[tuple[str, torch.T
         why = plan_problem or "the method could not be probed on a small tensor"
         return [], f"the inputs compute the same logits, but whether this merge should too is unknown ({why})"
     return [], None
+
+
+def _moe_twin(folder: OutputFolder, merged: torch.Tensor, batch, device: torch.device, allow_pickle: bool,
+              limit: int, context_inputs: bool, numbers: dict[str, Any]) -> tuple[list[Finding], Optional[str]]:
+    """A mixture of experts: compared with the dense model its spec proves it computes (moe_forward.py), else
+    the base model's loss beside its own, as context."""
+    from .moe_forward import dense_reference
+
+    numbers["inputs"], reference, unchecked = dense_reference(folder, batch, device, allow_pickle, limit,
+                                                              context_inputs, NOT_RUN)
+    if reference is None:
+        return [], unchecked
+    label, why, logits = reference
+    return _compare(merged, (label, logits), _output_dtype(folder), numbers, f"though {why}, so the MoE must "
+                    "compute what that dense model computes, whatever its routers"), None
 
 
 def _shared_tied_fold(spec: Spec) -> bool:
@@ -282,7 +298,8 @@ def _identity_on_identical_inputs(spec: Optional[Spec], plan: Optional[MergePlan
 
 
 def _compare(merged: torch.Tensor, reference: tuple[str, torch.Tensor], dtype: torch.dtype,
-             numbers: dict[str, Any]) -> list[Finding]:
+             numbers: dict[str, Any], why: str = "though the merge should compute what that input computes"
+             ) -> list[Finding]:
     label, logits = reference
     rtol = max(8 * torch.finfo(dtype).eps, 1e-4)
     tolerance = rtol * max(1.0, float(logits.abs().max()))
@@ -290,7 +307,7 @@ def _compare(merged: torch.Tensor, reference: tuple[str, torch.Tensor], dtype: t
     numbers.update(compared_with=label, max_logit_diff=number(difference), logit_tolerance=tolerance)
     if not difference <= tolerance:
         return [Finding(f"logits differ from {label}'s by up to {difference:.3g} (tolerance {tolerance:.3g}), "
-                        "though the merge should compute what that input computes")]
+                        + why)]
     return []
 
 

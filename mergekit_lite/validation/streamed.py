@@ -93,15 +93,17 @@ class Streaming:
         self.peak = max(self.peak, self.live)
 
 
-def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = ()):
+def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *, checkpoint=None):
     """The model of ``folder`` (a causal LM, or a VLM's image-text-to-text model) ready to run in float32 on
     ``device`` with its weights read module by module, with ``adapters`` applied by peft at inference time;
     ``model.streaming`` counts the bytes held. None when the files' tensor names are not the model's (then load
-    it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape."""
+    it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape.
+    ``checkpoint``: read the tensors from it (``tensors``, ``read``, ``close``, as sources.Checkpoint) rather than
+    from the folder's files (moe_forward.SwappedMLPs)."""
     from ..sources.opener import open_checkpoint
     from .inference import apply_adapters, refuse_incomplete
 
-    checkpoint = open_checkpoint(folder)
+    checkpoint = checkpoint if checkpoint is not None else open_checkpoint(folder)
     model = _skeleton(folder)
     if adapters:
         model = apply_adapters(model, adapters, low_cpu_mem_usage=True)
