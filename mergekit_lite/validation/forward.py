@@ -113,8 +113,7 @@ def _inputs(models: list[InputModel], identity: Optional[bool], shared, batch, d
     (``_needed_inputs``); after a tokenizer merge that changed the ids (``shared``), every input on its own ids
     of the tokens it shares with the output (vocab_forward.py)."""
     if shared is not None or context_inputs:
-        run = shared.run_inputs if shared is not None else _run_inputs
-        entries, reference, identical = run(models, batch, device, allow_pickle, limit)
+        entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit, shared)
         return entries, reference, identical, entries
     return _needed_inputs(models, identity, batch, device, allow_pickle, limit)
 
@@ -171,10 +170,12 @@ def _shared_tied_fold(spec: Spec) -> bool:
     return any(ref.adapters and ref.tied_embeddings == "shared" for ref in refs)
 
 
-def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pickle: bool, limit: int
-                ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool]:
+def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pickle: bool, limit: int,
+                shared=None) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool]:
     """Each input's loss on the batch ({model, loss, note}); (label, logits) of the first input; whether all
-    inputs ran and computed bit-identical logits (a merge of identical inputs, or a single input)."""
+    inputs ran and computed bit-identical logits (a merge of identical inputs, or a single input). After a
+    tokenizer merge that changed the ids (``shared``, vocab_forward.py), each input runs on its own ids of the
+    batch's tokens and its logits are taken at the tokens it shares with the output."""
     from . import inference
     from .inference import PickleRefused, batch_loss
     from .streamed import TooLargeWhole, open_model
@@ -183,12 +184,18 @@ def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pic
     reference, identical = None, True
     for model in models:
         entry: dict[str, Any] = {"model": model.label, "loss": None, "note": model.problem}
-        if model.folder is not None:
+        own = batch if shared is None else shared.batch_for(model.label, batch)
+        if model.folder is not None and own is None:
+            entry["note"] = shared.UNMATCHED
+        elif model.folder is not None:
             try:
                 opened = open_model(model.folder, device, model.adapters, allow_pickle=allow_pickle,
                                     whole_limit=limit)
-                logits = inference.logits_of(opened, batch, device)
-                entry["loss"] = number(batch_loss(logits, batch))
+                logits = inference.logits_of(opened, own, device)
+                entry["loss"] = number(batch_loss(logits, own))
+                if shared is not None:
+                    entry["note"] = shared.note
+                    logits = shared.at_shared(model.label, logits)
                 if reference is None:
                     reference = (model.label, logits)
                 elif not torch.equal(reference[1], logits):

@@ -14,12 +14,9 @@ an input, the inputs' losses (on their own full vocabularies) are context.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-
-from ..errors import MergeError
-from .report import number
 
 
 @dataclass(frozen=True)
@@ -46,43 +43,22 @@ class SharedTokens:
         """The merged model's logits at the shared output ids."""
         return merged[..., self.output_ids]
 
-    def run_inputs(self, models: list, batch, device: torch.device, allow_pickle: bool, limit: int
-                   ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool]:
-        """As forward.py's ``_run_inputs``, each input on its own ids of the batch: every input's loss (on its
-        full vocabulary), (label, logits at the shared tokens) of the first input, and whether all inputs ran and
-        computed bit-identical logits there."""
-        from . import inference
-        from .inference import Batch, PickleRefused, batch_loss
-        from .streamed import TooLargeWhole, open_model
+    UNMATCHED = "its tokenizer could not be matched with the output's"
 
-        entries: list[dict[str, Any]] = []
-        reference, identical = None, True
-        for model in models:
-            entry: dict[str, Any] = {"model": model.label, "loss": None, "note": model.problem}
-            own = self.input_ids.get(model.label)
-            if model.folder is not None and own is None:
-                entry["note"] = "its tokenizer could not be matched with the output's"
-            elif model.folder is not None:
-                try:
-                    opened = open_model(model.folder, device, model.adapters, allow_pickle=allow_pickle,
-                                        whole_limit=limit)
-                    mapped = Batch(own[batch.input_ids], batch.attention_mask, batch.source)
-                    logits = inference.logits_of(opened, mapped, device)
-                    entry["loss"] = number(batch_loss(logits, mapped))
-                    entry["note"] = (f"ran the batch on its own ids; compared on the {self.count} tokens the "
-                                     "output shares with every input")
-                    logits = logits[..., own[self.output_ids]]
-                    if reference is None:
-                        reference = (model.label, logits)
-                    elif not torch.equal(reference[1], logits):
-                        identical = False
-                except (PickleRefused, TooLargeWhole, MergeError) as exc:
-                    entry["note"] = exc.what if isinstance(exc, MergeError) else str(exc)
-                except Exception as exc:   # an input transformers cannot run: its loss is missing, with the reason
-                    entry["note"] = f"{type(exc).__name__}: {exc}"
-            identical = identical and entry["loss"] is not None
-            entries.append(entry)
-        return entries, reference, identical and reference is not None
+    @property
+    def note(self) -> str:
+        return f"ran the batch on its own ids; compared on the {self.count} tokens the output shares with every input"
+
+    def batch_for(self, label: str, batch):
+        """The batch on the input's own ids of the same tokens; None when its tokenizer was not matched."""
+        from .inference import Batch
+
+        own = self.input_ids.get(label)
+        return None if own is None else Batch(own[batch.input_ids], batch.attention_mask, batch.source)
+
+    def at_shared(self, label: str, logits: torch.Tensor) -> torch.Tensor:
+        """An input's logits at its ids of the shared tokens, in the output's order."""
+        return logits[..., self.input_ids[label][self.output_ids]]
 
 
 def shared_tokens(plan, models: list) -> Optional[SharedTokens]:
