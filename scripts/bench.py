@@ -16,6 +16,7 @@ Usage:
   python scripts/bench.py --size small --methods linear,ties --rounds 3
   python scripts/bench.py --size 3b --rounds 1  # 3 x 3B: 18 GB of inputs (see FIXTURE_BUDGET)
   python scripts/bench.py --size bigvocab --methods linear --no-mergekit   # largest tensor 1 GiB in float32
+  python scripts/bench.py --size 3b --methods linear --rounds 1 --cold      # page cache emptied before each run
 Prints Markdown tables (paste them into the README as they are): the date and machine, then per method the
 default command, --no-validate and mergekit, each with its ratio to mergekit and to the I/O floor, and the floor
 itself as a row. --json FILE saves the numbers.
@@ -55,7 +56,7 @@ SIZES = {
     "bigvocab": LlamaShape(hidden=2048, intermediate=8192, layers=2, heads=32, kv_heads=8, vocab=131072),
 }
 FINETUNES = "abcdefg"   # ft-a ... ft-g: up to 8 inputs with the base
-FIXTURE_BUDGET = 20e9   # bytes of synthetic models kept in --work (3 x 3B is 18 GB)
+FIXTURE_BUDGET = 26e9   # bytes of synthetic models kept in --work (3 x 3B, 18 GB, beside 3 x 1B); --fixture-budget GB
 WEIGHTS = (0.5, 0.3, 0.2)
 
 
@@ -120,6 +121,17 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
+def drop_caches() -> None:
+    """Empty the kernel's page cache (Linux, as root), so the next reads come from the disk: a cold run."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold empties the page cache through /proc/sys/vm/drop_caches, which needs root on "
+                         f"Linux: {exc}")
+
+
 def make_room(work_root: str, keep: str, needed: int, output: int) -> None:
     """Delete other sizes' fixture folders in ``work_root`` (ours: they hold models.json), oldest first, until
     the fixtures fit in FIXTURE_BUDGET with ``needed`` more bytes; refuse if the disk cannot hold them plus
@@ -173,10 +185,13 @@ def timed(cmd: list[str]) -> dict:
     return result
 
 
-def io_floor(work: str, names: list[str], out_bytes: int) -> dict[str, float]:
-    """Seconds to read every input file once (warm cache), and to write an output-sized file: through the
-    page cache with fsync, and with O_DIRECT (as mergekit_lite writes shards)."""
+def io_floor(work: str, names: list[str], out_bytes: int, cold: bool = False) -> dict[str, float]:
+    """Seconds to read every input file once (warm cache; ``cold``: from the disk, the page cache emptied
+    first), and to write an output-sized file: through the page cache with fsync, and with O_DIRECT (as
+    mergekit_lite writes shards)."""
     buf = bytearray(64 << 20)
+    if cold:
+        drop_caches()
     started = time.perf_counter()
     for name in names:
         folder = os.path.join(work, name)
@@ -225,9 +240,11 @@ def load_average() -> str:
 
 
 def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, inputs: int = 3,
-                  mergekit: bool = True, ours_args: tuple[str, ...] = (), validate: bool = False) -> dict:
+                  mergekit: bool = True, ours_args: tuple[str, ...] = (), validate: bool = False,
+                  cold: bool = False) -> dict:
     """Build the models, measure the floor, run every method with each tool alternating; medians.
-    ``validate``: also time our default command (which validates the output) beside --no-validate."""
+    ``validate``: also time our default command (which validates the output) beside --no-validate. ``cold``:
+    the page cache is emptied before each run and before the floor's reads (drop_caches)."""
     shape = SIZES[size]
     work = os.path.abspath(os.path.join(work_root, size))
     build_models(work, shape, max(inputs, max(method_inputs(m, inputs) for m in methods)))
@@ -235,10 +252,10 @@ def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, in
     merge = [sys.executable, "-m", "mergekit_lite", "run"]
     report = {"size": size, "parameters": parameter_count(shape), "inputs": inputs, "rounds": rounds,
               "machine": machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-              "load_before": load_average(), "methods": {}}
+              "load_before": load_average(), "cold": cold, "methods": {}}
     out_bytes = parameter_count(shape) * 2
     # the first pass warms the page cache (fresh models may be partly on disk only) and is not counted
-    floors = [io_floor(work, models_for(inputs), out_bytes) for _ in range(3)][1:]
+    floors = [io_floor(work, models_for(inputs), out_bytes, cold) for _ in range(3)][1:]
     report["floor"] = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     tools = {}
     if validate:
@@ -256,6 +273,8 @@ def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, in
             for tool, cmd in tools.items():
                 shutil.rmtree(out, ignore_errors=True)
                 extra = ["-o", out, "--quiet"] if tool.startswith("ours") else [out]
+                if cold:
+                    drop_caches()
                 runs[tool].append(timed([*cmd, spec, *extra]))
                 shutil.rmtree(out, ignore_errors=True)
         report["methods"][method] = {tool: {m: statistics.median(r[m] for r in rs) for m in ("wall", "cpu", "rss_gib")}
@@ -287,7 +306,8 @@ def print_table(report: dict) -> None:
     strict = floor_seconds(floor)
     print(f"\n**{report['size']}: {report['inputs']} inputs x {report['parameters'] / 1e6:.0f}M parameters, bf16** "
           f"({report.get('machine', '')}; medians of {report['rounds']} alternating runs, each a fresh process, "
-          f"warm page cache; load average {report['load_before']} before, {report['load_after']} after). "
+          f"{'cold: page cache emptied (drop_caches) before each run' if report.get('cold') else 'warm page cache'}; "
+          f"load average {report['load_before']} before, {report['load_after']} after). "
           f"I/O floor measured in the same run: read the inputs {floor['read']:.1f} s + write the output "
           f"{min(floor['write_buffered'], floor['write_direct']):.1f} s (the faster of page cache + fsync, "
           f"{floor['write_buffered']:.1f} s, and O_DIRECT, {floor['write_direct']:.1f} s).\n")
@@ -307,6 +327,7 @@ def print_table(report: dict) -> None:
 
 
 def main() -> None:
+    global FIXTURE_BUDGET
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="1b")
     parser.add_argument("--inputs", type=int, default=3, help="models merged, the base included (2 to 8)")
@@ -318,9 +339,15 @@ def main() -> None:
                         help="time ours with --no-validate only (not also the default command, which validates)")
     parser.add_argument("--ours-args", default="", help="extra arguments for `merge run`")
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before each run (Linux, root: /proc/sys/vm/drop_caches)")
+    parser.add_argument("--fixture-budget", type=float, default=FIXTURE_BUDGET / 1e9,
+                        help="GB of synthetic models kept in --work before other sizes' are deleted")
     args = parser.parse_args()
+    FIXTURE_BUDGET = args.fixture_budget * 1e9
     report = run_benchmark(args.size, args.methods.split(","), args.rounds, args.work, args.inputs,
-                           not args.no_mergekit, tuple(args.ours_args.split()), not args.only_no_validate)
+                           not args.no_mergekit, tuple(args.ours_args.split()), not args.only_no_validate,
+                           args.cold)
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:

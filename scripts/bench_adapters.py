@@ -4,8 +4,12 @@ Usage: python scripts/bench_adapters.py [--size medium|small] [--methods cat,svd
 
 Builds (once) a synthetic bf16 Llama base (the 1B shape of scripts/bench_fold.py, or a small one) and two
 rank-16 adapters on all 7 projections of every layer, then for each method runs both tools in a fresh
-process each (A B A B ...), timed as a whole (wall and CPU seconds, peak RSS of the child from wait4), and
+process each (A B A B ...), timed as a whole (wall and CPU seconds, peak RSS of that run alone), and
 compares the new adapters' per-module deltas B @ A (max relative difference).
+Peak RSS: a child's ru_maxrss (wait4) starts at the RSS of the process that forked it (Linux keeps the old
+address space's high-water mark across exec), so a run forked from this script, which may hold torch and the
+models it built, would report at least this script's size. Each run is therefore forked by a small launcher
+(a bare Python, ~10 MiB) that reports its child's wait4 usage: the peak of that run alone.
 peft needs the model to hold adapters: AutoModelForCausalLM.from_pretrained(base, dtype=bfloat16),
 PeftModel.from_pretrained(model, a1), load_adapter(a2), add_weighted_adapter(...), save_pretrained(out,
 selected_adapters=["new"]). mergekit_lite reads the two adapter files only: merge adapters a1 a2 -o out.
@@ -14,6 +18,7 @@ selected_adapters=["new"]). mergekit_lite reads the two adapter files only: merg
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -43,10 +48,7 @@ kwargs = {"density": float(density)} if density != "-" else {}
 model.add_weighted_adapter(["a1", "a2"], [0.6, 0.4], "new", combination_type=method, **kwargs)
 model.save_pretrained(out, selected_adapters=["new"])
 """
-
-
 def deltas(folder: str) -> dict:
-    import json
 
     from safetensors.torch import load_file
 
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="medium")
     parser.add_argument("--methods", default="cat,svd")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds after which a peft run is stopped")
     parser.add_argument("--work", default=os.path.join("bench_work", "adapters"))
     args = parser.parse_args()
     shape = SIZES[args.size]
@@ -86,36 +89,44 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         density = DENSITY.get(method)
+        ours = [sys.executable, "-m", "mergekit_lite", "adapters", *adapters, "--method", method, "--weights",
+                "0.6,0.4", "--quiet", "--overwrite", *(["--density", str(density)] if density else [])]
         tools = {
-            "mergekit_lite": lambda out: [sys.executable, "-m", "mergekit_lite", "adapters", *adapters, "-o", out,
-                                          "--method", method, "--weights", "0.6,0.4", "--quiet", "--overwrite",
-                                          *(["--density", str(density)] if density else [])],
+            "mergekit_lite": lambda out: [*ours, "-o", out],
+            "mergekit_lite --no-validate": lambda out: [*ours, "--no-validate", "-o", out],
             "peft": lambda out: [sys.executable, "-c", PEFT, base, *adapters, out, method, str(density or "-")],
         }
         results: dict[str, list] = {name: [] for name in tools}
         for run in range(args.runs):
             for name, command in tools.items():
-                out = os.path.join(args.work, f"out-{name}-{method}")
-                if name == "peft":
-                    shutil.rmtree(out, ignore_errors=True)
-                wall, cpu, peak = timed(command(out))
-                results[name].append((wall, cpu, peak))
+                out = os.path.join(args.work, f"out-{name.split()[0]}-{method}")
+                shutil.rmtree(out, ignore_errors=True)
+                measured = timed(command(out), args.timeout if name == "peft" else None)
+                if measured is None:
+                    print(f"  {method} run {run + 1}: {name}: did not finish in {args.timeout:.0f} s, stopped")
+                    continue
+                results[name].append(measured)
+                wall, cpu, peak = measured
                 print(f"  {method} run {run + 1}: {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {peak:.2f} GiB")
         medians = {name: [statistics.median(r[i] for r in runs) for i in range(2)] + [max(r[2] for r in runs)]
-                   for name, runs in results.items()}
+                   for name, runs in results.items() if runs}
         rows.append((method, medians))
-    # Compared only after every timed run: a child's peak RSS starts at the parent's size when it forks, so
-    # the large deltas compared here would inflate the peaks of later runs.
+    # Compared only after every timed run (the launcher keeps the runs' peaks apart from this script's size,
+    # but the deltas compared here would still compete with the runs for memory and time).
     rows = [(method, medians, compare(os.path.join(args.work, f"out-mergekit_lite-{method}"),
-                                      os.path.join(args.work, f"out-peft-{method}", "new")))
-            for method, medians in rows]
-    print(f"\n| method ({args.size}) | ours wall s | peft wall s | ours CPU s | peft CPU s | ours RSS GiB | "
-          "peft RSS GiB | RSS ratio | max rel. diff of deltas |")
+                                      os.path.join(args.work, f"out-peft-{method}", "new"))
+             if "peft" in medians else None) for method, medians in rows]
+    print(f"\n| method ({args.size}) | ours wall s (default / --no-validate) | peft wall s | ours CPU s | "
+          "peft CPU s | ours RSS GiB | peft RSS GiB | RSS ratio | max rel. diff of deltas |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method, m, rel in rows:
-        ours, peft = m["mergekit_lite"], m["peft"]
-        print(f"| {method} | {ours[0]:.1f} | {peft[0]:.1f} | {ours[1]:.1f} | {peft[1]:.1f} | {ours[2]:.2f} | "
-              f"{peft[2]:.2f} | {peft[2] / ours[2]:.1f}x | {rel:.1e} |")
+        ours, fast, peft = m["mergekit_lite"], m["mergekit_lite --no-validate"], m.get("peft")
+        if peft is None:
+            print(f"| {method} | {ours[0]:.1f} / {fast[0]:.1f} | did not finish in {args.timeout:.0f} s | "
+                  f"{ours[1]:.1f} | - | {ours[2]:.2f} | - | - | - |")
+            continue
+        print(f"| {method} | {ours[0]:.1f} / {fast[0]:.1f} | {peft[0]:.1f} | {ours[1]:.1f} | {peft[1]:.1f} | "
+              f"{ours[2]:.2f} | {peft[2]:.2f} | {peft[2] / ours[2]:.1f}x | {rel:.1e} |")
 
 
 if __name__ == "__main__":

@@ -15,34 +15,19 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from bench_fold import timed  # noqa: E402
 
 from mergekit_lite.testing.synthetic import BENCH_1B, LlamaShape, parameter_count, write_model  # noqa: E402
 
 SIZES = {"medium": BENCH_1B,
          "small": LlamaShape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=32000),
          "tiny": LlamaShape(hidden=256, intermediate=512, layers=4, heads=4, kv_heads=2, vocab=4096)}
-
-
-def timed(command: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (GiB) of one child process (from wait4)."""
-    env = {**os.environ, "PYTHONPATH": REPO, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    with tempfile.TemporaryFile() as log:
-        started = time.perf_counter()
-        child = subprocess.Popen(command, env=env, stdout=log, stderr=log)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-        if os.waitstatus_to_exitcode(status):
-            log.seek(0)
-            raise SystemExit(f"{command[:4]} failed:\n{log.read().decode(errors='replace')[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20
 
 
 def errors(adapter: str, ft: str, base: str) -> dict[str, float]:
@@ -86,12 +71,15 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join("bench_work", "extract"))
     args = parser.parse_args()
     base, ft, shape = prepare(args.work, args.size)
-    outs = {"ours": os.path.abspath(os.path.join(args.work, "out-ours")),
-            "mergekit": os.path.abspath(os.path.join(args.work, "out-mergekit"))}
+    variants = {"ours": [], "ours --no-validate": ["--no-validate"],
+                "ours --svd randomized --no-validate": ["--svd", "randomized", "--no-validate"]}
+    outs = {name: os.path.abspath(os.path.join(args.work, "out-" + name.replace(" ", "").replace("--", "-")))
+            for name in [*variants, "mergekit"]}
     common = ["--model", ft, "--base-model", base, "--max-rank", str(args.rank)]
-    tools = {"ours": [sys.executable, "-m", "mergekit_lite", "extract", *common, "-q", "-o", outs["ours"]],
-             "mergekit": [os.path.join(os.path.dirname(sys.executable), "mergekit-extract-lora"), *common,
-                          "--out-path", outs["mergekit"]]}
+    tools = {name: [sys.executable, "-m", "mergekit_lite", "extract", *common, *extra, "-q", "-o", outs[name]]
+             for name, extra in variants.items()}
+    tools["mergekit"] = [os.path.join(os.path.dirname(sys.executable), "mergekit-extract-lora"), *common,
+                         "--out-path", outs["mergekit"]]
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tools}
     for run in range(args.runs):
         for name, command in tools.items():
@@ -108,13 +96,16 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for name, (wall, cpu, peak) in med.items():
         print(f"| {name} | {wall:.1f} | {cpu:.1f} | {peak:.2f} |")
-    (w0, c0, p0), (w1, c1, p1) = med["ours"], med["mergekit"]
-    print(f"| ours / mergekit | {w0 / w1:.2f}x | {c0 / c1:.2f}x | {p0 / p1:.2f}x |")
-    ours_err, theirs_err = errors(outs["ours"], ft, base), errors(outs["mergekit"], ft, base)
-    print("\n| module | relative error, ours | mergekit |")
-    print("| --- | --- | --- |")
-    for kind in ours_err:
-        print(f"| {kind} | {ours_err[kind]:.6f} | {theirs_err.get(kind, float('nan')):.6f} |")
+    w1, c1, p1 = med["mergekit"]
+    for name in variants:
+        w0, c0, p0 = med[name]
+        print(f"| {name} / mergekit | {w0 / w1:.2f}x | {c0 / c1:.2f}x | {p0 / p1:.2f}x |")
+    found = {name: errors(outs[name], ft, base) for name in ("ours", "ours --svd randomized --no-validate",
+                                                            "mergekit")}
+    print("\n| module | relative error, ours (default) | ours, --svd randomized | mergekit |")
+    print("| --- | --- | --- | --- |")
+    for kind in found["ours"]:
+        print("| " + " | ".join([kind, *(f"{errs.get(kind, float('nan')):.6f}" for errs in found.values())]) + " |")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ the date and machine, each row's ratio to peft and to the floor, and the memory 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -43,20 +45,44 @@ PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained
 """
 
 
-def timed(command: list[str]) -> tuple[float, float, float]:
+# Forks the command from a small process and writes its child's wall s, CPU s and peak RSS (KiB) to argv[1]. A
+# child's ru_maxrss (wait4) starts at the RSS of the process that forked it (Linux keeps the old address space's
+# high-water mark across exec), so a run forked from a benchmark script holding torch and tensors would report at
+# least that script's size; forked from this bare Python (~10 MiB), it reports the run alone.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump([time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss], f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def timed(command: list[str], timeout: Optional[float] = None) -> Optional[tuple[float, float, float]]:
     """Run a command in a child process: wall seconds, CPU seconds and peak RSS in GiB of that child alone
-    (from wait4). CPU seconds matter on a shared machine, where wall time depends on the neighbours."""
-    env = {**os.environ, "PYTHONPATH": REPO, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
-    with tempfile.TemporaryFile() as log:
-        started = time.perf_counter()
-        child = subprocess.Popen(command, env=env, stdout=log, stderr=log)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode:
-            log.seek(0)
-            raise SystemExit(f"{command[:4]} failed:\n{log.read().decode(errors='replace')[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20
+    (LAUNCHER). CPU seconds matter on a shared machine, where wall time depends on the neighbours. After
+    ``timeout`` seconds the run is killed (with its children) and None returned."""
+    env = {**os.environ, "PYTHONPATH": REPO, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with tempfile.TemporaryDirectory() as scratch:
+        report, log = os.path.join(scratch, "usage.json"), os.path.join(scratch, "log")
+        with open(log, "wb") as out:
+            done = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, report, *command], env=env, stdout=out,
+                                    stderr=out, start_new_session=True)
+            try:
+                done.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(done.pid, signal.SIGKILL)
+                done.wait()
+                return None
+        if done.returncode:
+            with open(log, "rb") as f:
+                raise SystemExit(f"{command[:4]} failed:\n{f.read().decode(errors='replace')[-2000:]}")
+        with open(report) as f:
+            wall, cpu, peak_kib = json.load(f)
+    return wall, cpu, peak_kib / 2**20
 
 
 def same_tensors(a: str, b: str) -> bool:

@@ -175,7 +175,7 @@ def test_written_folder_loads_in_peft_and_folds(made, tmp_path, cli):
     result = cli("adapters", made["a"], made["b"], "-o", out, "--method", "cat", "--weights", "0.5,0.5")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                      "merge_run.json"]
+                                                      "adapter_record.json", "merge_run.json"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 16
     import copy

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers.hostile.catalogue import TINY
 from helpers.hubcli import TOKEN
-from helpers.models import read_folder, write_spec
+from helpers.models import edit_config, read_folder, write_spec
 from safetensors.torch import load_file, save_file
 
 from mergekit_lite import run_merge
@@ -477,15 +477,7 @@ def test_partly_cached_repo_offline(monkeypatch):
 # ------------------------------------------------------------------------------------------------ configs
 
 def _config_variant(tiny: Path, tmp_path: Path, name: str, source: str = "ft-b", **changes) -> Path:
-    folder = shutil.copytree(tiny / source, tmp_path / name)
-    config = json.loads((folder / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return edit_config(shutil.copytree(tiny / source, tmp_path / name), **changes)
 
 
 def _plan_error(text: str) -> ModelError:

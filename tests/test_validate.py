@@ -143,6 +143,32 @@ def test_nan_is_caught_by_finite(models_bf16, tmp_path, device):
     assert statuses(report)["structure"] == "passed" and statuses(report)["recompute"] == "passed"  # not sampled
 
 
+def test_nan_counted_by_the_forward_check_as_it_reads(models_bf16, tmp_path):
+    """With the forward check on, the tensors it reads are counted there (finite reads only the others), and
+    the counts, the tensor named and the first index are those of a scan of the files on its own."""
+    from mergekit_lite.validation.finite import check_finite
+
+    out = merge(models_bf16, TASK_ARITHMETIC, tmp_path / "out")
+    name = "model.layers.2.mlp.down_proj.weight"              # (64, 128) bfloat16, run by the forward pass
+    info = tensor(out, name)
+    poke(info, 3 * 128 + 5, struct.pack("<H", 0x7FC0))      # a bfloat16 NaN at [3, 5]
+    poke(info, 7 * 128 + 1, struct.pack("<H", 0xFF80))      # and -Inf at [7, 1]
+    report = validate(out, device="cpu")
+    finite = report.check("finite")
+    alone = check_finite(read_output(str(out)), torch.device("cpu"))
+    assert finite.numbers["tensors_counted_by_forward"] == finite.numbers["tensors"] == alone.numbers["tensors"]
+    assert alone.numbers["tensors_counted_by_forward"] == 0
+    assert [str(f) for f in finite.failures] == [str(f) for f in alone.failures] == [
+        f"{os.path.basename(info.path)}: tensor '{name}': 1 NaN and 1 Inf, the first at [3, 5]"]
+    assert {k: finite.numbers[k] for k in ("nan", "inf", "values")} == {k: alone.numbers[k] for k in
+                                                                       ("nan", "inf", "values")}
+    assert finite.numbers["nan"] == finite.numbers["inf"] == 1 and finite.status == "failed"
+    # allowed: counted the same, and the forward check (its logits NaN) is not checked rather than passed
+    allowed = validate(out, device="cpu", allow_nonfinite=True)
+    assert statuses(allowed)["finite"] == "passed" and statuses(allowed)["forward"] == "not_checked"
+    assert "2 NaN/Inf values (--allow-nonfinite)" in allowed.check("forward").summary
+
+
 def test_finite_chunks_do_not_change_the_answer(models_f32, tmp_path):
     """Chunks far smaller than a tensor (so its values straddle chunk edges) give the same counts and index."""
     from mergekit_lite.validation.finite import check_finite

@@ -99,7 +99,8 @@ OPTIONAL_FLOAT = (float, type(None))
 NUMBERS = {
     "structure": {"files": int, "tensors": int, "bytes": int, "planned_tensors": (int, type(None)),
                   "config_rules": int},
-    "finite": {"tensors": int, "values": int, "nan": int, "inf": int, "tensors_nonfinite": int, "chunk_bytes": int},
+    "finite": {"tensors": int, "values": int, "nan": int, "inf": int, "tensors_nonfinite": int, "chunk_bytes": int,
+               "tensors_counted_by_forward": int},
     "recompute": {"tensors": int, "planned": int, "full": bool, "bit_exact": int, "max_ulp": OPTIONAL_FLOAT,
                   "tolerance_ulp": (int, type(None)), "merged_on": (str, type(None)), "sources": int,
                   "other_tool": (str, type(None)), "computed_in": (str, type(None))},
@@ -189,8 +190,8 @@ def test_run_fails_when_the_written_output_is_wrong(cli, models_f32, tmp_path, m
 
     original = writer.ShardWriter.write
 
-    def corrupting(self, name, tensor, rows=None):
-        original(self, name, tensor * 1.001 if name == "lm_head.weight" else tensor, rows)
+    def corrupting(self, name, tensor, rows=None, **options):
+        original(self, name, tensor * 1.001 if name == "lm_head.weight" else tensor, rows, **options)
 
     monkeypatch.setattr(writer.ShardWriter, "write", corrupting)
     spec = write_spec(tmp_path / "spec.yaml", LINEAR.format(root=models_f32))

@@ -40,8 +40,8 @@ SETTINGS = {"cat": ("weight",), "ties_svd": ("weight", "density", "lambda", "nor
             "dare_linear_svd": ("weight", "density", "lambda", "normalize")}
 SPEC_KEYS_REFUSED = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template", "dtype", "out_dtype")
 # `merge run` options (MergeSettings fields) that change nothing of an adapter output, by their flag: refused when
-# set. Those that apply: --seed, --overwrite, --dry-run, --allow-pickle, -q; --no-validate and
-# --no-copy-tokenizer ask for what an adapter output does anyway (it is not validated and has no tokenizer).
+# set. Those that apply: --seed, --overwrite, --dry-run, --allow-pickle, --no-validate (the adapter is validated by
+# default, on the CPU), -q; --no-copy-tokenizer asks for what an adapter output does anyway (it has no tokenizer).
 NOT_FOR_ADAPTERS = {"max_shard_size": "--max-shard-size", "dtype": "--dtype", "out_dtype": "--out-dtype",
                     "device": "--device", "allow_nonfinite": "--allow-nonfinite", "push_to_hub": "--push-to-hub",
                     "private": "--private", "license": "--license", "base_models": "--base-model",
@@ -165,7 +165,12 @@ def run_adapter_spec(spec: Spec, out: str, run: Any, result_class: Any) -> Any:
     refuse_settings(run)
     adapters, kwargs = adapter_combination(spec)
     result = merge_adapters(adapters, out, seed=run.seed, overwrite=run.overwrite, dry_run=run.dry_run,
-                            allow_pickle=run.allow_pickle, spec_text=spec.text, **kwargs)
+                            allow_pickle=run.allow_pickle, spec_text=spec.text, validate=False, **kwargs)
     # stages: the line `merge run` prints instead of "Merged N tensors" (what was written is an adapter)
-    return result_class(out, 2 * result.modules, result.bytes, result.seconds, shards=1, dry_run=run.dry_run,
-                        summary=str(result), stages=(str(result),))
+    merged = result_class(out, 2 * result.modules, result.bytes, result.seconds, shards=1, dry_run=run.dry_run,
+                          summary=str(result), stages=(str(result),))
+    if run.validate and not run.dry_run:   # as run_merge: ValidationFailed (strict) or a warning
+        from .adapter_checks import validated
+
+        return validated(merged, "cpu", run.strict, "run_merge")
+    return merged

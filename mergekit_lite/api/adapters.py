@@ -17,13 +17,16 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
 from ..errors import ModelError, UsageError
-from ..lora.combination import CombinationPlan, check_combination, module_seed, plan_combination
-from ..lora.combine import RANDOM_METHODS, Combination, Factors, combine_module
+from ..lora.combination import CombinationPlan, check_combination, plan_combination
+from ..lora.combine import Combination
+
+if TYPE_CHECKING:
+    from ..validation.report import ValidationReport
 
 PathLike = Union[str, os.PathLike]
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -40,6 +43,11 @@ class AdapterMergeResult:
     dry_run: bool = False
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)   # when out is None
     config: dict = field(default_factory=dict, repr=False)
+    validation: Optional["ValidationReport"] = None   # None when not validated (validate=False, dry run, no out)
+
+    @property
+    def path(self) -> Optional[str]:
+        return self.out
 
     def __str__(self) -> str:
         verb = "Would write" if self.dry_run else "Wrote"
@@ -53,14 +61,17 @@ def merge_adapters(adapters: Sequence[PathLike], out: Optional[PathLike] = None,
                    svd_full_matrices: bool = True, svd_driver: Optional[str] = None,
                    majority_sign_method: str = "total", seed: int = 0, check_base: bool = True,
                    overwrite: bool = False, dry_run: bool = False, allow_pickle: bool = False,
-                   spec_text: Optional[str] = None) -> AdapterMergeResult:
+                   spec_text: Optional[str] = None, validate: bool = True, device: str = "auto",
+                   strict: bool = True) -> AdapterMergeResult:
     """Combine PEFT LoRA ``adapters`` (local folders or Hub ids ``org/name[@revision]``) as peft's
     ``add_weighted_adapter(adapters, weights, name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
     svd_driver, density, majority_sign_method)`` does, and write the new adapter to ``out``.
 
     Without ``out``: return the new adapter's tensors and config in the result. ``seed`` keys the DARE masks
     (one random stream per module, see docs/adapters.md). ``spec_text``: the spec this combination came from
-    (``output: adapter``), kept as ``mergekit_config.yml``."""
+    (``output: adapter``), kept as ``mergekit_config.yml``. ``validate`` (the default): the written adapter is
+    checked (structure, finite, a sample of modules combined again; ``result.validation``) on ``device``, and
+    a failed validation raises ValidationFailed as run_merge does (``strict=False``: warns and returns)."""
     started = time.perf_counter()
     adapters = [os.fspath(a) for a in adapters]
     if not adapters:
@@ -73,7 +84,9 @@ def merge_adapters(adapters: Sequence[PathLike], out: Optional[PathLike] = None,
 
         check_path(os.fspath(out))
     with ExitStack() as opened:
-        loaded = [opened.enter_context(_closing(_open(path, allow_pickle))) for path in adapters]
+        refs, hub = _resolve(adapters)   # every reference checked before the first download, as in merge run
+        loaded = [opened.enter_context(_closing(_open(path, ref, allow_pickle, hub)))
+                  for path, ref in zip(adapters, refs)]
         plan = plan_combination(loaded, combo, check_base)
         size = sum(4 * math.prod(shape) for _, shape in plan.tensors)
         result = AdapterMergeResult(None if out is None else os.fspath(out), plan.combination_type, plan.new_rank,
@@ -82,25 +95,45 @@ def merge_adapters(adapters: Sequence[PathLike], out: Optional[PathLike] = None,
             result.tensors = dict(_combined(plan, loaded, seed))
             result.config = plan.config
         elif not dry_run:
-            _write(plan, loaded, os.fspath(out), seed, overwrite, spec_text)
+            _write(plan, loaded, os.fspath(out), seed, overwrite, spec_text, check_base, allow_pickle)
         else:
             _check_place(plan, loaded, os.fspath(out), seed, overwrite)
     result.seconds = time.perf_counter() - started
+    if validate and out is not None and not dry_run:
+        from .adapter_checks import validated
+
+        return validated(result, device, strict, "merge_adapters")
     return result
 
 
-def _open(path: str, allow_pickle: bool):
-    from ..lora.adapter import open_adapter
-    from ..plan.inputs import fetch
+def _resolve(adapters: list[str]) -> tuple[list, dict]:
+    """Each adapter's reference, every local folder checked and every Hub one resolved (adapter files only)
+    before anything is downloaded: the code `merge run` and `merge extract` use (plan/inputs.py, hub/pull.py)."""
+    from ..plan.inputs import local_folder
     from ..spec.references import parse_reference
 
-    ref = parse_reference(path, "ADAPTERS")
-    if ref.adapters:
-        raise UsageError(f"'{path}' is a base+adapter reference", where="ADAPTERS",
-                         hint="give the adapter folders themselves")
-    from ..hub.pull import ADAPTER_PATTERNS
+    refs = []
+    for path in adapters:
+        ref = parse_reference(path, "ADAPTERS")
+        if ref.adapters:
+            raise UsageError(f"'{path}' is a base+adapter reference", where="ADAPTERS",
+                             hint="give the adapter folders themselves")
+        local_folder(ref.model, "ADAPTERS", "adapter folder")
+        refs.append(ref.model)
+    remote = [(ref, "ADAPTERS", "adapter") for ref in refs if local_folder(ref, "ADAPTERS") is None]
+    if not remote:
+        return refs, {}
+    from ..hub.pull import resolve_all
 
-    folder = fetch(ref.model, "ADAPTERS", None, ADAPTER_PATTERNS)
+    return refs, resolve_all(remote)
+
+
+def _open(path: str, ref, allow_pickle: bool, hub: dict):
+    from ..hub.pull import ADAPTER_PATTERNS
+    from ..lora.adapter import open_adapter
+    from ..plan.inputs import fetch
+
+    folder = fetch(ref, "ADAPTERS", hub, ADAPTER_PATTERNS)
     if not os.path.lexists(os.path.join(folder, CONFIG_NAME)) and os.path.isfile(os.path.join(folder, "config.json")):
         raise ModelError("this is a full model (it has config.json and no adapter_config.json), not a LoRA adapter",
                          file=path, hint="give PEFT adapter folders; to make an adapter from a fine-tuned model, use "
@@ -121,19 +154,12 @@ class _closing:
 
 def _combined(plan: CombinationPlan, adapters: list, seed: int):
     """(key, tensor) of the new adapter, module by module: only one module's factors in memory at a time."""
-    weights = plan.combo.weights
+    from ..lora.combination import combine_planned
+
     for module in plan.modules:
-        sources = []
-        for i in module.sources:
-            parts = adapters[i].modules[module.name]
-            sources.append(Factors(adapters[i].read(parts.down), adapters[i].read(parts.up),
-                                   adapters[i].settings.scaling(module.name), weights[i]))
-        generator = None
-        if plan.combination_type in RANDOM_METHODS:
-            generator = torch.Generator().manual_seed(module_seed(seed, module.name))
-        down, up = combine_module(module.kind, sources, plan.combo, plan.new_rank, generator)
-        yield module.down[0], down.contiguous()
-        yield module.up[0], up.contiguous()
+        down, up = combine_planned(plan, adapters, module, seed)
+        yield module.down[0], down
+        yield module.up[0], up
 
 
 def _fingerprint(plan: CombinationPlan, adapters: list, seed: int) -> str:
@@ -149,7 +175,8 @@ def _check_place(plan: CombinationPlan, adapters: list, out: str, seed: int, ove
 
 
 def _write(plan: CombinationPlan, adapters: list, out: str, seed: int, overwrite: bool,
-           spec_text: Optional[str]) -> None:
+           spec_text: Optional[str], check_base: bool, allow_pickle: bool) -> None:
+    from ..output.adapter_record import write_adapter_record
     from ..output.folder import OutputLock, write_new
     from ..output.place import commit_partial, start_partial
     from ..output.run_settings import settings_for, write_run_settings
@@ -175,6 +202,9 @@ def _write(plan: CombinationPlan, adapters: list, out: str, seed: int, overwrite
         if spec_text:
             write_new(os.path.join(partial, "mergekit_config.yml"), spec_text.encode())
         write_run_settings(partial, settings_for(None, torch.float32, seed, torch.device("cpu")))
+        write_adapter_record(partial, {"command": "adapters", "adapters": [a.folder for a in adapters],
+                                       "labels": [a.label for a in adapters], "combination": asdict(plan.combo),
+                                       "seed": seed, "check_base": check_base, "allow_pickle": allow_pickle})
         commit_partial(place)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..engine.devices import resolve_device
 from ..engine.executors import check_executor
-from ..errors import Interrupted, MergeError, ModelError, OutputError, UsageError
+from ..errors import Interrupted, ModelError, OutputError, UsageError
 from ..output.companions import check_tokenizer_files, write_companions
 from ..output.folder import LEFTOVER, OutputLock, check_free_space
 from ..output.journal import fingerprint
@@ -25,6 +25,7 @@ from ..plan.planner import MergePlan, dtype_setting, make_plan
 from ..spec.schema import SpecLike, load_spec
 from ..strategy import Strategy
 from ..units import parse_size
+from .failed import ValidationFailed  # noqa: F401  (run_merge raises it; kept importable from here)
 
 if TYPE_CHECKING:
     from ..hub.push import PushResult
@@ -90,20 +91,6 @@ class MergeResult:
         if self.validation is not None:
             html += self.validation._repr_html_()
         return html
-
-
-class ValidationFailed(MergeError):
-    """``run_merge`` wrote its output, but the validation found it wrong (the output stays for inspection).
-    ``report`` is the ValidationReport, ``result`` the MergeResult (with it). Exit code 1."""
-
-    def __init__(self, result: MergeResult, pushed_to: Optional[str] = None):
-        self.result, self.report = result, result.validation
-        failed = ", ".join(c.name for c in self.report.checks if c.status == "failed")
-        not_pushed = f"; not pushed to {pushed_to}" if pushed_to else ""
-        super().__init__(f"validation failed ({failed}); the output was written and stays in {result.path} for "
-                         f"inspection{not_pushed}", where="run_merge",
-                         hint="see the report (error.report, or `merge validate OUT`); strict=False returns the "
-                              "result with a warning instead")
 
 
 @dataclass(frozen=True)
@@ -220,9 +207,11 @@ def merge_spec(spec: SpecLike, out: Union[str, os.PathLike], run: MergeSettings,
             return _dry_run(merge_plan, out, shard_bytes, run, started)
         with OutputLock(out):   # held until validated: a second run cannot replace OUT under the validation
             place = _check_place(merge_plan, out, shard_bytes, device, run)   # under the lock: no other run moves
+            warming = _warm(merge_plan) if run.validate else None
             result = _execute(merge_plan, place, shard_bytes, device, started, run, code_files,
                               (stage_digest, recipe))
-            if run.validate:
+            if warming is not None:
+                warming.wait()
                 result = dataclasses.replace(result, validation=_validate(merge_plan, out, device, strategies, run))
     finally:
         merge_plan.close()
@@ -335,6 +324,14 @@ def _dry_run(merge_plan: MergePlan, out: str, shard_bytes: int, run: MergeSettin
     return MergeResult(out, len(merge_plan.jobs), merge_plan.total_bytes, time.perf_counter() - started,
                        dry_run=True, warnings=merge_plan.warnings,
                        summary=describe_plan(merge_plan, out, shard_bytes) + then)
+
+
+def _warm(merge_plan: MergePlan):
+    """The forward check's imports, started in a thread while the merge writes (validation/warm.py)."""
+    from ..validation.warm import start
+
+    adapters = any(getattr(checkpoint, "adapters", None) for checkpoint in merge_plan.checkpoints.values())
+    return start(merge_plan.config, adapters)
 
 
 def _validate(merge_plan: MergePlan, out: str, device: torch.device, strategies: list[Strategy],

@@ -38,21 +38,31 @@ def _weights(text: str | None) -> list[float] | None:
 @click.option("--overwrite", is_flag=True, help="Replace an earlier output of this tool at OUT.")
 @click.option("--dry-run", is_flag=True, help="Check everything; write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapters that have only adapter_model.bin.")
+@click.option("--no-validate", is_flag=True, help="Skip checking the adapter after writing it (merge validate).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the validation runs (auto, cpu, cuda, cuda:N); the combination itself runs on the CPU.")
 @common_options
 def adapters(adapters: tuple[str, ...], out: str, combination_type: str, weights: str | None,
              density: float | None, svd_rank: int | None, svd_clamp: float | None, svd_reduced: bool,
              svd_driver: str | None, majority_sign_method: str | None, seed: int, no_check_base: bool,
-             overwrite: bool, dry_run: bool, allow_pickle: bool, quiet: bool) -> None:
+             overwrite: bool, dry_run: bool, allow_pickle: bool, no_validate: bool, device: str,
+             quiet: bool) -> None:
     """Combine PEFT LoRA ADAPTERS of one base (local folders or Hub ids) into one adapter at OUT, as peft's
     add_weighted_adapter does. cat is exact (rank = sum of ranks); svd approximates the weighted sum of
     the changes at --rank; linear/ties/dare/magnitude_prune combine the factors (same ranks needed)."""
     from ..api.adapters import merge_adapters
+    from ..api.failed import ValidationFailed
+    from .validate import print_verdict
 
-    result = merge_adapters(list(adapters), out, combination_type=combination_type, weights=_weights(weights),
-                            density=density, svd_rank=svd_rank, svd_clamp=svd_clamp,
-                            svd_full_matrices=not svd_reduced, svd_driver=svd_driver,
-                            majority_sign_method=majority_sign_method or "total", seed=seed,
-                            check_base=not no_check_base, overwrite=overwrite, dry_run=dry_run,
-                            allow_pickle=allow_pickle)
+    try:
+        result = merge_adapters(list(adapters), out, combination_type=combination_type, weights=_weights(weights),
+                                density=density, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                                svd_full_matrices=not svd_reduced, svd_driver=svd_driver,
+                                majority_sign_method=majority_sign_method or "total", seed=seed,
+                                check_base=not no_check_base, overwrite=overwrite, dry_run=dry_run,
+                                allow_pickle=allow_pickle, validate=not no_validate, device=device)
+    except ValidationFailed as failed:   # printed as on success, then print_verdict exits 1
+        result = failed.result
     if not quiet:
         click.echo(str(result))
+    print_verdict(result.validation, quiet)

@@ -15,6 +15,7 @@ of work (``write_shard``): the local executor runs them in one pipeline, Ray run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -118,12 +119,11 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
 
     def hand_over(shard: ShardPlan, piece: _Piece, result: torch.Tensor, computed: list) -> None:
         """To the writer thread, in file order (with the checksums of inputs computed by the merging thread)."""
-        if checksums is not None and any(t is not None for t in computed):
-            checksums.add(piece.job, computed)
+        written = None if checksums is None else _add_computed(checksums, piece.job, result, computed)
         if shard.file not in writers:
             path = (paths or {}).get(shard.file) or os.path.join(folder, shard.file)
             writers[shard.file] = ShardWriter(path, shard.entries)
-        behind.put(writers[shard.file], piece.job.name, result, piece.rows)
+        behind.put(writers[shard.file], piece.job.name, result, piece.rows, written)
         if progress is not None:
             progress(piece.numel * itemsize(piece.job.dtype))
 
@@ -168,6 +168,18 @@ def _with_inputs(on_shard: Optional[Callable[[ShardRecord], None]], shards: Sequ
     checksums = InputChecksums()
     by_file = {os.path.basename((paths or {}).get(s.file) or s.file): s for s in shards}
     return checksums, lambda record: on_shard(dataclasses.replace(record, inputs=checksums.shard(by_file[record.file])))
+
+
+def _add_computed(checksums: InputChecksums, job: TensorJob, result: torch.Tensor,
+                  computed: list) -> Optional[Callable[[int, int], None]]:
+    """Add the checksums of inputs a merging thread computed (LoRA folds) for one piece. An input written as it
+    is (a fold passed through in its own dtype) is left to the writer, which computes the CRC-32 of the bytes
+    it writes anyway: the callback for it (the same for every piece of a job, so its CRCs chain in order)."""
+    others = [None if t is result else t for t in computed]
+    if any(t is not None for t in others):
+        checksums.add(job, others)
+    copied = [i for i, t in enumerate(computed) if t is result]
+    return functools.partial(checksums.add_crc, job, copied[0], inputs=len(computed)) if copied else None
 
 
 def _finished(running: deque) -> tuple[ShardPlan, _Piece, torch.Tensor, list]:

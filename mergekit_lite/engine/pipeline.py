@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import zlib
 from typing import Callable, Generic, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
 from ..output.writer import ShardRecord, ShardWriter
+from ..safetensors_format import tensor_bytes
 
 Piece = TypeVar("Piece")
 
@@ -93,7 +95,10 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="mergekit-lite-writer", daemon=True)
         self._thread.start()
 
-    def put(self, writer: ShardWriter, name: str, tensor: torch.Tensor, rows: Optional[tuple[int, int]]) -> None:
+    def put(self, writer: ShardWriter, name: str, tensor: torch.Tensor, rows: Optional[tuple[int, int]],
+            written: Optional[Callable[[int, int], None]] = None) -> None:
+        """Queue a piece for writing. ``written(crc, nbytes)``, if given, gets the CRC-32 of its bytes once they
+        are written (in the writer thread, in order, before its shard is reported)."""
         nbytes = tensor.numel() * tensor.element_size()
         with self._cond:
             while self._error is None and self._waiting and self._waiting + nbytes > self._budget:
@@ -101,17 +106,19 @@ class WriteBehind:
             self._raise()
             self._waiting += nbytes
             self._open.add(writer)
-        self._queue.put((writer, name, tensor, rows, nbytes))
+        self._queue.put((writer, name, tensor, rows, nbytes, written))
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            writer, name, tensor, rows, nbytes = item
+            writer, name, tensor, rows, nbytes, written = item
             try:
                 if self._error is None:
-                    writer.write(name, tensor, rows)
+                    crc = writer.write(name, tensor, rows)
+                    if written is not None:   # the writer's CRC, or (written out of order) one computed here
+                        written(zlib.crc32(tensor_bytes(tensor)) if crc is None else crc, nbytes)
                     if writer.complete:
                         self._open.discard(writer)
                         record = writer.close()

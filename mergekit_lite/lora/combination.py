@@ -220,3 +220,22 @@ def module_seed(seed: int, module: str) -> int:
     module gets the same masks whatever else is combined (STYLE.md: no global RNG)."""
     digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def combine_planned(plan: CombinationPlan, adapters: list[Adapter], module: ModulePlan, seed: int):
+    """The new (down, up) factors of one planned module, read from ``adapters`` and combined as peft does, with
+    the DARE masks of ``module_seed(seed, name)``: what `merge adapters` writes and its validation recomputes."""
+    import torch
+
+    from .combine import RANDOM_METHODS, Factors, combine_module
+
+    sources = []
+    for i in module.sources:
+        parts = adapters[i].modules[module.name]
+        sources.append(Factors(adapters[i].read(parts.down), adapters[i].read(parts.up),
+                               adapters[i].settings.scaling(module.name), plan.combo.weights[i]))
+    generator = None
+    if plan.combination_type in RANDOM_METHODS:
+        generator = torch.Generator().manual_seed(module_seed(seed, module.name))
+    down, up = combine_module(module.kind, sources, plan.combo, plan.new_rank, generator)
+    return down.contiguous(), up.contiguous()

@@ -40,6 +40,7 @@ from ..plan.jobs import TensorJob
 from ..plan.planner import MergePlan
 from ..plan.shards import ShardPlan, file_order
 from ..safetensors_format import tensor_bytes
+from .crc import crc32_combine
 from .folder import LEFTOVER, MARKER, append_to, fsync_dir, now, read_marker, write_new
 from .writer import ShardRecord, file_crc32
 
@@ -102,6 +103,12 @@ class InputChecksums:
         for i, tensor in enumerate(raw):
             if tensor is not None:   # None: this input's bytes are added later (the merge loop's deferred folds)
                 crcs[i] = zlib.crc32(tensor_bytes(tensor), crcs[i])
+
+    def add_crc(self, job: TensorJob, index: int, crc: int, nbytes: int, inputs: int = 1) -> None:
+        """Add the CRC-32 of the next ``nbytes`` of input ``index`` of ``job``, computed elsewhere: by the shard
+        writer, for an input written exactly as it was read (a LoRA fold), so its bytes are checksummed once."""
+        crcs = self._crcs.setdefault(job.name, [0] * inputs)
+        crcs[index] = crc32_combine(crcs[index], crc, nbytes)
 
     def shard(self, shard: ShardPlan) -> int:
         return combine(self._crcs.pop(e.name, []) for e in file_order(shard.entries))

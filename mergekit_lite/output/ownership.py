@@ -28,7 +28,7 @@ from .run_settings import RUN_SETTINGS_FILE
 from .writer import INDEX_NAME
 
 # What `merge extract` and `merge adapters` write (an adapter folder) besides README.md and the run record.
-ADAPTER_OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_record.json")
 SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors\Z")
 # The files a finished merge writes besides its shards (the marker stays only if a run stopped right after its
 # final rename, before removing it).

@@ -19,6 +19,7 @@ from ..errors import OutputError
 from ..plan.planner import MergePlan
 from ..plan.shards import Entry, ShardPlan, file_order
 from ..safetensors_format import build_header, tensor_bytes, write_from
+from .crc import crc32_combine
 from .direct_io import DirectStream
 from .folder import LEFTOVER
 
@@ -90,8 +91,10 @@ class ShardWriter:
                               hint=_FULL_HINT if exc.errno == errno.ENOSPC else
                               "check the permissions of the output folder") from None
 
-    def write(self, name: str, tensor: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> None:
-        """Write a whole tensor, or the block of its rows [start, end), into its planned place."""
+    def write(self, name: str, tensor: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> Optional[int]:
+        """Write a whole tensor, or the block of its rows [start, end), into its planned place. Returns the
+        CRC-32 of the bytes written when it was computed (in the sequential stream, where the shard's CRC is
+        combined from it), else None."""
         entry = self._entries[name]
         shape, offset = entry.shape, self._offsets[name]
         if rows is not None:
@@ -100,15 +103,17 @@ class ShardWriter:
         if tensor.dtype != entry.dtype or tuple(tensor.shape) != shape:
             raise AssertionError(f"{name}: planned {entry.dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor_bytes(tensor)
+        crc = None
         try:
             if self._crc is not None and offset == self._streamed:
-                self._append(data)
+                crc = self._append(data)
             else:
                 self._leave_stream()
                 write_from(self._fd, offset, data)
         except OSError as exc:
             raise self._write_error(exc, name) from None
         self._missing[name] -= len(data)
+        return crc
 
     def _write_error(self, exc: OSError, name: Optional[str] = None) -> OutputError:
         """The tensor whose bytes did not reach the disk: ``name``, or where the staged O_DIRECT stream failed
@@ -119,13 +124,17 @@ class ShardWriter:
                         if start <= failed_at)
         return OutputError(f"cannot write tensor '{name}': {exc.strerror}", file=self.path, hint=_FULL_HINT)
 
-    def _append(self, data: memoryview, crc_of: Optional[memoryview] = None) -> None:
-        self._crc = zlib.crc32(data if crc_of is None else crc_of, self._crc)
+    def _append(self, data: memoryview, crc_of: Optional[memoryview] = None) -> int:
+        """Stream ``data``; returns the CRC-32 of ``crc_of`` (default: of ``data``), also added to the shard's."""
+        checked = data if crc_of is None else crc_of
+        crc = zlib.crc32(checked)
+        self._crc = crc32_combine(self._crc, crc, len(checked))
         if self._direct is not None:
             self._direct.append(data)
         else:
             write_from(self._fd, self._streamed, data)
         self._streamed += len(data)
+        return crc
 
     def _leave_stream(self) -> None:
         """Out-of-order writes follow: flush the stream and write through the page cache from now on."""

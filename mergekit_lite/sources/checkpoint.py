@@ -57,6 +57,21 @@ class Checkpoint:
                                  hint="the file changed or was truncated after the merge started") from None
         return buffer.view(info.dtype).reshape(shape)
 
+    def will_read(self, names) -> None:
+        """Tell the kernel these tensors are read next (posix_fadvise WILLNEED): it reads them into the page
+        cache in the background, with no thread or memory of ours, while the caller computes. A hint only: where
+        the call does not exist or fails, nothing changes."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for name in names:
+            info = self.tensors.get(name)
+            if info is not None and info.nbytes:
+                try:
+                    advise(self._fd(info.path), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return
+
     def _fd(self, path: str) -> int:
         with self._lock:
             if path not in self._fds:

@@ -57,7 +57,17 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
     ``trust_remote_code``: the forward check may run a model whose code is its own (config.json's auto_map,
     files in ``out``); without it that check is not checked, and says so. ``context_inputs=False`` (the validation
     after `merge run`): the forward check runs an input model only when the merged model must equal it (the
-    report lists the others as not run, with why); their losses are context, computed by default here."""
+    report lists the others as not run, with why); their losses are context, computed by default here.
+    A PEFT adapter folder (adapter_config.json, no config.json) gets the adapter checks (adapter.py)."""
+    from .adapter import is_adapter_folder, validate_adapter
+
+    if is_adapter_folder(out):   # a PEFT adapter folder: its own checks (adapter.py)
+        if spec is not None:
+            from ..errors import UsageError
+
+            raise UsageError(f"{out} is a LoRA adapter folder: it is checked against the sources in its "
+                             "adapter_record.json, not a spec", where="--spec", hint="leave out --spec")
+        return validate_adapter(out, device, full, allow_nonfinite=allow_nonfinite)
     started = time.perf_counter()
     compute = resolve_device(device)
     folder = read_output(os.fspath(out))
@@ -66,19 +76,20 @@ def validate(out: Union[str, os.PathLike], spec: Union[str, os.PathLike, dict, S
     if record.spec is not None:
         plan, problem = _plan(record.spec, record.settings, list(strategies), allow_pickle, allow_nonfinite)
     try:
-        from .finite import check_finite
+        from .finite import FiniteTally, check_finite
         from .structure import check_structure
 
         with _progress(progress) as step, _trusting(trust_remote_code):
             step("structure")
-            checks = [check_structure(folder, plan, problem, record.findings)]
-            step("finite")
-            checks.append(check_finite(folder, compute, allowed=allow_nonfinite))
+            structure = check_structure(folder, plan, problem, record.findings)
             step("recompute")
-            checks.append(_recompute(folder, record, plan, problem, compute, full))
-            step("forward")
-            checks.append(_forward(folder, record, plan, problem, compute, forward, allow_pickle, checks[1],
-                                   context_inputs))
+            recomputed = _recompute(folder, record, plan, problem, compute, full)
+            step("forward")   # before finite: it counts NaN and Inf in what it reads (finite.py)
+            tally = FiniteTally()
+            forwarded = _forward(folder, record, plan, problem, compute, forward, allow_pickle, context_inputs, tally)
+            step("finite")
+            finite = check_finite(folder, compute, allowed=allow_nonfinite, counted=tally)
+            checks = [structure, finite, recomputed, _unless_nonfinite(forwarded, finite)]
     finally:
         if plan is not None:
             plan.close()
@@ -146,17 +157,26 @@ def _recompute(folder: OutputFolder, record: MergeRecord, plan, problem: Optiona
 
 
 def _forward(folder: OutputFolder, record: MergeRecord, plan, problem: Optional[str], compute, requested: bool,
-             allow_pickle: bool, finite: CheckResult, context_inputs: bool = True) -> CheckResult:
+             allow_pickle: bool, context_inputs: bool, tally) -> CheckResult:
     from . import forward as forward_check
 
     if not requested:
         return not_applicable("forward", "not requested", forward_check.empty_numbers())
-    nonfinite = finite.numbers["nan"] + finite.numbers["inf"]
-    if nonfinite and finite.status != "failed":   # allowed (--allow-nonfinite): the logits would be NaN
-        return not_checked("forward", f"the weights hold {nonfinite} NaN/Inf values (--allow-nonfinite), so the "
-                           "logits would say nothing", forward_check.empty_numbers())
     return forward_check.check_forward(folder, record.spec, plan, compute, allow_pickle=allow_pickle,
-                                       plan_problem=problem, context_inputs=context_inputs, moe=record.moe)
+                                       plan_problem=problem, context_inputs=context_inputs, moe=record.moe,
+                                       tally=tally)
+
+
+def _unless_nonfinite(forwarded: CheckResult, finite: CheckResult) -> CheckResult:
+    """The forward check's result, unless the weights hold NaN or Inf that were allowed (--allow-nonfinite): then
+    the logits say nothing, and the check is not checked (a NaN that was not allowed already fails finite)."""
+    from . import forward as forward_check
+
+    nonfinite = finite.numbers.get("nan", 0) + finite.numbers.get("inf", 0)
+    if not nonfinite or finite.status == "failed" or forwarded.status == "not_applicable":
+        return forwarded
+    return not_checked("forward", f"the weights hold {nonfinite} NaN/Inf values (--allow-nonfinite), so the "
+                       "logits would say nothing", forward_check.empty_numbers(), forwarded.seconds)
 
 
 def _plan(spec: Spec, settings: RunSettings, strategies: list[Strategy], allow_pickle: bool,

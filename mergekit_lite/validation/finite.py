@@ -5,11 +5,19 @@ zero sum of weights, an overflow when casting to float16). Every float tensor in
 chunks of at most 64 MiB; each chunk is reduced on the device and dropped, so memory stays at one chunk. A
 chunk's minimum and maximum (one reduction: NaN propagates through both, an Inf is one of them) say whether it
 is finite; only a chunk that is not has its NaN and Inf counted.
+
+The forward check reads most of these tensors whole anyway, layer by layer, to run the model. Reading the output
+twice costs a second pass over every byte (from the disk: the output was written past the page cache), so the
+forward check counts NaN and Inf in each tensor of the output as it reads it (``FiniteTally``), and this check then
+reads only the tensors the forward check did not (a vision tower a text batch does not run, tensors the model does
+not use, all of them when the model could not stream). The count is the same either way: every value of every
+float tensor of the output's files, each counted once.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
@@ -19,12 +27,26 @@ from .report import CheckResult, Finding, not_applicable, not_checked, outcome
 from .stream import CHUNK_BYTES, TensorReader
 
 
+class FiniteTally:
+    """NaN and Inf of the output's tensors that another check read whole (the forward check), by tensor name."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, int, int]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Count ``tensor`` (the stored one, on any device) as the output's tensor ``name``."""
+        if tensor.is_floating_point():
+            self.counts[name] = nonfinite_in(tensor.reshape(-1))
+
+
 def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = CHUNK_BYTES,
-                 allowed: bool = False) -> CheckResult:
-    """``allowed`` (--allow-nonfinite): NaN and Inf are counted and reported in the summary, but pass."""
+                 allowed: bool = False, counted: Optional[FiniteTally] = None) -> CheckResult:
+    """``allowed`` (--allow-nonfinite): NaN and Inf are counted and reported in the summary, but pass.
+    ``counted``: tensors already counted as the forward check read them; only the others are read here."""
     started = time.perf_counter()
     failures: list[Finding] = []
-    tensors = values = nan = inf = 0
+    tensors = values = nan = inf = reused = 0
+    known = counted.counts if counted is not None else {}
     ordered = sorted(folder.stored(), key=lambda info: (info.path, info.start))   # sequential reads
     with TensorReader() as reader:
         for info in ordered:
@@ -32,13 +54,14 @@ def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = 
                 continue
             tensors += 1
             values += info.numel
-            counts = _count_nonfinite(reader, info, device, chunk_bytes)
+            reused += info.name in known
+            counts = known.get(info.name) or _count_nonfinite(reader, info, device, chunk_bytes)
             nan += counts[0]
             inf += counts[1]
             if counts[0] or counts[1]:
                 failures.append(Finding(_describe(info.shape, *counts), tensor=info.name, file=folder.file_of(info)))
     numbers = {"tensors": tensors, "values": values, "nan": nan, "inf": inf, "tensors_nonfinite": len(failures),
-               "chunk_bytes": chunk_bytes}
+               "chunk_bytes": chunk_bytes, "tensors_counted_by_forward": reused}
     if not ordered:   # nothing was scanned: no claim either way
         why = f" (the weights are pickle files: {', '.join(folder.pickles[:3])})" if folder.pickle_only else ""
         return not_checked("finite", f"no tensors to scan{why}", numbers, time.perf_counter() - started)
@@ -57,22 +80,27 @@ def _count_nonfinite(reader: TensorReader, info, device: torch.device, chunk_byt
     nan = inf = 0
     first = -1
     for start, chunk in reader.chunks(info, chunk_bytes, reuse=True):
-        chunk = chunk.to(device)                       # (n,) in the stored dtype
-        if chunk.element_size() == 1:                  # float8: torch has no isfinite for it
-            chunk = chunk.float()
-        low, high = torch.aminmax(chunk)               # one reduction; NaN propagates, Inf is an extreme
-        if bool(torch.isfinite(low) & torch.isfinite(high)):
-            continue                                   # the common case: 20x cheaper than counting
-        finite = torch.isfinite(chunk)                 # (n,) bool, on the device
-        bad = chunk.numel() - int(finite.sum())
-        if bad:
-            chunk_nan = int(torch.isnan(chunk).sum())
-            nan += chunk_nan
-            inf += bad - chunk_nan
-            if first < 0:
-                first = start + int(torch.argmin(finite.to(torch.uint8)))   # first False
-        del chunk, finite
+        chunk_nan, chunk_inf, at = nonfinite_in(chunk.to(device))
+        nan, inf = nan + chunk_nan, inf + chunk_inf
+        if first < 0 <= at:
+            first = start + at
+        del chunk
     return nan, inf, first
+
+
+def nonfinite_in(flat: torch.Tensor) -> tuple[int, int, int]:
+    """(NaN count, Inf count, index of the first non-finite value or -1) of a float tensor, flattened or not."""
+    if flat.element_size() == 1:                   # float8: torch has no isfinite for it
+        flat = flat.float()
+    if not flat.numel():
+        return 0, 0, -1
+    low, high = torch.aminmax(flat)                # one reduction; NaN propagates, Inf is an extreme
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return 0, 0, -1                            # the common case: 20x cheaper than counting
+    finite = torch.isfinite(flat).reshape(-1)      # (n,) bool, on the device
+    bad = finite.numel() - int(finite.sum())
+    chunk_nan = int(torch.isnan(flat).sum())
+    return chunk_nan, bad - chunk_nan, int(torch.argmin(finite.to(torch.uint8)))   # first False
 
 
 def _describe(shape: tuple[int, ...], nan: int, inf: int, first: int) -> str:

@@ -45,19 +45,19 @@ class InputModel:
 
 
 def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[MergePlan], device: torch.device, *,
-                  allow_pickle: bool = False, plan_problem: Optional[str] = None,
-                  context_inputs: bool = True, moe: bool = False) -> CheckResult:
+                  allow_pickle: bool = False, plan_problem: Optional[str] = None, context_inputs: bool = True,
+                  moe: bool = False, tally=None) -> CheckResult:
     """Passed, failed, or not checked with the reason: transformers missing, no config.json, custom code, an unknown
     architecture, pickle weights without ``allow_pickle``, a model that cannot run layer by layer and is too large to
     load whole (inference.open_model), or (with a spec) an input the merge should equal that could not be run.
     ``context_inputs``: run every input for its loss (context); without it only the input the merge must equal runs
-    (``_needed_inputs``), the others listed as not run, saying why. ``moe``: a mixture of experts (moe_forward.py)."""
+    (``_needed_inputs``), the others listed as not run, saying why. ``moe``: a mixture of experts (moe_forward.py);
+    ``tally`` (finite.FiniteTally) counts NaN and Inf in the merged model's tensors as they are read."""
     started = time.perf_counter()
     reason = _cannot_run(folder, device, allow_pickle)
     if reason:
         return not_checked("forward", reason, empty_numbers(), time.perf_counter() - started)
-    from . import inference
-    from .inference import IncompleteModel, batch_loss, make_batch
+    from .inference import IncompleteModel, batch_loss, logits_of, make_batch
     from .streamed import TooLargeWhole, open_model
     from .vocab_forward import shared_tokens
 
@@ -68,9 +68,9 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
     numbers = empty_numbers(prompts=int(batch.input_ids.shape[0]), tokens=batch.tokens, token_source=batch.source)
     limit = _memory_bound(folder, spec)
     try:
-        model = open_model(folder.path, device, allow_pickle=allow_pickle, whole_limit=limit)
+        model = open_model(folder.path, device, allow_pickle=allow_pickle, whole_limit=limit, tally=tally)
         try:
-            merged = inference.logits_of(model, batch, device)
+            merged = logits_of(model, batch, device)
         except Exception as exc:
             if _runs_on_text(folder.config):
                 raise

@@ -42,17 +42,18 @@ class TooLargeWhole(RuntimeError):
 
 
 def open_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *,
-               allow_pickle: bool = False, whole_limit: Optional[int] = None):
+               allow_pickle: bool = False, whole_limit: Optional[int] = None, tally=None):
     """The model of ``folder`` ready to run in float32 on ``device``: streamed module by module (streamed.py)
     when its safetensors names are its modules', else loaded whole by ``load_model`` when that needs at most
-    ``whole_limit`` bytes (from the tensors' sizes: free memory is never asked), else TooLargeWhole."""
+    ``whole_limit`` bytes (from the tensors' sizes: free memory is never asked), else TooLargeWhole. ``tally``
+    (finite.FiniteTally): NaN and Inf counted in each tensor read from the files, when the model streams."""
     from .inference import _adapter_weights_are_safe, load_model, pickle_files
 
     for adapter, _ in adapters:
         _adapter_weights_are_safe(adapter, allow_pickle)   # before peft reads any adapter file
     pickled = bool(pickle_files(folder))
     if not pickled:
-        model = streamed_model(folder, device, adapters)
+        model = streamed_model(folder, device, adapters, tally=tally)
         if model is not None:
             return model
     need = 4 * _stored_values(folder)
@@ -93,7 +94,8 @@ class Streaming:
         self.peak = max(self.peak, self.live)
 
 
-def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *, checkpoint=None):
+def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *, checkpoint=None,
+                   tally=None):
     """The model of ``folder`` (a causal LM, or a VLM's image-text-to-text model) ready to run in float32 on
     ``device`` with its weights read module by module, with ``adapters`` applied by peft at inference time;
     ``model.streaming`` counts the bytes held. None when the files' tensor names are not the model's (then load
@@ -122,7 +124,7 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
         checkpoint.close()
         refuse_incomplete(problems)
     model.streaming = Streaming()
-    _hook_modules(model, names, checkpoint, device, model.streaming)
+    _hook_modules(model, names, checkpoint, device, model.streaming, tally)
     _move_buffers(model, device)
     return model.eval()
 
@@ -184,7 +186,7 @@ def _base_name(name: str) -> str:
 
 
 def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, device: torch.device,
-                  streaming: Streaming) -> None:
+                  streaming: Streaming, tally=None) -> None:
     """A peft layer (DoRA) reads its base layer's weight in its own forward, before calling the base layer: the
     weights of a ``base_layer`` are loaded around its peft wrapper's forward. Reads run ahead (``Prefetch``)."""
     wrappers = {id(getattr(module, "base_layer")): module for module in model.modules()
@@ -194,7 +196,7 @@ def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, dev
         owned = {key: param for key, param in module._parameters.items() if param is not None and id(param) in names}
         if owned:
             owners.append((path, module, owned))
-    prefetch = Prefetch(owners, names, checkpoint, device)
+    prefetch = Prefetch(owners, names, checkpoint, device, tally)
     weakref.finalize(model, prefetch.close)
     for _, module, owned in owners:
         runs = wrappers.get(id(module), module)
@@ -210,22 +212,28 @@ class Prefetch:
 
     Only when the reads have a core of their own (``reads_ahead``): on the CPU the matrix products use torch's
     threads, and on 2 busy cores a reader beside them made the 1B pass slower (6.5 s against 5.4 s), not faster;
-    otherwise each module's weights are read when it runs, on the calling thread."""
+    otherwise each module's weights are read when it runs, on the calling thread, and the kernel is asked to read
+    the next group's bytes into the page cache meanwhile (``Checkpoint.will_read``: no thread, no CPU of ours),
+    which matters for a freshly merged output: it was written past the page cache, so it comes from the disk.
+    ``tally`` (finite.FiniteTally) counts NaN and Inf in each tensor read, so the finite check need not read it
+    again."""
 
-    def __init__(self, owners: list, names: dict[int, str], checkpoint, device: torch.device) -> None:
+    def __init__(self, owners: list, names: dict[int, str], checkpoint, device: torch.device, tally=None) -> None:
         keys = [_group(path) for path, _, _ in owners]
         order = list(dict.fromkeys(keys))
         self._groups = [[(module, owned) for (_, module, owned), key in zip(owners, keys) if key == group]
                         for group in order]
         self._group_of = {id(module): order.index(key) for (_, module, _), key in zip(owners, keys)}
-        self._names, self._checkpoint, self._device = names, checkpoint, device
+        self._names, self._checkpoint, self._device, self._tally = names, checkpoint, device, tally
+        self._hinted = -1
         self._pool = ThreadPoolExecutor(1, "mergekit-lite-prefetch") if reads_ahead(device) else None
         self._pending: dict[int, Future] = {}   # group index -> {id(module): {key: weight}}
 
     def weights(self, module: torch.nn.Module, owned: dict) -> dict[str, torch.Tensor]:
-        if self._pool is None:
-            return self._read(owned)
         group = self._group_of[id(module)]
+        if self._pool is None:
+            self._hint(group + 1)
+            return self._read(owned)
         for stale in [g for g in self._pending if g < group or g > group + 1]:
             del self._pending[stale]              # a group that did not run (a VLM's vision tower on text)
         if group not in self._pending:
@@ -240,13 +248,24 @@ class Prefetch:
             weights = self._pool.submit(self._read, owned).result()
         return weights
 
+    def _hint(self, group: int) -> None:
+        """Ask the kernel for a group's bytes once, ahead of its reads."""
+        will_read = getattr(self._checkpoint, "will_read", None)   # absent on a swapped view (moe_forward.py)
+        if will_read is not None and group < len(self._groups) and group != self._hinted:
+            self._hinted = group
+            will_read([self._names[id(empty)] for _, owned in self._groups[group]
+                                        for empty in owned.values()])
+
     def _read_group(self, group: int) -> dict[int, dict[str, torch.Tensor]]:
         return {id(module): self._read(owned) for module, owned in self._groups[group]}
 
     def _read(self, owned: dict) -> dict[str, torch.Tensor]:
         weights = {}
         for key, empty in owned.items():
-            stored = self._checkpoint.read(self._names[id(empty)])
+            name = self._names[id(empty)]
+            stored = self._checkpoint.read(name)
+            if self._tally is not None:
+                self._tally.add(name, stored)
             weights[key] = stored.to(device=self._device,
                                      dtype=torch.float32 if stored.is_floating_point() else stored.dtype)
         return weights

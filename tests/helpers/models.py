@@ -3,6 +3,7 @@ them back and write specs."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,3 +46,15 @@ def read_folder(folder: str | Path) -> dict[str, torch.Tensor]:
 def write_spec(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def edit_config(folder: Path, **changes) -> Path:
+    """Set ``changes`` in ``folder``'s config.json (a value of None removes the key); returns the folder."""
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

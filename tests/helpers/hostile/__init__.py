@@ -8,6 +8,6 @@ it damages are its own, and a runner can hash the shared inputs before and after
 """
 
 # Each subject module registers its cases, in this order.
-from . import safetensors_files, shard_index, pickles, spec, models, lora, ownership, strict, validation, push, internal, moe, adapters, stages, extract, mergekit_habits  # noqa: F401, I001
+from . import safetensors_files, shard_index, pickles, spec, models, lora, ownership, strict, validation, push, internal, moe, adapters, stages, extract, adapter_validation, mergekit_habits  # noqa: F401, I001
 from .catalogue import (CASES, MODEL_FILE, Models, Scenario, build_models, hostile_pickle, leftover_problems,  # noqa: F401
                         linear_spec, snapshot)

@@ -16,7 +16,7 @@ SAME_BASE = "Hint: give the base model this fine-tune was trained from (same arc
 GROUP = "lora extract"
 
 
-def extract(tmp: Path, model: Path, base: Path, *extra: str, out: Path | None = None) -> list[str]:
+def extract(tmp: Path, model: Path | str, base: Path | str, *extra: str, out: Path | None = None) -> list[str]:
     return ["extract", "--model", str(model), "--base-model", str(base), "-o", str(out or tmp / "out"), "-q", *extra]
 
 
@@ -54,9 +54,33 @@ def extract_base_missing_a_tensor(tmp: Path, models: Models) -> Scenario:
 
 @case(GROUP)
 def extract_missing_base(tmp: Path, models: Models) -> Scenario:
-    return Scenario(extract(tmp, models.a, tmp / "nowhere"), 1,
-                    f"error: {tmp / 'nowhere'}: model folder not found\n"
-                    "Hint: give the folder that holds config.json and *.safetensors\n")
+    """As a missing folder in a `merge run` spec: a usage error naming the option, before any Hub request."""
+    return Scenario(extract(tmp, models.a, tmp / "nowhere"), 2,
+                    f"error: --base-model: model folder '{tmp / 'nowhere'}' not found\n"
+                    "Hint: check the path (relative paths are relative to the current directory)\n")
+
+
+@case(GROUP)
+def extract_two_revisions(tmp: Path, models: Models) -> Scenario:
+    return Scenario(extract(tmp, "org/ft@v1@v2", models.b), 2,
+                    "error: --model: 'org/ft@v1@v2' has more than one '@'\n"
+                    "Hint: write org/name@revision with a single revision\n")
+
+
+@case(GROUP)
+def extract_revision_of_a_missing_folder(tmp: Path, models: Models) -> Scenario:
+    """'@main' after a path that is no Hub repo id: never sent to the Hub."""
+    return Scenario(extract(tmp, models.a, "./models/base@main"), 2,
+                    "error: --base-model: no local folder './models/base@main', and './models/base' is not a Hub "
+                    "repo id, so '@main' cannot be its revision\nHint: check the path (relative paths are relative "
+                    "to the current directory); a revision is only for Hub repos: org/name@revision\n")
+
+
+@case(GROUP)
+def extract_from_base_plus_adapter(tmp: Path, models: Models) -> Scenario:
+    return Scenario(extract(tmp, "org/ft+org/adapter", models.b), 2,
+                    "error: --model: 'org/ft+org/adapter' is a base+adapter reference; extraction takes two whole "
+                    "models\nHint: fold it first (`merge fold org/ft org/adapter -o FOLDER`), then give FOLDER\n")
 
 
 @case(GROUP)

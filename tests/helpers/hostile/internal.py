@@ -6,11 +6,11 @@ disagree. Each is now a clear error before any tensor is read. (Hub failures nee
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..models import edit_config
 from .catalogue import MODEL_FILE, Models, Scenario, case, linear_spec, run
 from .spec import spec_case
 
@@ -30,15 +30,7 @@ def _rewritten(tmp: Path, models: Models, name: str, change) -> Path:
 
 def _configured(tmp: Path, models: Models, name: str, **changes) -> Path:
     """A copy of model ``b`` whose config.json has ``changes`` (None removes a key)."""
-    folder = models.copy(models.b, tmp / name)
-    config = json.loads((folder / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return edit_config(models.copy(models.b, tmp / name), **changes)
 
 
 @case(GROUP)
