@@ -6,13 +6,12 @@ per-check table only on failure or with -v)."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.fakehub import folder_files
-from helpers.hubcli import TOKEN, hub_env, merge
+from helpers.hubcli import hub_env, merge, mock_downloads, point_at
 from helpers.models import read_folder, write_spec
 
 from mergekit_lite.hub.push_plan import card_metadata
@@ -67,27 +66,10 @@ def hub_inputs(fake_hub, models_f32, monkeypatch, tmp_path):
     """org/ft-a and org/ft-b resolve on the fake Hub in this process; the download itself is mocked (a download
     from this process would go to conftest's closed port): it draws huggingface_hub's own bar, as the real
     snapshot_download does, and returns a copy of the model folder."""
-    import huggingface_hub
-    import huggingface_hub.constants as constants
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
     for name in ("ft-a", "ft-b"):
         fake_hub.add_repo(f"org/{name}", folder_files(models_f32 / name))
-    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, **options):
-        files = [name for name in allow_patterns or ()]
-        for _ in hf_tqdm(files, desc=f"Fetching {len(files)} files", mininterval=0):
-            pass
-        folder = tmp_path / "snapshots" / repo_id / revision
-        if not folder.exists():
-            shutil.copytree(models_f32 / repo_id.split("/")[1], folder)
-        return str(folder)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    point_at(fake_hub, monkeypatch, tmp_path / "cache")
+    mock_downloads(monkeypatch, models_f32, tmp_path / "snapshots")
     return fake_hub
 
 

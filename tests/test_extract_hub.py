@@ -12,7 +12,7 @@ import json
 
 import pytest
 from helpers.fakehub import folder_files
-from helpers.hubcli import TOKEN, hub_env, merge
+from helpers.hubcli import hub_env, merge, mock_downloads, point_at
 
 from mergekit_lite import extract_lora
 
@@ -76,12 +76,7 @@ def test_hub_ids_give_the_bytes_of_the_local_folders(hub_models, models_f32, tmp
 def hub_in_process(hub_models, monkeypatch, tmp_path):
     """This process's huggingface_hub pointed at the fake Hub, for errors raised while resolving (as in
     tests/test_pull.py: a download would go to the closed port conftest sets, never to the internet)."""
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", hub_models.url)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    point_at(hub_models, monkeypatch, tmp_path / "cache")
     return hub_models
 
 
@@ -139,20 +134,7 @@ def test_adapters_take_hub_ids_through_the_same_resolver(cli, hub_in_process, tm
 def mocked_download(hub_in_process, models_f32, monkeypatch, tmp_path):
     """Resolving asks the fake Hub; the download is mocked (from this process it would go to conftest's closed
     port), drawing huggingface_hub's own bar as snapshot_download does (as tests/test_cli_manners.py)."""
-    import shutil
-
-    import huggingface_hub
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, **options):
-        for _ in hf_tqdm(list(allow_patterns or ()), desc=f"Fetching {len(allow_patterns or ())} files", mininterval=0):
-            pass
-        folder = tmp_path / "snapshots" / repo_id / revision
-        if not folder.exists():
-            shutil.copytree(models_f32 / repo_id.split("/")[1], folder)
-        return str(folder)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    mock_downloads(monkeypatch, models_f32, tmp_path / "snapshots")
     return hub_in_process
 
 

@@ -12,7 +12,7 @@ import re
 
 import pytest
 from helpers.fakehub import folder_files
-from helpers.hubcli import TOKEN, hub_env, merge
+from helpers.hubcli import hub_env, merge, point_at
 from helpers.models import read_folder, write_spec
 
 from mergekit_lite import run_merge
@@ -91,12 +91,7 @@ def hub_in_process(hub_models, monkeypatch, tmp_path):
     Resolving uses HfApi(), which reads the endpoint when it is built; a download would not (its URL
     template is fixed at import), and would go to the closed port conftest sets, never to the internet.
     """
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", hub_models.url)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    point_at(hub_models, monkeypatch, tmp_path / "cache")
     return hub_models
 
 

@@ -110,12 +110,12 @@ def _inputs(models: list[InputModel], identity: Optional[bool], shared, batch, d
             allow_pickle: bool, limit: int, context_inputs: bool
             ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool, list[dict[str, Any]]]:
     """(entries, reference, identical, attempted): every input with ``context_inputs``, else only those needed
-    (``_needed_inputs``); after a tokenizer merge that changed the ids (``shared``), every input on its own ids
-    of the tokens it shares with the output (vocab_forward.py)."""
-    if shared is not None or context_inputs:
+    (``_needed_inputs``); after a tokenizer merge that changed the ids (``shared``), each input that runs does so
+    on its own ids of the tokens it shares with the output (vocab_forward.py)."""
+    if context_inputs:
         entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit, shared)
         return entries, reference, identical, entries
-    return _needed_inputs(models, identity, batch, device, allow_pickle, limit)
+    return _needed_inputs(models, identity, batch, device, allow_pickle, limit, shared)
 
 
 def _against_inputs(merged: torch.Tensor, reference: Optional[tuple[str, torch.Tensor]], identical: bool,
@@ -213,8 +213,8 @@ NOT_RUN = "not run: "   # the note of an input the default after-merge validatio
 
 
 def _needed_inputs(models: list[InputModel], identity: Optional[bool], batch, device: torch.device,
-                   allow_pickle: bool, limit: int) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]],
-                                                            bool, list[dict[str, Any]]]:
+                   allow_pickle: bool, limit: int, shared=None
+                   ) -> tuple[list[dict[str, Any]], Optional[tuple[str, torch.Tensor]], bool, list[dict[str, Any]]]:
     """As ``_run_inputs``, running only what the check can fail by: the input the merge must equal (a single
     input, a LoRA fold's base with its adapters, or one of identical inputs when the method gives back its input
     on identical inputs). Whether the inputs are identical is read from their files (same_inputs.py), not run.
@@ -227,18 +227,18 @@ def _needed_inputs(models: list[InputModel], identity: Optional[bool], batch, de
                        "(`merge validate` computes it)"), None, False, []
     lost = [m for m in models if m.folder is None]
     if len(models) == 1 or lost or any(m.adapters for m in models):
-        entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit)
+        entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit, shared)
         return entries, reference, identical, entries
     from .same_inputs import same_weights
 
     same = same_weights([m.folder for m in models])
     if same is None:   # the files cannot tell: run them, as `merge validate` does
-        entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit)
+        entries, reference, identical = _run_inputs(models, batch, device, allow_pickle, limit, shared)
         return entries, reference, identical, entries
     if not same:
         return skipped("the inputs' weights differ, so the merge need not equal any of them; its loss is context "
                        "only (`merge validate` computes it)"), None, False, []
-    entries, reference, identical = _run_inputs(models[:1], batch, device, allow_pickle, limit)
+    entries, reference, identical = _run_inputs(models[:1], batch, device, allow_pickle, limit, shared)
     rest = [{"model": m.label, "loss": None, "note": NOT_RUN + f"its weights are {models[0].label}'s, byte for byte, "
              "so it computes the same logits"} for m in models[1:]]
     return entries + rest, reference, identical, entries

@@ -46,3 +46,35 @@ def python(code: str, env: dict) -> str:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def point_at(hub: FakeHub, monkeypatch, cache: Path) -> None:
+    """This process's huggingface_hub pointed at the fake Hub, with its cache in ``cache``. Resolving uses
+    HfApi(), which reads the endpoint when it is built; a download would not (its URL template is fixed at
+    import), and would go to the closed port conftest sets, never to the internet."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+
+def mock_downloads(monkeypatch, models: Path, snapshots: Path) -> None:
+    """huggingface_hub.snapshot_download replaced by a copy of ``models/<name>`` for repo ``org/<name>``, drawing
+    huggingface_hub's own bar as the real one does (so tests can see it shown or silenced)."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **options):
+        files = list(allow_patterns or ())
+        for _ in hf_tqdm(files, desc=f"Fetching {len(files)} files", mininterval=0):
+            pass
+        folder = snapshots / repo_id / revision
+        if not folder.exists():
+            shutil.copytree(models / repo_id.split("/")[1], folder)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
