@@ -198,7 +198,7 @@ def _run(place, ft, base, plan: ExtractionPlan, settings: dict, cast, compute: t
 def _write_tensors(path: str, ft, base, plan: ExtractionPlan, settings: dict, cast, compute: torch.device,
                    result: ExtractResult) -> None:
     """Each job in FT's order: its LoRA factors (one module's change in memory at a time) or its whole tensor."""
-    from ..lora.extract import decompose, seed_of
+    from ..lora.extract import extract_module
     from ..output.adapter_file import AdapterFile
 
     writer = AdapterFile(path, _largest_entries(plan, settings["max_rank"], cast))
@@ -209,13 +209,8 @@ def _write_tensors(path: str, ft, base, plan: ExtractionPlan, settings: dict, ca
                 tensor = ft.read(job.name)
                 writer.write(key, tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor)
                 continue
-            delta = ft.read(job.name).to(compute, torch.float32) - base.read(job.name).to(compute, torch.float32)
-            if job.kind == "embedding":
-                delta = delta.T   # (d, V): A (r, V), B (d, r), as PEFT's lora_embedding_A/B
-            factors = decompose(delta, settings["max_rank"], sv_epsilon=settings["sv_epsilon"],
-                                distribute_scale=settings["distribute_scale"], svd=settings["svd"],
-                                seed=seed_of(job.name))
-            del delta
+            # an embedding's change is decomposed as (d, V): A (r, V), B (d, r), as PEFT's lora_embedding_A/B
+            factors = extract_module(ft, base, job.name, job.kind == "embedding", settings, compute)
             result.methods[factors.method] = result.methods.get(factors.method, 0) + 1
             if factors.rank == 0:   # no change above the threshold: nothing to add to this module
                 result.skipped.append(job.name)

@@ -19,7 +19,8 @@ least GRAM_RESIDUAL of the change (else it runs the exact SVD). ``auto`` is gram
 ``randomized`` (torch.svd_lowrank) is only taken on request: fastest, but up to 0.3% worse on a flat spectrum.
 Singular values below noise_floor are rounding noise and never kept (an exactly rank-3 change gets rank 3).
 
-No I/O here: the caller reads the tensors and writes the factors (api/extract.py).
+No files are opened here: ``extract_module`` reads through the checkpoints it is given, and the caller writes
+the factors (api/extract.py; validation/adapter_recompute.py computes the same bits again with it).
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ def decompose(delta: torch.Tensor, max_rank: int, *, sv_epsilon: float = 0.0, di
     else:
         down, up = s_kept[:, None] * vh[:rank], u[:, :rank]
     return Factors(down.contiguous(), up.contiguous(), rank, s, method)
+
+
+def extract_module(ft, base, name: str, embedding: bool, settings: dict, device: torch.device) -> Factors:
+    """The factors of tensor ``name``'s change: FT - BASE read from the two checkpoints (``read(name)``), in
+    float32 on ``device``, transposed for an embedding, decomposed with ``settings`` (max_rank, sv_epsilon,
+    distribute_scale, svd) and the tensor's own seed."""
+    delta = ft.read(name).to(device, torch.float32) - base.read(name).to(device, torch.float32)
+    return decompose(delta.T if embedding else delta, settings["max_rank"], sv_epsilon=settings["sv_epsilon"],
+                     distribute_scale=settings["distribute_scale"], svd=settings["svd"], seed=seed_of(name))
 
 
 def _gram(delta: torch.Tensor, keep: int) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

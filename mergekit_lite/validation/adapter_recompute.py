@@ -92,7 +92,7 @@ def sample(modules: dict[str, dict[str, str]], folder: OutputFolder, full: bool)
 def _extract(record: dict, folder: OutputFolder, modules: dict, chosen: list[str], compute: torch.device,
              numbers: dict, failures: list[Finding]) -> Optional[str]:
     from ..dtypes import parse_dtype
-    from ..lora.extract import decompose, seed_of
+    from ..lora.extract import extract_module
     from ..sources.opener import open_checkpoint
 
     for what, key in (("fine-tuned model", "model"), ("base model", "base_model")):
@@ -114,13 +114,7 @@ def _extract(record: dict, folder: OutputFolder, modules: dict, chosen: list[str
                     failures.append(Finding(f"the sources have no '{name}' to extract it from",
                                             tensor=modules[module]["down"]))
                     continue
-                delta = ft.read(name).to(compute, torch.float32) - base.read(name).to(compute, torch.float32)
-                if modules[module]["kind"] == "embedding":
-                    delta = delta.T
-                factors = decompose(delta, settings["max_rank"], sv_epsilon=settings["sv_epsilon"],
-                                    distribute_scale=settings["distribute_scale"], svd=settings["svd"],
-                                    seed=seed_of(name))
-                del delta
+                factors = extract_module(ft, base, name, modules[module]["kind"] == "embedding", settings, compute)
                 dtype = parse_dtype(record["out_dtype"]) if record.get("out_dtype") else ft.tensors[name].dtype
                 _compare(reader, folder, modules[module], factors.down.to(dtype), factors.up.to(dtype), same_device,
                          numbers, failures)
