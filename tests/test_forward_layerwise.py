@@ -61,6 +61,14 @@ def module_bytes(folder: str) -> tuple[dict[str, int], int]:
     return sizes, len(checkpoint.tensors)
 
 
+def _tensor_names(folder: str) -> list[str]:
+    from mergekit_lite.sources.opener import open_checkpoint
+
+    checkpoint = open_checkpoint(folder)
+    checkpoint.close()
+    return list(checkpoint.tensors)
+
+
 @pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_layer_by_layer_logits_equal_transformers(family, tied, tmp_path):
@@ -76,6 +84,30 @@ def test_layer_by_layer_logits_equal_transformers(family, tied, tmp_path):
     # every tensor read once; a tied lm_head reads the embedding's tensor a second time
     assert model.streaming.reads == tensors + (1 if tied else 0)
     assert all(p.device.type == "meta" for p in model.parameters())   # nothing left loaded
+    # a second pass reuses the first pass's weight buffers (streamed.Recycled): the same logits, and at most a
+    # buffer or two more (a layer read ahead while the one before still holds its own) for its 21-22 reads
+    from mergekit_lite.validation.inference import _config_of, logits_of, make_batch
+
+    first = model.streaming.allocated
+    again = logits_of(model, make_batch(folder, _config_of(folder)["vocab_size"]), CPU)
+    assert torch.equal(again, streamed) and model.streaming.allocated - first <= 2
+
+
+def test_weight_buffers_do_not_grow_with_the_layers(tmp_path):
+    """Each layer's float32 weights reuse the buffers an earlier layer freed (a fresh buffer costs a page fault
+    per 4 KiB): 8 layers allocate no more than two layers' weights (the running one and the one read ahead) and
+    the tensors outside the layers, for 8 x 9 + 3 reads, and the logits equal transformers' on the whole model."""
+    import transformers
+
+    config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 8}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    whole, streamed, model = both(str(tmp_path / "m"))
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-6)
+    names = _tensor_names(str(tmp_path / "m"))
+    per_layer = sum(1 for name in names if ".layers.0." in name)
+    assert model.streaming.reads == len(names) == 8 * per_layer + 3
+    assert 0 < model.streaming.allocated <= 2 * per_layer + 3
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -40,15 +40,18 @@ class Checkpoint:
         """Every folder this input reads (an output inside any of them is refused)."""
         return (self.folder,)
 
-    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """Read one tensor (or the block of its rows [start, end)) into a new CPU tensor of its stored dtype."""
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None, out: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+        """Read one tensor (or the block of its rows [start, end)) into a new CPU tensor of its stored dtype, or
+        into ``out`` (a CPU uint8 tensor of at least its bytes, reused by a caller that reads many tensors in
+        turn: a fresh buffer costs a page fault per 4 KiB), returning a view of ``out``."""
         info = self.tensors[name]
         shape, start, nbytes = info.shape, info.start, info.nbytes
         if rows is not None:  # rows are contiguous in safetensors' row-major layout
             row_bytes = info.nbytes // shape[0]
             shape = (rows[1] - rows[0], *shape[1:])
             start, nbytes = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(-1)[:nbytes]
         if nbytes:
             try:
                 read_into(self._fd(info.path), start, memoryview(buffer.numpy()))

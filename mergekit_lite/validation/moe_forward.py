@@ -197,8 +197,9 @@ class SwappedMLPs:
                 "is in the base's MLP, and the MoE has no such tensor" if dropped else "is missing from the expert"))
         return cls(opened, other)
 
-    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        return (self._expert if _swapped(name) else self._base).read(name, rows)
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None, out: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+        return (self._expert if _swapped(name) else self._base).read(name, rows, out)
 
     def close(self) -> None:
         self._base.close()
