@@ -151,6 +151,36 @@ def test_qwen3_moe_matches_mergekit(cli, tmp_path, qwen3_models):
     torch.testing.assert_close(out, logits(theirs))
 
 
+def test_hidden_routers_run_the_base_layer_by_layer(cli, tmp_path, models, monkeypatch):
+    """gate_mode hidden runs the base in bfloat16 with its weights read one module at a time (never loaded whole),
+    and its routers still equal mergekit-moe's, which loads the base whole."""
+    from mergekit_lite.api import moe as api_moe
+    from mergekit_lite.engine import router
+    from mergekit_lite.sources.opener import open_checkpoint
+
+    def whole(folder, device):
+        raise AssertionError("the base was loaded whole")
+
+    streamed = []
+    original = api_moe._streamed_base
+    monkeypatch.setattr(router, "_whole_model", whole)
+    monkeypatch.setattr(api_moe, "_streamed_base", lambda folder, device: streamed.append(original(folder, device))
+                        or streamed[-1])
+    text = moe_yaml(models, "hidden", experts=("code", "chat", "math"))
+    mine = ours(cli, tmp_path, text)
+    compare(mine, run_mergekit_moe(text, tmp_path / "mergekit"))
+    (model,) = streamed
+    base = open_checkpoint(str(models / "base"))
+    base.close()
+    # bfloat16 on disk and while it runs: at most a layer's weights and the next layer's (read ahead) at once
+    layer = sum(info.nbytes for name, info in base.tensors.items() if ".layers.0." in name)
+    largest = max(info.nbytes for info in base.tensors.values())
+    assert model.streaming.live == 0 and 0 < model.streaming.peak <= 2 * max(layer, largest)
+    assert model.streaming.peak < sum(info.nbytes for info in base.tensors.values()) / 2
+    passes = 3 + 1   # each expert's positive prompts, and the first expert's negative ones (moe_yaml)
+    assert model.streaming.reads >= passes * len(base.tensors)   # every tensor in every pass
+
+
 def test_experts_stream_in_row_blocks(cli, tmp_path, models, monkeypatch):
     """With pieces of one expert, the fused tensors are read a block of experts at a time: same bytes."""
     from mergekit_lite.engine import loop

@@ -58,13 +58,31 @@ def run_moe(spec: Union[str, os.PathLike, dict, MoESpec], out: Union[str, os.Pat
                                        f"{len(plan.jobs)} tensors")
         with OutputLock(out):
             place = _check_place(plan, out, shard_bytes, device, run)
-            compute_routers(plan, device)
+            compute_routers(plan, device, _streamed_base)
             result = _execute(plan, place, shard_bytes, device, started, run, [])
             if run.validate:
                 result = dataclasses.replace(result, validation=_validate(out, device, run))
     finally:
         plan.close()
     return result
+
+
+def _streamed_base(folder: str, device):
+    """The base model for hidden-state routers in bfloat16 (as mergekit-moe), its weights read layer by layer as
+    it runs, so memory holds one layer (validation/streamed.py); None when its tensor names are not its modules'."""
+    import torch
+
+    from ..errors import ModelError
+    from ..validation.inference import IncompleteModel, _quiet
+    from ..validation.streamed import streamed_model
+
+    try:
+        with _quiet():
+            return streamed_model(folder, device, dtype=torch.bfloat16)
+    except IncompleteModel as exc:
+        raise ModelError(f"the base model cannot run on the prompts: {exc}", file=folder,
+                         hint="gate_mode hidden runs the base model; check its files, or use gate_mode: "
+                              "cheap_embed") from None
 
 
 def _validate(out: str, device, run: MergeSettings):

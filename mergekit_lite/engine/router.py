@@ -3,7 +3,9 @@
 For each expert, a vector per layer (routers: (layers, experts, hidden)):
 - ``hidden``: the base model runs on the expert's positive prompts (each prefixed with the BOS token, padded on
   the left); the hidden state of the last token at each layer's input, averaged over the prompts; minus the same
-  for the negative prompts; divided by its L2 norm (at least 1e-8). As mergekit: in bfloat16.
+  for the negative prompts; divided by its L2 norm (at least 1e-8). As mergekit: in bfloat16. mergekit-moe loads
+  the base whole; here the caller may pass ``stream``, which builds it with its weights read layer by layer as it
+  runs (validation/streamed.py, a room above this one), so memory holds one layer, whatever the model's size.
 - ``cheap_embed``: the token embeddings summed over the prompts' tokens (float32), divided by their norm; the
   same vector for every layer; minus the negative prompts'; divided by the norm again.
 - ``random``: N(0, 1); ``uniform_random``: U(-1/sqrt(hidden), 1/sqrt(hidden)) (torch.nn.Linear's init).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable, Optional
 
 import torch
 
@@ -24,8 +27,13 @@ from ..plan.moe import MoEPlan
 log = logging.getLogger("mergekit_lite")
 
 
-def compute_routers(plan: MoEPlan, device: torch.device) -> None:
-    """Fill ``plan.routers`` ("experts": (layers, experts, hidden), "shared": (layers, 1, hidden)), float32."""
+Stream = Callable[[str, torch.device], Optional[torch.nn.Module]]   # folder, device -> bfloat16 model or None
+
+
+def compute_routers(plan: MoEPlan, device: torch.device, stream: Optional[Stream] = None) -> None:
+    """Fill ``plan.routers`` ("experts": (layers, experts, hidden), "shared": (layers, 1, hidden)), float32.
+    ``stream``: for gate_mode hidden, the base model with its weights read as it runs, or None when it cannot
+    stream (then it is loaded whole, as mergekit-moe does)."""
     spec = plan.moe
     gated = list(spec.experts)
     if plan.output == "qwen":
@@ -38,14 +46,14 @@ def compute_routers(plan: MoEPlan, device: torch.device) -> None:
         scale = math.sqrt(1.0 / hidden)
         vectors = torch.rand(shape, generator=torch.Generator().manual_seed(plan.seed)) * 2 * scale - scale
     else:
-        vectors = _from_prompts(plan, gated, device)
+        vectors = _from_prompts(plan, gated, device, stream)
     vectors = vectors.float().cpu()
     plan.routers["experts"] = vectors[:, :len(spec.experts)].contiguous()
     plan.routers["shared"] = vectors[:, len(spec.experts):].contiguous()
     _warn_degenerate(vectors)
 
 
-def _from_prompts(plan: MoEPlan, experts: list, device: torch.device) -> torch.Tensor:
+def _from_prompts(plan: MoEPlan, experts: list, device: torch.device, stream: Optional[Stream]) -> torch.Tensor:
     tokenizer = _tokenizer(plan)
     if plan.moe.gate_mode == "cheap_embed":
         embed = plan.reference.read("model.embed_tokens.weight")
@@ -56,11 +64,11 @@ def _from_prompts(plan: MoEPlan, experts: list, device: torch.device) -> torch.T
             summed = (h * tokens["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
             return (summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)).repeat(plan.layers, 1)
     else:
-        model = _model(plan, device)
+        model = _model(plan, device, stream)
 
         def vector(tokens) -> torch.Tensor:
             with torch.no_grad():
-                out = model(**tokens.to(model.device), output_hidden_states=True, return_dict=True)
+                out = model(**tokens.to(device), output_hidden_states=True, return_dict=True)
             states = torch.stack(out.hidden_states[:-1])[:, :, -1, :]          # (layers, prompts, hidden)
             return states.sum(dim=1) / states.shape[1]
 
@@ -98,13 +106,18 @@ def _tokenize(tokenizer, prompts):
                      add_special_tokens=False)
 
 
-def _model(plan: MoEPlan, device: torch.device):
-    """The base model in bfloat16, as mergekit-moe loads it for gate_mode hidden."""
+def _model(plan: MoEPlan, device: torch.device, stream: Optional[Stream]):
+    """The base model in bfloat16, as mergekit-moe runs it for gate_mode hidden: streamed layer by layer when
+    ``stream`` can, else loaded whole (a checkpoint whose tensor names transformers renames while loading)."""
+    log.info("running %s on the prompts (gate_mode hidden)", plan.reference.label)
+    model = stream(plan.reference.folder, device) if stream is not None else None
+    return model if model is not None else _whole_model(plan.reference.folder, device)
+
+
+def _whole_model(folder: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    log.info("running %s on the prompts (gate_mode hidden)", plan.reference.label)
-    model = AutoModelForCausalLM.from_pretrained(plan.reference.folder, dtype=torch.bfloat16)
-    return model.to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
 
 
 def _warn_degenerate(vectors: torch.Tensor, threshold: float = 5.0) -> None:

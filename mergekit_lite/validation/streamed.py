@@ -98,18 +98,19 @@ class Streaming:
 
 
 def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *, checkpoint=None,
-                   tally=None):
+                   tally=None, dtype: torch.dtype = torch.float32):
     """The model of ``folder`` (a causal LM, or a VLM's image-text-to-text model) ready to run in float32 on
     ``device`` with its weights read module by module, with ``adapters`` applied by peft at inference time;
     ``model.streaming`` counts the bytes held. None when the files' tensor names are not the model's (then load
     it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape.
     ``checkpoint``: read the tensors from it (``tensors``, ``read``, ``close``, as sources.Checkpoint) rather than
-    from the folder's files (moe_forward.SwappedMLPs)."""
+    from the folder's files (moe_forward.SwappedMLPs). ``dtype``: the floating-point weights' dtype while they run
+    (float32 for the checks; `merge moe` runs its base in bfloat16 for hidden-state routers, as mergekit-moe)."""
     from ..sources.opener import open_checkpoint
     from .inference import apply_adapters, refuse_incomplete
 
     checkpoint = checkpoint if checkpoint is not None else open_checkpoint(folder)
-    model = _skeleton(folder)
+    model = _skeleton(folder, dtype)
     if adapters:
         model = apply_adapters(model, adapters, low_cpu_mem_usage=True)
     names, missing = _file_names(model, checkpoint.tensors)
@@ -127,13 +128,13 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
         checkpoint.close()
         refuse_incomplete(problems)
     model.streaming = Streaming()
-    _hook_modules(model, names, checkpoint, device, model.streaming, tally)
+    _hook_modules(model, names, checkpoint, device, model.streaming, tally, dtype)
     _move_buffers(model, device)
     return model.eval()
 
 
-def _skeleton(folder: str):
-    """The model built from config.json, float32, every parameter on ``meta`` (buffers are real)."""
+def _skeleton(folder: str, dtype: torch.dtype = torch.float32):
+    """The model built from config.json in ``dtype``, every parameter on ``meta`` (buffers are real)."""
     import transformers
 
     from .inference import TRUST_REMOTE_CODE, _config_of, _quiet, auto_class
@@ -142,7 +143,7 @@ def _skeleton(folder: str):
     with _quiet():
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust)
         with _parameters_on_meta():
-            model = auto_class(_config_of(folder)).from_config(config, trust_remote_code=trust, dtype=torch.float32)
+            model = auto_class(_config_of(folder)).from_config(config, trust_remote_code=trust, dtype=dtype)
     return model
 
 
@@ -189,7 +190,7 @@ def _base_name(name: str) -> str:
 
 
 def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, device: torch.device,
-                  streaming: Streaming, tally=None) -> None:
+                  streaming: Streaming, tally=None, dtype: torch.dtype = torch.float32) -> None:
     """A peft layer (DoRA) reads its base layer's weight in its own forward, before calling the base layer: the
     weights of a ``base_layer`` are loaded around its peft wrapper's forward. Reads run ahead (``Prefetch``)."""
     wrappers = {id(getattr(module, "base_layer")): module for module in model.modules()
@@ -199,7 +200,7 @@ def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, dev
         owned = {key: param for key, param in module._parameters.items() if param is not None and id(param) in names}
         if owned:
             owners.append((path, module, owned))
-    prefetch = Prefetch(owners, names, checkpoint, device, tally, Recycled(streaming))
+    prefetch = Prefetch(owners, names, checkpoint, device, tally, Recycled(streaming), dtype)
     weakref.finalize(model, prefetch.close)
     for _, module, owned in owners:
         runs = wrappers.get(id(module), module)
@@ -222,13 +223,14 @@ class Prefetch:
     again."""
 
     def __init__(self, owners: list, names: dict[int, str], checkpoint, device: torch.device, tally=None,
-                 recycled: Optional["Recycled"] = None) -> None:
+                 recycled: Optional["Recycled"] = None, dtype: torch.dtype = torch.float32) -> None:
         keys = [_group(path) for path, _, _ in owners]
         order = list(dict.fromkeys(keys))
         self._groups = [[(module, owned) for (_, module, owned), key in zip(owners, keys) if key == group]
                         for group in order]
         self._group_of = {id(module): order.index(key) for (_, module, _), key in zip(owners, keys)}
         self._names, self._checkpoint, self._device, self._tally = names, checkpoint, device, tally
+        self._dtype = dtype
         self._hinted = -1
         self.recycled = recycled if recycled is not None else Recycled(Streaming())
         self._pool = ThreadPoolExecutor(1, "mergekit-lite-prefetch") if reads_ahead(device) else None
@@ -269,7 +271,7 @@ class Prefetch:
         for key, empty in owned.items():
             name = self._names[id(empty)]
             info = self._checkpoint.tensors[name]
-            dtype = torch.float32 if info.dtype.is_floating_point else info.dtype
+            dtype = self._dtype if info.dtype.is_floating_point else info.dtype
             weight = self.recycled.take(tuple(info.shape), dtype, self._device)
             direct = dtype == info.dtype and self._device.type == "cpu"   # read straight into the weight
             stored = self._checkpoint.read(name, out=_bytes_of(weight) if direct else self.recycled.staging(info))
