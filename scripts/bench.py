@@ -79,6 +79,13 @@ def spec_text(method: str, work: str, shape: LlamaShape, inputs: int) -> str:
         entries = "".join(f"  - model: {work}/{n}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for n in names[1:])
         return (f"merge_method: {method}\nbase_model: {work}/base\nmodels:\n{entries}"
                 "parameters: {normalize: true}\ndtype: bfloat16\n")
+    if method in ("della", "breadcrumbs"):   # mergekit's own examples' settings
+        params = "density: 0.5, epsilon: 0.1, lambda: 1.0" if method == "della" else "density: 0.9, gamma: 0.01"
+        entries = "".join(f"  - model: {work}/{n}\n    parameters: {{weight: 0.5, {params}}}\n" for n in names[1:])
+        return f"merge_method: {method}\nbase_model: {work}/base\nmodels:\n{entries}dtype: bfloat16\n"
+    if method == "model_stock":
+        entries = "".join(f"  - model: {work}/{n}\n" for n in names[1:])
+        return f"merge_method: model_stock\nbase_model: {work}/base\nmodels:\n{entries}dtype: bfloat16\n"
     gradients = ("parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n"
                  "      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: bfloat16\n")
     if method == "slerp":
@@ -345,6 +352,8 @@ def main() -> None:
                         help="GB of synthetic models kept in --work before other sizes' are deleted")
     args = parser.parse_args()
     FIXTURE_BUDGET = args.fixture_budget * 1e9
+    for method in args.methods.split(","):   # an unknown method stops the run now, not after the others ran
+        spec_text(method, args.work, SIZES[args.size], args.inputs)
     report = run_benchmark(args.size, args.methods.split(","), args.rounds, args.work, args.inputs,
                            not args.no_mergekit, tuple(args.ours_args.split()), not args.only_no_validate,
                            args.cold)
