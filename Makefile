@@ -28,13 +28,15 @@ test: $(VENV)/.installed-test
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # Side by side with mergekit (merges) and peft (the fold), each with the I/O floor of the same run; fixtures in
-# bench_work/ (git-ignored). bench-3b: 3 x 3B (18 GB of inputs; other sizes' fixtures are deleted to stay in 26 GB).
+# bench_work/ (git-ignored). Every method, the default command and --no-validate. bench-3b: 3 x 3B (18 GB of
+# inputs; other sizes' fixtures are deleted to stay in 26 GB); mergekit's TIES family takes about 10 min a method.
+METHODS = linear,task_arithmetic,slerp,ties,dare_ties,della,breadcrumbs,model_stock
 bench: $(VENV)/.installed-test
-	$(BIN)/python scripts/bench.py
-	$(BIN)/python scripts/bench_fold.py
+	$(BIN)/python scripts/bench.py --methods $(METHODS) --rounds 1
+	$(BIN)/python scripts/bench_fold.py --runs 1
 
 bench-3b: $(VENV)/.installed-test
-	$(BIN)/python scripts/bench.py --size 3b --rounds 1
+	$(BIN)/python scripts/bench.py --size 3b --methods $(METHODS) --rounds 1
 
 # Tokenizer union, multi-stage files and MoE, beside mergekit 0.1.5's mergekit-yaml, mergekit-multi, mergekit-moe.
 bench-capabilities: $(VENV)/.installed-test
