@@ -206,6 +206,7 @@ def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, dev
         runs = wrappers.get(id(module), module)
         runs.register_forward_pre_hook(_loader(module, owned, prefetch, streaming))
         runs.register_forward_hook(_freer(module, owned, streaming, prefetch.recycled))
+    model.register_forward_hook(lambda _model, _args, _output: prefetch.recycled.clear())   # the pass is over
 
 
 class Prefetch:
@@ -272,14 +273,19 @@ class Prefetch:
             name = self._names[id(empty)]
             info = self._checkpoint.tensors[name]
             dtype = self._dtype if info.dtype.is_floating_point else info.dtype
-            weight = self.recycled.take(tuple(info.shape), dtype, self._device)
-            direct = dtype == info.dtype and self._device.type == "cpu"   # read straight into the weight
-            stored = self._checkpoint.read(name, out=_bytes_of(weight) if direct else self.recycled.staging(info))
+            if not _numbered(name):   # read once a pass (embedding, lm_head, final norm): nothing to reuse
+                stored = self._checkpoint.read(name)
+                weights[key] = stored.to(device=self._device, dtype=dtype)
+            else:
+                weight = self.recycled.take(tuple(info.shape), dtype, self._device)
+                direct = dtype == info.dtype and self._device.type == "cpu"   # read straight into the weight
+                stored = self._checkpoint.read(name, out=_bytes_of(weight) if direct
+                                               else self.recycled.staging(info.nbytes))
+                if not direct:
+                    weight.copy_(stored)
+                weights[key] = weight
             if self._tally is not None:
                 self._tally.add(name, stored)
-            if not direct:
-                weight.copy_(stored)
-            weights[key] = weight
         return weights
 
     def close(self) -> None:
@@ -289,14 +295,17 @@ class Prefetch:
 
 
 class Recycled:
-    """The weights a module freed, handed to the next module that needs the same shape (the next decoder layer),
-    and one staging buffer for the stored bytes before they are upcast. A fresh tensor per weight cost a page
-    fault per 4 KiB, as large blocks are mapped from the kernel and unmapped when freed: at 1B, 1.7 million
-    faults and 2.5 s of system time per pass. Holds only what was freed, so memory stays one group's weights."""
+    """The weights a decoder layer's modules freed, handed to the next layer's modules of the same shapes, and one
+    staging buffer for the stored bytes before they are upcast. A fresh tensor per weight cost a page fault per 4
+    KiB, as large blocks are mapped from the kernel and unmapped when freed: at 1B, 1.7 million faults and 2.5 s
+    of system time per pass. Only weights of numbered blocks (``model.layers.3``), which repeat, are kept: the
+    embedding and ``lm_head`` are read once a pass and freed as before. Emptied at the end of each pass, so
+    nothing is held between passes or while another model runs (``clear``)."""
 
     def __init__(self, streaming: Streaming) -> None:
         self._streaming = streaming
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._ours: set[int] = set()    # data pointers of the buffers made here: only those come back
         self._staging = torch.empty(0, dtype=torch.uint8)
         self._lock = threading.Lock()   # takes run on the reader thread, gives on the computing one
 
@@ -306,17 +315,33 @@ class Recycled:
             if free:
                 return free.pop()
             self._streaming.allocated += 1
-        return torch.empty(shape, dtype=dtype, device=device)
+        weight = torch.empty(shape, dtype=dtype, device=device)
+        with self._lock:
+            self._ours.add(weight.data_ptr())
+        return weight
 
     def give(self, weight: torch.Tensor) -> None:
         with self._lock:
-            self._free.setdefault((tuple(weight.shape), weight.dtype, weight.device), []).append(weight)
+            if weight.numel() and weight.data_ptr() in self._ours:
+                self._free.setdefault((tuple(weight.shape), weight.dtype, weight.device), []).append(weight)
 
-    def staging(self, info) -> torch.Tensor:
+    def staging(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer for one tensor's stored bytes (only the reader thread uses it)."""
-        if self._staging.numel() < info.nbytes:
-            self._staging = torch.empty(info.nbytes, dtype=torch.uint8)
+        if self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
         return self._staging
+
+    def clear(self) -> None:
+        with self._lock:
+            for free in self._free.values():
+                self._ours.difference_update(weight.data_ptr() for weight in free)
+            self._free.clear()
+            self._staging = torch.empty(0, dtype=torch.uint8)
+
+
+def _numbered(name: str) -> bool:
+    """Whether a tensor belongs to a numbered block (``model.layers.3.mlp.up_proj.weight``), whose shapes repeat."""
+    return any(part.isdigit() for part in name.split("."))
 
 
 def _bytes_of(weight: torch.Tensor) -> torch.Tensor:
