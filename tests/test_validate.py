@@ -169,6 +169,27 @@ def test_nan_counted_by_the_forward_check_as_it_reads(models_bf16, tmp_path):
     assert "2 NaN/Inf values (--allow-nonfinite)" in allowed.check("forward").summary
 
 
+def test_nan_counted_by_the_forward_check_in_row_blocks(models_bf16, tmp_path, monkeypatch):
+    """A tensor upcast for the forward pass is read a block of rows at a time (validation/streamed.STAGING): with
+    blocks of 7 rows, non-finite values in later blocks are counted once each, at their own index."""
+    from mergekit_lite.validation import streamed
+    from mergekit_lite.validation.finite import check_finite
+
+    out = merge(models_bf16, TASK_ARITHMETIC, tmp_path / "out")
+    name = "model.embed_tokens.weight"                        # (256, 64) bfloat16: 128 bytes a row
+    info = tensor(out, name)
+    poke(info, 200 * 64 + 63, struct.pack("<H", 0x7F80))    # +Inf at [200, 63], block 28
+    poke(info, 255 * 64 + 0, struct.pack("<H", 0x7FC0))     # NaN at [255, 0], the last block
+    monkeypatch.setattr(streamed, "STAGING", 7 * 128)
+    finite = validate(out, device="cpu").check("finite")
+    alone = check_finite(read_output(str(out)), torch.device("cpu"))
+    assert finite.numbers["tensors_counted_by_forward"] == finite.numbers["tensors"]
+    assert [str(f) for f in finite.failures] == [str(f) for f in alone.failures] == [
+        f"{os.path.basename(info.path)}: tensor '{name}': 1 NaN and 1 Inf, the first at [200, 63]"]
+    assert (finite.numbers["nan"], finite.numbers["inf"], finite.numbers["values"]) == (
+        1, 1, alone.numbers["values"])
+
+
 def test_finite_chunks_do_not_change_the_answer(models_f32, tmp_path):
     """Chunks far smaller than a tensor (so its values straddle chunk edges) give the same counts and index."""
     from mergekit_lite.validation.finite import check_finite

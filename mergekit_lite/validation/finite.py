@@ -33,10 +33,15 @@ class FiniteTally:
     def __init__(self) -> None:
         self.counts: dict[str, tuple[int, int, int]] = {}
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Count ``tensor`` (the stored one, on any device) as the output's tensor ``name``."""
-        if tensor.is_floating_point():
-            self.counts[name] = nonfinite_in(tensor.reshape(-1))
+    def add(self, name: str, tensor: torch.Tensor, offset: int = 0) -> None:
+        """Count ``tensor`` (the stored one, on any device) as the output's tensor ``name``, or as its part that
+        starts at flat index ``offset`` (read a block of rows at a time; 0 starts the tensor's count afresh)."""
+        if not tensor.is_floating_point():
+            return
+        nan, inf, first = nonfinite_in(tensor.reshape(-1))
+        before = self.counts.get(name, (0, 0, -1)) if offset else (0, 0, -1)
+        first = before[2] if before[2] >= 0 or first < 0 else offset + first
+        self.counts[name] = (before[0] + nan, before[1] + inf, first)
 
 
 def check_finite(folder: OutputFolder, device: torch.device, chunk_bytes: int = CHUNK_BYTES,

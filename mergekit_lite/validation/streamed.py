@@ -79,6 +79,7 @@ def _stored_values(folder: str) -> int:
     return sum(info.numel for info in checkpoint.tensors.values())
 
 
+STAGING = 32 << 20   # bytes of stored rows read at a time into a weight of another dtype (see Prefetch._fill)
 PEFT_PREFIX = "base_model.model."   # peft's wrapper in front of the base model's parameter names
 
 
@@ -273,20 +274,33 @@ class Prefetch:
             name = self._names[id(empty)]
             info = self._checkpoint.tensors[name]
             dtype = self._dtype if info.dtype.is_floating_point else info.dtype
-            if not _numbered(name):   # read once a pass (embedding, lm_head, final norm): nothing to reuse
-                stored = self._checkpoint.read(name)
-                weights[key] = stored.to(device=self._device, dtype=dtype)
+            if not _numbered(name):   # read once a pass (embedding, lm_head, final norm): nothing to reuse,
+                self.recycled.clear()  # and after the last layer its buffers are not needed beside lm_head's
+                weight = torch.empty(tuple(info.shape), dtype=dtype, device=self._device)
             else:
                 weight = self.recycled.take(tuple(info.shape), dtype, self._device)
-                direct = dtype == info.dtype and self._device.type == "cpu"   # read straight into the weight
-                stored = self._checkpoint.read(name, out=_bytes_of(weight) if direct
-                                               else self.recycled.staging(info.nbytes))
-                if not direct:
-                    weight.copy_(stored)
-                weights[key] = weight
-            if self._tally is not None:
-                self._tally.add(name, stored)
+            self._fill(name, info, weight)
+            weights[key] = weight
         return weights
+
+    def _fill(self, name: str, info, weight: torch.Tensor) -> None:
+        """Read tensor ``name`` into ``weight``: straight into its memory when it keeps the stored dtype on the
+        CPU, else a block of rows at a time through the staging buffer, so an upcast embedding or lm_head never
+        has its stored copy whole beside it (at 1B, 125 MB less at the peak of the pass)."""
+        if weight.dtype == info.dtype and self._device.type == "cpu":
+            self._count(name, self._checkpoint.read(name, out=_bytes_of(weight)), 0)
+            return
+        per_row = weight.numel() // max(1, weight.shape[0]) if weight.dim() else 1
+        for start, end in _row_blocks(info):
+            rows = (start, end) if weight.dim() else None
+            stored = self._checkpoint.read(name, rows, out=self.recycled.staging((end - start) * per_row
+                                                                                 * info.dtype.itemsize))
+            (weight[start:end] if weight.dim() else weight).copy_(stored)
+            self._count(name, stored, start * per_row)
+
+    def _count(self, name: str, stored: torch.Tensor, offset: int) -> None:
+        if self._tally is not None:
+            self._tally.add(name, stored, offset)
 
     def close(self) -> None:
         self._pending.clear()
@@ -342,6 +356,13 @@ class Recycled:
 def _numbered(name: str) -> bool:
     """Whether a tensor belongs to a numbered block (``model.layers.3.mlp.up_proj.weight``), whose shapes repeat."""
     return any(part.isdigit() for part in name.split("."))
+
+
+def _row_blocks(info) -> list[tuple[int, int]]:
+    """[start, end) row ranges of a stored tensor of at most STAGING bytes each (one row at least)."""
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, STAGING // max(1, info.nbytes // max(1, rows)))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def _bytes_of(weight: torch.Tensor) -> torch.Tensor:
