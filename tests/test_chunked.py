@@ -1,4 +1,4 @@
-"""Whole-tensor methods run in passes over chunks of the raw inputs (chunks.py): SLERP and DARE.
+"""Whole-tensor methods run in passes over chunks of the raw inputs (chunks.py): SLERP and the pruning family.
 
 The chunked path must give the bits of the whole-tensor path (and, for SLERP, mergekit's) on tensors of
 several 1M-element chunks, whatever the number of threads, and still name a bad input."""
@@ -66,7 +66,8 @@ def test_slerp_chunks_give_mergekits_bits(n, colinear):
 
 
 @pytest.mark.parametrize("method,rescale", [("dare_linear", True), ("dare_linear", False), ("dare_ties", True),
-                                            ("dare_ties", False), ("ties", False)])
+                                            ("dare_ties", False), ("ties", False), ("breadcrumbs", False),
+                                            ("breadcrumbs_ties", True), ("della", True), ("della_linear", False)])
 @pytest.mark.parametrize("shape", [(2100, 1300), (300, 7), (1,)])
 def test_pruning_chunks_equal_the_whole_tensor_function(method, rescale, shape):
     """Three bf16 inputs (over three chunks for the largest shape): the chunked body on 1 and 2 threads gives
@@ -80,6 +81,10 @@ def test_pruning_chunks_equal_the_whole_tensor_function(method, rescale, shape):
                   rescale=rescale, **{"lambda": 0.9})
     if method == "ties":
         params["int8_mask"] = False
+    if method.startswith("breadcrumbs"):
+        params["gamma"] = (0.05, 0.0, 0.3, 0.01)
+    if method.startswith("della"):
+        params["epsilon"] = (0.2, 0.1, 0.0, 0.15)
     assert strategy.chunks(params) is not None
     ctx = TensorContext("model.layers.0.mlp.up_proj.weight", 0, 0.0, seed=3)
     whole = strategy([x.float() for x in inputs], base.float(), ctx, **params)
@@ -90,6 +95,9 @@ def test_pruning_chunks_equal_the_whole_tensor_function(method, rescale, shape):
         k = int(0.35 * magnitude.numel())
         cut = magnitude.sort(descending=True).values[k - 1]
         assert int((magnitude > cut).sum()) < k < int((magnitude >= cut).sum())   # a group straddles the cut
+    if method.startswith(("breadcrumbs", "della")):      # something was pruned, and not everything
+        kept = int(torch.count_nonzero(whole.float() - base.float()))
+        assert 0 < kept < whole.numel() or whole.numel() == 1
     if method.startswith("dare") and len(shape) == 2:   # the kept fraction of a task vector is its density
         delta = inputs[0].float() - base.float()
         kept = sparsifiers.random(delta.clone(), 0.35, False, ctx, 0) != 0
@@ -101,7 +109,8 @@ def test_ties_with_rescale_is_not_chunked():
     """TIES' rescale uses mergekit's single float32 L1 sums, which only the whole tensor reproduces."""
     ties = get_strategy("ties")
     assert ties.chunks({"rescale": True}) is None and ties.chunks({"rescale": False}) is not None
-    assert get_strategy("breadcrumbs").chunks({"rescale": False}) is None
+    for method in ("breadcrumbs", "della"):   # their masks come from one whole |delta| at a time (mask_chunks)
+        assert all(get_strategy(method).chunks({"rescale": r}) is not None for r in (False, True))
 
 
 def test_dare_draws_do_not_depend_on_chunk_order():

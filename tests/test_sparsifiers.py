@@ -211,3 +211,20 @@ def test_l1_norm_is_exact_enough_and_thread_independent():
     finally:
         torch.set_num_threads(threads)
     assert len(norms) == 1 and abs(norms.pop() - exact) < 1e-7 * exact
+
+
+@pytest.mark.parametrize("shape", [(300, 50), (40, 6, 5), (77,)])
+def test_della_mask_is_one_draw_of_the_whole_shape_in_any_block_of_rows(shape):
+    """della_keep works a block of rows at a time (memory); the mask equals one torch.rand of the whole shape
+    compared with the band computed from each entry's rank along dim 1, whatever the block."""
+    magnitudes = torch.randn(shape, generator=torch.Generator().manual_seed(2)).abs()
+    magnitudes[..., :3] = 0.5                                         # equal values: ranked by position
+    masks = [sparsifiers.della_keep(magnitudes, 0.4, 0.2, torch.Generator().manual_seed(7), block=b)
+             for b in (1, 7 * 50, 1 << 20)]
+    rows = magnitudes if magnitudes.dim() >= 2 else magnitudes.unsqueeze(0)
+    ranks = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1, stable=True).float()
+    band = 0.4 - 0.2 + 2 * 0.2 * ranks / (rows.shape[1] - 1)
+    draws = torch.rand(rows.shape, generator=torch.Generator().manual_seed(7))
+    expected = (draws < band).view(shape)
+    assert all(torch.equal(mask, expected) for mask in masks)
+    assert 0 < int(expected.sum()) < expected.numel()

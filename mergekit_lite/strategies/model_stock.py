@@ -3,53 +3,69 @@ vectors agree (Jang et al., "Model Stock", arXiv 2403.19522)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
 from ..strategy import Param, Strategy, TensorContext
+from .chunks import Chunks, collect, whole
 
 NORM_PRODUCT_CLAMP = 1e-6   # |a| |b| is clamped to at least this before dividing
 SINGULAR = 1e-6             # |1 + (N-1) cos| below this: no finite ratio, keep the base
+BLOCK = 1 << 18             # elements per piece of work
 
 
-def model_stock(inputs: Sequence[torch.Tensor], base: Optional[torch.Tensor], ctx: TensorContext, *,
-                filter_wise: bool) -> torch.Tensor:
+def model_stock(src: Chunks, ctx: TensorContext, *, filter_wise: bool) -> None:
     """t * mean(models) + (1 - t) * base, with t = N cos / (1 + (N - 1) cos) and cos the mean pairwise
-    cosine between the task vectors (per tensor, or per row with ``filter_wise``). Same operation order as
-    mergekit, so the same float32 bits.
+    cosine between the task vectors (per tensor, or per row with ``filter_wise``). Same operations as
+    mergekit, so the same float32 bits: each norm and dot product is torch's reduction over one whole float32
+    vector (each task vector, each pairwise product), filled in chunks from the raw inputs (``collect``) and
+    filled again for the next; the interpolation runs in chunks. Memory holds the raw inputs, the output and
+    that one vector, not every model's float32 copy and task vector.
     """
-    assert base is not None
-    if filter_wise:
-        w0 = base.unsqueeze(0) if base.dim() == 1 else base      # (rows, ...): one ratio per row
-        models = [x.unsqueeze(0) if x.dim() == 1 else x for x in inputs]
-    else:
-        w0 = base.reshape(-1)                                    # (n,): one ratio for the tensor
-        models = [x.reshape(-1) for x in inputs]
-    offsets = [x - w0 for x in models]
-    norms = [torch.norm(offset, dim=-1) for offset in offsets]  # (rows,) or ()
+    if src.numel == 0:
+        return
+    # reductions run over the last dim of this shape: the whole tensor as one row, or its rows (dim 1)
+    shape = (src.numel,) if not filter_wise else src.shape if len(src.shape) >= 2 else (1, src.numel)
+    vector = None
+
+    def offset(i: int, lo: int, hi: int) -> torch.Tensor:
+        return src.input(i, lo, hi) - src.base(lo, hi)
+
+    norms = []
+    for i in range(src.count):
+        vector = collect(src, lambda lo, hi, i=i: offset(i, lo, hi), BLOCK, out=vector)
+        norms.append(torch.norm(vector.view(shape), dim=-1))                          # shape[:-1]
     cosines = []
-    for i in range(len(offsets)):
-        for j in range(i + 1, len(offsets)):
-            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+    for i in range(src.count):
+        for j in range(i + 1, src.count):
+            vector = collect(src, lambda lo, hi, i=i, j=j: offset(i, lo, hi).mul_(offset(j, lo, hi)), BLOCK,
+                             out=vector)
+            dot = vector.view(shape).sum(dim=-1)
             cosines.append((dot / (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_CLAMP)).clamp(-1, 1))
-    del offsets
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)        # (rows, 1) or (1,)
-    count = len(models)
+    del vector
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)        # shape[:-1] + (1,)
+    count = src.count
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < SINGULAR
     t = torch.where(singular, torch.zeros_like(cos),
-                    (count * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
-    average = models[0].clone()
-    for x in models[1:]:
-        average.add_(x)
-    average.div_(count)
-    return (t * average + (1 - t) * w0).reshape(base.shape)
+                    (count * cos) / torch.where(singular, torch.ones_like(denominator), denominator)).view(-1)
+    keep_base = (1 - t)                                          # one value per row of ``shape``
+    row = shape[-1]
+
+    def output(lo: int, hi: int) -> None:
+        rows = torch.arange(lo, hi, device=src.device) // row     # the row of each entry
+        average = src.input(0, lo, hi).clone()                    # a view of the input on the whole path
+        for i in range(1, count):
+            average.add_(src.input(i, lo, hi))
+        average.div_(count)
+        src.emit(lo, t[rows] * average + keep_base[rows] * src.base(lo, hi))
+
+    src.map(output, BLOCK)
 
 
 STRATEGY = Strategy(
     name="model_stock",
-    fn=model_stock,
+    fn=whole(model_stock),
+    chunked=model_stock,
     title="Model Stock",
     summary="Interpolates between the base and the models' average by a ratio set by how well their task "
             "vectors agree (mean pairwise cosine). Per-model weights are not used.",

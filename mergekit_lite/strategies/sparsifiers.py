@@ -48,13 +48,17 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
     keeping ``int(density * n)`` entries. When ``density + gamma > 1`` fewer outliers are dropped."""
     if density >= 1:
         return delta
-    n = delta.numel()
+    return _apply(delta, outliers_keep(delta.abs().flatten(), density, gamma).view(delta.shape), rescale)
+
+
+def outliers_keep(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs' keep mask (bool, 1-D) of a flat task vector's magnitudes, for ``density`` < 1."""
+    n = magnitudes.numel()
     kept = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - kept - n_top)
     # Ranks in ascending magnitude: [n_bottom, n_bottom + kept) survive.
-    keep = rank_window(delta.abs().flatten(), n_bottom, n_bottom + kept, descending=False)
-    return _apply(delta, keep.view(delta.shape), rescale)
+    return rank_window(magnitudes, n_bottom, n_bottom + kept, descending=False)
 
 
 def random(delta: torch.Tensor, density: float, rescale: bool, ctx: TensorContext, model: int) -> torch.Tensor:
@@ -113,22 +117,39 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
         return delta
     if density <= 0:
         return delta.zero_()
-    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)                 # (rows, m, ...)
+    return _apply(delta, della_keep(delta.abs(), density, epsilon, generator), rescale, l1_norm)
+
+
+def della_keep(magnitudes: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+               block: int = 1 << 20) -> torch.Tensor:
+    """MagPrune's keep mask (bool, the shape of ``magnitudes``) for 0 < ``density`` < 1, one draw per entry
+    from ``generator``. Worked out a block of rows (along dim 0) at a time, each a slice of whole rows: a sort
+    per row holds 8-byte indices and 4-byte ranks, so the whole tensor at once held about 6x its float32 size
+    (3 GiB for a 1B model's embedding). The draws are taken block after block, as one ``torch.rand`` of the
+    whole shape would take them, so the mask is the same in any block size."""
+    rows = magnitudes if magnitudes.dim() >= 2 else magnitudes.unsqueeze(0)       # (rows, m, ...)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=magnitudes.device)
+    per_row = max(1, rows[0].numel())
+    step = max(1, block // per_row)
+    for lo in range(0, rows.shape[0], step):
+        part = rows[lo:lo + step]
+        keep[lo:lo + step] = torch.rand(part.shape, generator=generator, device=part.device) < \
+            _band(part, density, epsilon)
+    return keep.view(magnitudes.shape)
+
+
+def _band(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Each entry's keep probability: ``density - epsilon`` + 2 ``epsilon`` x its rank along dim 1 / (m - 1)."""
     m = rows.shape[1]
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices             # ascending |delta| along dim 1
+    order = torch.sort(rows, dim=1, stable=True).indices                  # ascending |delta| along dim 1
     shape = [1] * rows.dim()
     shape[1] = m
-    positions = torch.arange(m, dtype=torch.int32, device=delta.device).view(shape).expand_as(order)
+    positions = torch.arange(m, dtype=torch.int32, device=rows.device).view(shape).expand_as(order)
     ranks = torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)   # 0 = smallest |delta|
     del order, positions
-    rank_norm = ranks.to(delta.dtype).div_(m - 1) if m > 1 else torch.full(ranks.shape, 0.5, dtype=delta.dtype,
-                                                                           device=delta.device)
-    del ranks
-    probability = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
-    draws = torch.rand(rows.shape, generator=generator, device=delta.device)
-    keep = (draws < probability).view(delta.shape)
-    del draws, probability
-    return _apply(delta, keep, rescale, l1_norm)
+    rank_norm = ranks.to(rows.dtype).div_(m - 1) if m > 1 else torch.full(ranks.shape, 0.5, dtype=rows.dtype,
+                                                                         device=rows.device)
+    return rank_norm.mul_(2 * epsilon).add_(density - epsilon)
 
 
 def l1_norm(tensor: torch.Tensor) -> float:

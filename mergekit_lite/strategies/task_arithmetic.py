@@ -166,8 +166,9 @@ PRESETS = (
 
 
 def _bodies(p: Preset) -> dict[str, Any]:
-    """``fn`` and, for TIES and DARE, the chunked body (chunks_when: TIES only without rescale). DARE has one
-    body for both paths; TIES keeps generalized_task_arithmetic for whole tensors (with rescale, on GPUs)."""
+    """``fn`` and, for the pruning presets, the chunked body (chunks_when: TIES only without rescale). DARE has
+    one body for both paths; TIES, breadcrumbs and DELLA keep generalized_task_arithmetic for whole tensors (on
+    GPUs, and as the independent reference the chunked path is tested against)."""
     whole_fn = partial(generalized_task_arithmetic, consensus=p.consensus, sparsifier=p.sparsifier)
     if not chunkable(p.sparsifier, False):
         return {"fn": whole_fn}

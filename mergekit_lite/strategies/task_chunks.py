@@ -1,5 +1,6 @@
 """TIES and DARE over chunks of the inputs (chunks.py): the whole-tensor statistics in passes, then one
-element-wise pass that prunes, votes and writes. No float32 copy of a whole tensor is ever made.
+element-wise pass that prunes, votes and writes. No float32 copy of a whole tensor is ever made. Breadcrumbs
+and DELLA share the element-wise pass, with masks that mask_chunks.py makes from one whole |delta| at a time.
 
 - DARE (random sparsifier): each chunk draws from its own stream (``sparsifiers.random_keep``). With
   ``rescale``, a first pass stores each model's keep mask (one byte per entry) and sums its L1 row norms
@@ -27,10 +28,12 @@ from ..strategy import TensorContext
 from . import sparsifiers
 from .chunks import Chunks
 from .consensus import vote, weighted_sum
+from .mask_chunks import Prune, mask_prune
 
 CHUNK = sparsifiers.DRAW_CHUNK   # DARE's streams are per chunk of this many entries
 BLOCK = 1 << 18                  # element-wise work: a multiple of the L1 rows (1024), a divisor of CHUNK
 BUCKETS = 1 << 15                # top 16 bits of a non-negative float32 (as int32 >> 16)
+MASKED = ("magnitude_outliers", "della_magprune")   # breadcrumbs and DELLA: masks from whole |delta| (mask_chunks)
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,22 @@ class Cut:
 
 
 def chunkable(sparsifier: Optional[str], rescale: bool) -> bool:
-    """DARE always; TIES without rescale (its L1 norms are mergekit's single float32 sums, whole-tensor)."""
-    return sparsifier == "random" or (sparsifier == "magnitude" and not rescale)
+    """DARE, breadcrumbs and DELLA always; TIES without rescale (its L1 norms are mergekit's single float32
+    sums, whole-tensor)."""
+    return sparsifier in MASKED or sparsifier == "random" or (sparsifier == "magnitude" and not rescale)
 
 
 def task_chunks(src: Chunks, ctx: TensorContext, *, consensus: Optional[str], sparsifier: str,
                 weight: Sequence[float], normalize: bool, rescale: bool, density: Sequence[float],
-                int8_mask: bool = False, **params: float) -> None:
-    """The task arithmetic family with the random or magnitude sparsifier, in passes over chunks."""
+                gamma: Sequence[float] = (), epsilon: Sequence[float] = (), int8_mask: bool = False,
+                **params: float) -> None:
+    """The task arithmetic family with a sparsifier, in passes over chunks."""
     lam = params["lambda"]
     weights = [torch.tensor(w, dtype=src.dtype, device=src.device) for w in weight]   # (), float32
     pruned = [i for i in range(src.count) if density[i] < 1 and src.numel > 0]
-    if sparsifier == "random":
+    if sparsifier in MASKED:
+        prune = mask_prune(src, ctx, sparsifier, rescale, density, gamma, epsilon)
+    elif sparsifier == "random":
         prune = _random_drop(src, ctx, pruned, density, rescale)
     else:
         prune = _magnitude_trim(src, pruned, density)
@@ -74,10 +81,6 @@ def task_chunks(src: Chunks, ctx: TensorContext, *, consensus: Optional[str], sp
 def blocks(start: int, end: int) -> list[tuple[int, int]]:
     """A chunk's element-wise work in blocks that stay in cache (3 x 1B DARE: 12.6 s in 1M blocks, 11.2 s in 256K)."""
     return [(lo, min(lo + BLOCK, end)) for lo in range(start, end, BLOCK)]
-
-
-# (chunk start, end) -> (model, block start, delta) -> pruned delta
-Prune = Callable[[int, int], Callable[[int, int, torch.Tensor], torch.Tensor]]
 
 
 def _random_drop(src: Chunks, ctx: TensorContext, pruned: list[int], density: Sequence[float],
