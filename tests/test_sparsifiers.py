@@ -33,7 +33,9 @@ def sample(kind: str, n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["distinct", "bf16 deltas", "few values"])
 @pytest.mark.parametrize("n", [1, 7, 300, 40_000])   # 40_000 takes the radix-select path
-def test_rank_window_is_a_stable_sort_window(kind, n):
+@pytest.mark.parametrize("piece", [1 << 22, 999])     # masks and counts made in slices of this many entries
+def test_rank_window_is_a_stable_sort_window(kind, n, piece, monkeypatch):
+    monkeypatch.setattr(sparsifiers, "_SLICE", piece)
     values = sample(kind, n, seed=n)
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
@@ -43,7 +45,9 @@ def test_rank_window_is_a_stable_sort_window(kind, n):
 
 
 @pytest.mark.parametrize("kind", ["distinct", "bf16 deltas", "few values"])
-def test_radix_select_equals_kthvalue(kind):
+@pytest.mark.parametrize("piece", [1 << 22, 4099])
+def test_radix_select_equals_kthvalue(kind, piece, monkeypatch):
+    monkeypatch.setattr(sparsifiers, "_SLICE", piece)
     values = sample(kind, 200_003, seed=5)
     ks = [1, 2, 100_000, 199_999, 200_003]
     assert [float(v) for v in kth_smallest(values, ks)] == [float(torch.kthvalue(values, k).values) for k in ks]

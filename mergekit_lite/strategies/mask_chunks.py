@@ -15,6 +15,7 @@ does), and the combination is the same float32 operations in the same order, so 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -33,7 +34,9 @@ def mask_prune(src: Chunks, ctx: TensorContext, sparsifier: str, rescale: bool, 
                gamma: Sequence[float], epsilon: Sequence[float]) -> Prune:
     """The pruning of breadcrumbs (``magnitude_outliers``) or DELLA (``della_magprune``), mask by mask."""
     generator = ctx.generator(src.device) if sparsifier == "della_magprune" else None
-    norm = sparsifiers.l1_norm if sparsifier == "della_magprune" else sparsifiers.torch_l1
+    # the whole path's L1 norms (sparsifiers.l1_norm for DELLA, torch_l1) on magnitudes, which need no abs():
+    # the same values, so the same sums, without a float32 temporary of the tensor's size
+    norm = (lambda v: math.fsum(sparsifiers.row_sums(v))) if sparsifier == "della_magprune" else torch.sum
     masks: dict[int, Optional[torch.Tensor]] = {}   # None: every entry dropped
     scales: dict[int, float] = {}
     magnitudes: Optional[torch.Tensor] = None

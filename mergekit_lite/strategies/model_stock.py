@@ -49,17 +49,23 @@ def model_stock(src: Chunks, ctx: TensorContext, *, filter_wise: bool) -> None:
     t = torch.where(singular, torch.zeros_like(cos),
                     (count * cos) / torch.where(singular, torch.ones_like(denominator), denominator)).view(-1)
     keep_base = (1 - t)                                          # one value per row of ``shape``
-    row = shape[-1]
+    per_row = t.numel() > 1                                      # filter_wise over several rows
+    width = shape[-1]
 
     def output(lo: int, hi: int) -> None:
-        rows = torch.arange(lo, hi, device=src.device) // row     # the row of each entry
         average = src.input(0, lo, hi).clone()                    # a view of the input on the whole path
         for i in range(1, count):
             average.add_(src.input(i, lo, hi))
         average.div_(count)
-        src.emit(lo, t[rows] * average + keep_base[rows] * src.base(lo, hi))
+        base = src.base(lo, hi)
+        ratio, rest = t, keep_base
+        if per_row:   # the chunk holds whole rows (the step below): each row with its own ratio
+            rows = slice(lo // width, hi // width)
+            ratio, rest = t[rows].unsqueeze(1), keep_base[rows].unsqueeze(1)
+            average, base = average.view(-1, width), base.view(-1, width)
+        src.emit(lo, (ratio * average + rest * base).view(-1))
 
-    src.map(output, BLOCK)
+    src.map(output, width * max(1, BLOCK // width) if per_row else BLOCK)
 
 
 STRATEGY = Strategy(

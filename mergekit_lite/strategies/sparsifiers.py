@@ -28,6 +28,7 @@ from ..strategy import TensorContext
 RESCALE_EPS = 1e-7   # below this L1 norm (before or after pruning) mergekit skips the rescale
 _ROW = 1024          # L1 norms are summed in rows of this width: one thread per row, whatever the thread count
 _RADIX_MIN = 1 << 15  # smaller tensors: torch.kthvalue (measured: as fast at 16K entries, faster below)
+_SLICE = 1 << 22      # whole-tensor masks and counts are made this many entries at a time (4 MB temporaries)
 DRAW_CHUNK = 1 << 20   # DARE's draws: one random stream per chunk of this many entries
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0   # which int16 of a float32 holds its top 16 bits
 
@@ -197,33 +198,39 @@ def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) ->
     if lo == 0 and hi == n:
         return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
 
-    def ahead(v: torch.Tensor) -> torch.Tensor:  # entries ranked before every entry equal to v
-        return magnitudes > v if descending else magnitudes < v
+    def ahead(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # entries ranked before every entry equal to v
+        return m > v if descending else m < v
 
-    def up_to(v: torch.Tensor) -> torch.Tensor:  # entries ranked before v's group, or in it
-        return magnitudes >= v if descending else magnitudes <= v
-
-    def from_(v: torch.Tensor) -> torch.Tensor:  # entries in v's group, or ranked after it
-        return magnitudes <= v if descending else magnitudes >= v
+    def inside(m: torch.Tensor) -> torch.Tensor:  # from the first edge's group to the last edge's, inclusive
+        keep = (m <= edges[0] if descending else m >= edges[0]) if lo > 0 else None
+        if hi < n:
+            last = m >= edges[-1] if descending else m <= edges[-1]
+            keep = last if keep is None else keep.logical_and_(last)
+        assert keep is not None
+        return keep
 
     # The values at the window's first and last rank (0-based ranks -> 1-based ascending k).
     ranks = ([lo] if lo > 0 else []) + ([hi - 1] if hi < n else [])
     edges = kth_smallest(magnitudes, [n - r if descending else r + 1 for r in ranks])
-    keep: Optional[torch.Tensor] = from_(edges[0]) if lo > 0 else None
-    if hi < n:
-        keep = up_to(edges[-1]) if keep is None else keep.logical_and_(up_to(edges[-1]))
-    assert keep is not None
+    keep = torch.empty(n, dtype=torch.bool, device=magnitudes.device)
+    for part in _slices(n):   # a slice at a time: whole-tensor temporaries were a byte per entry each
+        keep[part] = inside(magnitudes[part])
     if int(torch.count_nonzero(keep)) == hi - lo:
         return keep  # no group of equal values straddles an edge
     for v in (edges[:1] if len(edges) == 1 or bool(edges[0] == edges[1]) else edges):
         # Entries equal to v hold ranks [start, start + count) in index order; keep those inside the window.
-        positions = (magnitudes == v).nonzero().flatten()                   # (count,) indices, ascending
-        start = int(torch.count_nonzero(ahead(v)))
+        positions = torch.cat([(magnitudes[part] == v).nonzero().flatten().add_(part.start)
+                               for part in _slices(n)])                         # (count,) indices, ascending
+        start = sum(int(torch.count_nonzero(ahead(magnitudes[part], v))) for part in _slices(n))
         first_kept = min(max(lo - start, 0), positions.numel())
         end_kept = min(max(hi - start, 0), positions.numel())
         keep[positions[:first_kept]] = False
         keep[positions[end_kept:]] = False
     return keep
+
+
+def _slices(n: int) -> list[slice]:
+    return [slice(start, min(start + _SLICE, n)) for start in range(0, n, _SLICE)]
 
 
 def kth_smallest(magnitudes: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
@@ -238,10 +245,12 @@ def kth_smallest(magnitudes: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
         return [torch.kthvalue(magnitudes, k).values for k in ks]
     # The top 16 bits of each float32, read in place as the high int16 half (0..32767: the sign bit is 0).
     high = magnitudes.view(torch.int16)[_HIGH_HALF::2]                    # (n,) bucket of each entry
-    below = torch.bincount(high, minlength=1 << 15).cumsum_(0)           # entries in buckets <= b
+    parts = _slices(high.numel())   # bincount copies a strided slice: one slice at a time, not the whole tensor
+    below = sum(torch.bincount(high[part], minlength=1 << 15) for part in parts).cumsum_(0)   # in buckets <= b
     found = []
     for k in ks:
         bucket = int(torch.searchsorted(below, k))                        # first bucket reaching rank k
         before = int(below[bucket - 1]) if bucket else 0
-        found.append(torch.kthvalue(magnitudes[high == bucket], k - before).values)
+        members = torch.cat([magnitudes[part][high[part] == bucket] for part in parts])
+        found.append(torch.kthvalue(members, k - before).values)
     return found
