@@ -56,7 +56,9 @@ def mask_prune(src: Chunks, ctx: TensorContext, sparsifier: str, rescale: bool, 
         masks[i] = keep.view(torch.uint8)              # 1 / 0: delta * mask is exact, as delta * bool
         if rescale:
             before = norm(shaped)
-            after = norm(shaped.mul_(masks[i].view(src.shape)))   # |delta * keep|, as the whole path's norm
+            for part in sparsifiers.slices(src.numel):      # a float32 tensor times a uint8 one: torch
+                magnitudes[part].mul_(masks[i][part])           # converts the uint8 one whole, so in slices
+            after = norm(shaped)                               # |delta * keep|, as the whole path's norm
             if before >= sparsifiers.RESCALE_EPS and after >= sparsifiers.RESCALE_EPS:
                 scales[i] = before / after
     del magnitudes

@@ -213,15 +213,15 @@ def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) ->
     ranks = ([lo] if lo > 0 else []) + ([hi - 1] if hi < n else [])
     edges = kth_smallest(magnitudes, [n - r if descending else r + 1 for r in ranks])
     keep = torch.empty(n, dtype=torch.bool, device=magnitudes.device)
-    for part in _slices(n):   # a slice at a time: whole-tensor temporaries were a byte per entry each
+    for part in slices(n):   # a slice at a time: whole-tensor temporaries were a byte per entry each
         keep[part] = inside(magnitudes[part])
     if int(torch.count_nonzero(keep)) == hi - lo:
         return keep  # no group of equal values straddles an edge
     for v in (edges[:1] if len(edges) == 1 or bool(edges[0] == edges[1]) else edges):
         # Entries equal to v hold ranks [start, start + count) in index order; keep those inside the window.
         positions = torch.cat([(magnitudes[part] == v).nonzero().flatten().add_(part.start)
-                               for part in _slices(n)])                         # (count,) indices, ascending
-        start = sum(int(torch.count_nonzero(ahead(magnitudes[part], v))) for part in _slices(n))
+                               for part in slices(n)])                         # (count,) indices, ascending
+        start = sum(int(torch.count_nonzero(ahead(magnitudes[part], v))) for part in slices(n))
         first_kept = min(max(lo - start, 0), positions.numel())
         end_kept = min(max(hi - start, 0), positions.numel())
         keep[positions[:first_kept]] = False
@@ -229,7 +229,8 @@ def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) ->
     return keep
 
 
-def _slices(n: int) -> list[slice]:
+def slices(n: int) -> list[slice]:
+    """[0, n) in slices of _SLICE entries (a multiple of _ROW): for work whose temporaries would be whole-sized."""
     return [slice(start, min(start + _SLICE, n)) for start in range(0, n, _SLICE)]
 
 
@@ -245,7 +246,7 @@ def kth_smallest(magnitudes: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
         return [torch.kthvalue(magnitudes, k).values for k in ks]
     # The top 16 bits of each float32, read in place as the high int16 half (0..32767: the sign bit is 0).
     high = magnitudes.view(torch.int16)[_HIGH_HALF::2]                    # (n,) bucket of each entry
-    parts = _slices(high.numel())   # bincount copies a strided slice: one slice at a time, not the whole tensor
+    parts = slices(high.numel())   # bincount copies a strided slice: one slice at a time, not the whole tensor
     below = sum(torch.bincount(high[part], minlength=1 << 15) for part in parts).cumsum_(0)   # in buckets <= b
     found = []
     for k in ks:
