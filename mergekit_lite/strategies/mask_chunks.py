@@ -30,9 +30,10 @@ CHUNK = sparsifiers.DRAW_CHUNK
 Prune = Callable[[int, int], Callable[[int, int, torch.Tensor], torch.Tensor]]
 
 
-def mask_prune(src: Chunks, ctx: TensorContext, sparsifier: str, rescale: bool, density: Sequence[float],
-               gamma: Sequence[float], epsilon: Sequence[float]) -> Prune:
-    """The pruning of breadcrumbs (``magnitude_outliers``) or DELLA (``della_magprune``), mask by mask."""
+def mask_prune(src: Chunks, ctx: TensorContext, pruned: list[int], sparsifier: str, rescale: bool,
+               density: Sequence[float], gamma: Sequence[float], epsilon: Sequence[float]) -> Prune:
+    """The pruning of breadcrumbs (``magnitude_outliers``) or DELLA (``della_magprune``) of the ``pruned``
+    models (density below 1), mask by mask, in model order."""
     generator = ctx.generator(src.device) if sparsifier == "della_magprune" else None
     # the whole path's L1 norms (sparsifiers.l1_norm for DELLA, torch_l1) on magnitudes, which need no abs():
     # the same values, so the same sums, without a float32 temporary of the tensor's size
@@ -40,9 +41,7 @@ def mask_prune(src: Chunks, ctx: TensorContext, sparsifier: str, rescale: bool, 
     masks: dict[int, Optional[torch.Tensor]] = {}   # None: every entry dropped
     scales: dict[int, float] = {}
     magnitudes: Optional[torch.Tensor] = None
-    for i in range(src.count):
-        if density[i] >= 1 or src.numel == 0:
-            continue
+    for i in pruned:
         if density[i] <= 0 and sparsifier == "della_magprune":
             masks[i] = None                          # della_magprune zeroes it without a draw
             continue

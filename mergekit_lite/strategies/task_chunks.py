@@ -59,7 +59,7 @@ def task_chunks(src: Chunks, ctx: TensorContext, *, consensus: Optional[str], sp
     weights = [torch.tensor(w, dtype=src.dtype, device=src.device) for w in weight]   # (), float32
     pruned = [i for i in range(src.count) if density[i] < 1 and src.numel > 0]
     if sparsifier in MASKED:
-        prune = mask_prune(src, ctx, sparsifier, rescale, density, gamma, epsilon)
+        prune = mask_prune(src, ctx, pruned, sparsifier, rescale, density, gamma, epsilon)
     elif sparsifier == "random":
         prune = _random_drop(src, ctx, pruned, density, rescale)
     else:

@@ -224,8 +224,8 @@ class Prefetch:
     ``tally`` (finite.FiniteTally) counts NaN and Inf in each tensor read, so the finite check need not read it
     again."""
 
-    def __init__(self, owners: list, names: dict[int, str], checkpoint, device: torch.device, tally=None,
-                 recycled: Optional["Recycled"] = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, owners: list, names: dict[int, str], checkpoint, device: torch.device, tally,
+                 recycled: "Recycled", dtype: torch.dtype) -> None:
         keys = [_group(path) for path, _, _ in owners]
         order = list(dict.fromkeys(keys))
         self._groups = [[(module, owned) for (_, module, owned), key in zip(owners, keys) if key == group]
@@ -234,7 +234,7 @@ class Prefetch:
         self._names, self._checkpoint, self._device, self._tally = names, checkpoint, device, tally
         self._dtype = dtype
         self._hinted = -1
-        self.recycled = recycled if recycled is not None else Recycled(Streaming())
+        self.recycled = recycled
         self._pool = ThreadPoolExecutor(1, "mergekit-lite-prefetch") if reads_ahead(device) else None
         self._pending: dict[int, Future] = {}   # group index -> {id(module): {key: weight}}
 
@@ -290,12 +290,12 @@ class Prefetch:
         if weight.dtype == info.dtype and self._device.type == "cpu":
             self._count(name, self._checkpoint.read(name, out=_bytes_of(weight)), 0)
             return
-        per_row = weight.numel() // max(1, weight.shape[0]) if weight.dim() else 1
+        rows = weight if weight.dim() else weight.view(1)          # a scalar as one row
+        per_row = rows.numel() // max(1, rows.shape[0])
         for start, end in _row_blocks(info):
-            rows = (start, end) if weight.dim() else None
-            stored = self._checkpoint.read(name, rows, out=self.recycled.staging((end - start) * per_row
-                                                                                 * info.dtype.itemsize))
-            (weight[start:end] if weight.dim() else weight).copy_(stored)
+            stored = self._checkpoint.read(name, (start, end) if weight.dim() else None,
+                                           out=self.recycled.staging((end - start) * per_row * info.dtype.itemsize))
+            rows[start:end].copy_(stored)
             self._count(name, stored, start * per_row)
 
     def _count(self, name: str, stored: torch.Tensor, offset: int) -> None:
