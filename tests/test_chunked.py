@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_lite import run_merge
 from mergekit_lite.errors import ModelError
 from mergekit_lite.strategies import sparsifiers
-from mergekit_lite.strategies.chunks import Chunks
+from mergekit_lite.strategies.chunks import Chunks, in_order
 from mergekit_lite.strategies.registry import get_strategy
 from mergekit_lite.strategy import TensorContext
 from mergekit_lite.testing.synthetic import LlamaShape, write_model
@@ -243,3 +243,61 @@ def test_model_stock_chunks_equal_the_whole_path_and_the_formula(filter_wise, sh
     assert 0.3 < float(t.median()) < 0.95                           # a real interpolation, not an end point
     # float32 norms over 2.7M entries move t by about 1e-4; a wrong row's ratio would move entries by 1e-3
     assert float((whole.double() - expected).abs().max()) < 1e-4
+
+
+def _heap() -> tuple[int, int]:
+    """The [heap] mapping of this process: glibc's main arena."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith("[heap]"):
+                low, high = line.split()[0].split("-")
+                return int(low, 16), int(high, 16)
+    pytest.skip("no [heap] mapping")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("threads", [0, 2])
+def test_per_chunk_results_are_kept_out_of_the_heap_with_their_values(threads):
+    """A pass over several chunks keeps each chunk's small results (norms, sums, tuples of them) in pages of their
+    own, not in the heap holes the chunks' float32 copies left: there, each pinned a chunk-sized hole and a pass over
+    a 1B embedding grew the heap by 300-400 MB. Values, dtypes and shapes are the results' own."""
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randn(5 * (1 << 18) + 77, generator=g).to(torch.bfloat16)
+    with ThreadPoolExecutor(max(threads, 1)) as pool:   # threads=0: on this thread, which allocates from the heap
+        spread = (lambda fn, items: list(pool.map(fn, items))) if threads else in_order
+        src = Chunks([raw], None, lambda start, values: None, lambda c: c.to(torch.float32), spread)
+
+        def stats(start: int, end: int):
+            chunk = src.input(0, start, end)
+            return torch.linalg.vector_norm(chunk.view(1, -1), dim=1, keepdim=True), [chunk.sum().double(), None], 7
+
+        parts = src.map(stats, 1 << 18)
+    whole = raw.float()
+    low, high = _heap()
+    assert len(parts) == 6
+    for i, (norm, (total, nothing), seven) in enumerate(parts):
+        chunk = whole[i << 18:(i + 1) << 18]
+        assert norm.shape == (1, 1) and norm.dtype == torch.float32
+        assert torch.equal(norm, torch.linalg.vector_norm(chunk.view(1, -1), dim=1, keepdim=True))
+        assert total.dtype == torch.float64 and total.item() == chunk.sum().double().item()
+        assert nothing is None and seven == 7
+        for tensor in (norm, total):   # (pool threads allocate from arenas of their own: no [heap] to test)
+            assert threads or not low <= tensor.data_ptr() < high
+
+
+def test_a_single_chunk_or_a_large_result_is_returned_as_made():
+    """One chunk pins nothing between chunks, and a result over PARKED is no pin: both come back untouched."""
+    from mergekit_lite.strategies import chunks
+
+    raw = torch.arange(2 * (chunks.PARKED // 4) + 8, dtype=torch.float32)
+    made = []
+    src = Chunks([raw], None, lambda start, values: None)
+
+    def copy(start: int, end: int) -> torch.Tensor:
+        made.append(src.input(0, start, end).clone())
+        return made[-1]
+
+    one = src.map(copy, raw.numel())
+    assert one[0] is made[0]
+    large = src.map(copy, chunks.PARKED // 4 + 4)
+    assert large[0] is made[1] and large[1] is made[2]

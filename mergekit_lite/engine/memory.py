@@ -13,6 +13,10 @@ holes left by the first (embeddings) too small and grew the heap by its whole si
 RSS of TIES 1.50 GB with every block in the heap, 1.28 GB with this; the price is the page faults of the fresh
 mappings, on DARE 1.6 s of system time against 2.8 s (about 0.6 s of wall time). Mapping them ourselves with
 MAP_POPULATE or with huge pages (THP in madvise mode) was no faster.
+
+The heap is trimmed on entry as well: memory that earlier work in the process freed but glibc kept (the
+validation of a multi-stage file's first stage, in its threads' arenas) would otherwise count against the next
+merge's bound. Measured on a two-stage 1B file with validation: peak RSS 1.40 GiB without, 1.13 with.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def reuse_freed_memory() -> Iterator[None]:
     if libc is None:
         yield
         return
+    libc.malloc_trim(0)                     # what earlier work freed (a stage's validation) goes back first
     libc.mallopt(M_ARENA_MAX, 1)            # the reader thread allocates from the same heap
     libc.mallopt(M_MMAP_THRESHOLD, LARGE)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)

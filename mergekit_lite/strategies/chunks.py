@@ -13,12 +13,20 @@ dot products: Multi-SLERP, Karcher, SCE's means) fill one whole float32 vector a
 (``collect``) and do everything else in chunks: memory holds the raw inputs, the output and one to three
 such vectors, whatever the number of models.
 
+Per-chunk results that a pass keeps (a chunk's norm, its sums, its counts) are tiny tensors made while the
+chunk's float32 copies are alive, and glibc takes them from the holes those copies leave: each kept result
+pins a hole of a chunk's size, so a pass over a 1B embedding grew the heap by 300-400 MB (SLERP's peak RSS
+1.08 GiB against 0.69 when chunks were not in the heap). ``map`` copies such results into pages of their own
+(``_Parking``), outside the heap, before the next chunk is read.
+
 A strategy written this way has one body: ``whole`` runs it on whole float32 tensors (the reference the
 engine uses off the CPU, and validation's recomputation), so the two paths cannot drift apart.
 """
 
 from __future__ import annotations
 
+import mmap
+import threading
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
@@ -29,6 +37,7 @@ Result = TypeVar("Result")
 # fn over items, results in order: the engine runs it on its merging threads
 Spread = Callable[[Callable[[Any], Any], Sequence[Any]], list]
 Convert = Callable[[torch.Tensor], torch.Tensor]
+PARKED = 1 << 20        # per-chunk results up to this size are copied out of the heap (larger ones are no pins)
 
 
 def in_order(fn: Callable[[Any], Result], items: Sequence[Any]) -> list[Result]:
@@ -78,7 +87,40 @@ class Chunks:
         """``fn(start, end)`` for every chunk of ``step`` elements (the last may be shorter), on the merging
         threads; the results in chunk order."""
         ranges = [(start, min(start + step, self.numel)) for start in range(0, self.numel, step)]
-        return self._spread(lambda r: fn(*r), ranges)
+        if len(ranges) < 2 or self.device.type != "cpu":
+            return self._spread(lambda r: fn(*r), ranges)
+        parking = _Parking()
+        return self._spread(lambda r: parking.keep(fn(*r)), ranges)
+
+
+class _Parking:
+    """Small CPU tensors (in a result, a tuple or a list) copied into anonymous memory maps: the same values,
+    dtype and shape, in memory that is not glibc's heap and goes back to the kernel when the last is freed."""
+
+    def __init__(self) -> None:
+        self._pages: Optional[torch.Tensor] = None
+        self._used = 0
+        self._lock = threading.Lock()   # chunks finish on several threads
+
+    def keep(self, result: Any) -> Any:
+        if isinstance(result, torch.Tensor):
+            return self._copy(result)
+        if isinstance(result, (tuple, list)):
+            return type(result)(self.keep(item) for item in result)
+        return result
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cpu" or not 0 < nbytes <= PARKED or tensor.requires_grad:
+            return tensor
+        size = -(-nbytes // 64) * 64   # every slot aligned for any dtype
+        with self._lock:
+            if self._pages is None or self._used + size > self._pages.numel():
+                self._pages = torch.frombuffer(mmap.mmap(-1, max(PARKED, size)), dtype=torch.uint8)
+                self._used = 0
+            slot = self._pages[self._used:self._used + nbytes]
+            self._used += size
+        return slot.view(tensor.dtype).view(tensor.shape).copy_(tensor)
 
 
 def collect(src: Chunks, fn: Callable[[int, int], torch.Tensor], step: int,
