@@ -4,6 +4,7 @@ it breaks as a stable sort would), and the random ones have the statistics their
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -223,8 +224,11 @@ def test_della_mask_is_one_draw_of_the_whole_shape_in_any_block_of_rows(shape):
     compared with the band computed from each entry's rank along dim 1, whatever the block."""
     magnitudes = torch.randn(shape, generator=torch.Generator().manual_seed(2)).abs()
     magnitudes[..., :3] = 0.5                                         # equal values: ranked by position
-    masks = [sparsifiers.della_keep(magnitudes, 0.4, 0.2, torch.Generator().manual_seed(7), block=b)
-             for b in (1, 7 * 50, 1 << 20)]
+    with ThreadPoolExecutor(2) as pool:   # blocks ranked on two threads, a wave of them at a time
+        spread = lambda fn, items: list(pool.map(fn, items))  # noqa: E731
+        masks = [sparsifiers.della_keep(magnitudes, 0.4, 0.2, torch.Generator().manual_seed(7), block=b,
+                                        spread=s, wave=w)
+                 for b in (1, 7 * 50, 1 << 20) for s, w in ((None, 8), (spread, 3))]
     rows = magnitudes if magnitudes.dim() >= 2 else magnitudes.unsqueeze(0)
     ranks = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1, stable=True).float()
     band = 0.4 - 0.2 + 2 * 0.2 * ranks / (rows.shape[1] - 1)
@@ -232,3 +236,39 @@ def test_della_mask_is_one_draw_of_the_whole_shape_in_any_block_of_rows(shape):
     expected = (draws < band).view(shape)
     assert all(torch.equal(mask, expected) for mask in masks)
     assert 0 < int(expected.sum()) < expected.numel()
+
+
+def _ranks_by_sorting_rows(rows: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1, stable=True).to(torch.int32)
+
+
+@pytest.mark.parametrize("case", ["ties", "zeros and inf", "one column", "negative", "nan", "minus zero",
+                                  "three dims", "float64"])
+def test_row_ranks_are_a_stable_sort_of_each_row(case):
+    """DELLA's ranks: one integer sort of (row, bits) for non-negative float32 rows; each row sorted otherwise.
+    Equal values rank by position either way."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(37, 301, generator=g).abs()
+    rows[:, ::4] = rows[:, 1:2]                       # a group of equal values in every row
+    if case == "zeros and inf":
+        rows[::3, 5:60] = 0.0
+        rows[1::5, 7:9] = float("inf")
+    elif case == "one column":
+        rows = rows[:, :1].contiguous()
+    elif case == "negative":
+        rows[3, 4:6] = torch.tensor([-1.0, -2.0])      # as integers, negative floats order backwards
+    elif case == "nan":
+        rows[3, 4] = float("nan")
+    elif case == "minus zero":
+        rows[:, 10:20] = 0.0
+        rows[2, 15] = -0.0                            # equal to +0: ranked by position, not by its sign bit
+    elif case == "three dims":
+        rows = rows.view(37, 7, 43)
+    elif case == "float64":
+        rows = rows.double()
+    ranks = sparsifiers._row_ranks(rows)
+    assert ranks.dtype == torch.int32 and ranks.shape == rows.shape
+    if case != "nan":
+        assert torch.equal(ranks, _ranks_by_sorting_rows(rows))
+    else:   # NaN last, as torch sorts it
+        assert int(ranks[3, 4]) == rows.shape[1] - 1 and torch.equal(ranks[4:], _ranks_by_sorting_rows(rows[4:]))

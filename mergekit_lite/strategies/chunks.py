@@ -83,6 +83,11 @@ class Chunks:
         chunk = flat[start:end]
         return chunk if self._convert is None else self._convert(chunk)
 
+    def spread(self, fn: Callable[[Any], Result], items: Sequence[Any]) -> list[Result]:
+        """``fn`` over ``items`` on the merging threads, the results in order: work that is not over chunks of
+        the inputs (DELLA ranks blocks of rows of a vector it collected)."""
+        return self._spread(fn, items)
+
     def map(self, fn: Callable[[int, int], Result], step: int) -> list[Result]:
         """``fn(start, end)`` for every chunk of ``step`` elements (the last may be shorter), on the merging
         threads; the results in chunk order."""

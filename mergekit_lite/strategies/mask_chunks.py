@@ -49,7 +49,7 @@ def mask_prune(src: Chunks, ctx: TensorContext, pruned: list[int], sparsifier: s
                              out=magnitudes)
         shaped = magnitudes.view(src.shape)
         if generator is not None:
-            keep = sparsifiers.della_keep(shaped, density[i], epsilon[i], generator).view(-1)
+            keep = sparsifiers.della_keep(shaped, density[i], epsilon[i], generator, spread=src.spread).view(-1)
         else:
             keep = sparsifiers.outliers_keep(magnitudes, density[i], gamma[i])
         masks[i] = keep.view(torch.uint8)              # 1 / 0: delta * mask is exact, as delta * bool

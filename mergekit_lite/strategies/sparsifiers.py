@@ -122,35 +122,71 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
 
 
 def della_keep(magnitudes: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
-               block: int = 1 << 20) -> torch.Tensor:
+               block: int = 1 << 18, spread: Optional[Callable[[Callable, range], list]] = None,
+               wave: int = 8) -> torch.Tensor:
     """MagPrune's keep mask (bool, the shape of ``magnitudes``) for 0 < ``density`` < 1, one draw per entry
     from ``generator``. Worked out a block of rows (along dim 0) at a time, each a slice of whole rows: a sort
     per row holds 8-byte indices and 4-byte ranks, so the whole tensor at once held about 6x its float32 size
     (3 GiB for a 1B model's embedding). The draws are taken block after block, as one ``torch.rand`` of the
-    whole shape would take them, so the mask is the same in any block size."""
+    whole shape would take them, so the mask is the same in any block size.
+
+    ``spread(fn, items)`` (the merging threads): the ranks of ``wave`` blocks at a time are worked out in
+    parallel, after those blocks' draws were taken in order on this thread, so the mask is the same on any
+    number of threads; ranking is nearly all of DELLA's time. Blocks of 256K entries rank fastest (a 1B
+    embedding on one thread: 1.6 s, against 2.8 s in blocks of 1M and 4.5 s sorting rows of floats; 0.9 s on
+    two threads)."""
     rows = magnitudes if magnitudes.dim() >= 2 else magnitudes.unsqueeze(0)       # (rows, m, ...)
     keep = torch.empty(rows.shape, dtype=torch.bool, device=magnitudes.device)
     per_row = max(1, rows[0].numel())
     step = max(1, block // per_row)
-    for lo in range(0, rows.shape[0], step):
-        part = rows[lo:lo + step]
-        keep[lo:lo + step] = torch.rand(part.shape, generator=generator, device=part.device) < \
-            _band(part, density, epsilon)
+    starts = range(0, rows.shape[0], step)
+    for first in range(0, len(starts), wave):
+        group = starts[first:first + wave]
+        draws = [torch.rand(rows[lo:lo + step].shape, generator=generator, device=rows.device) for lo in group]
+
+        def mask(k: int) -> None:
+            lo = group[k]
+            torch.lt(draws[k], _band(rows[lo:lo + step], density, epsilon), out=keep[lo:lo + step])
+
+        (spread or _in_order)(mask, range(len(group)))
     return keep.view(magnitudes.shape)
+
+
+def _in_order(fn: Callable, items: range) -> list:
+    return [fn(item) for item in items]
 
 
 def _band(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Each entry's keep probability: ``density - epsilon`` + 2 ``epsilon`` x its rank along dim 1 / (m - 1)."""
     m = rows.shape[1]
-    order = torch.sort(rows, dim=1, stable=True).indices                  # ascending |delta| along dim 1
-    shape = [1] * rows.dim()
-    shape[1] = m
-    positions = torch.arange(m, dtype=torch.int32, device=rows.device).view(shape).expand_as(order)
-    ranks = torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)   # 0 = smallest |delta|
-    del order, positions
+    ranks = _row_ranks(rows)
     rank_norm = ranks.to(rows.dtype).div_(m - 1) if m > 1 else torch.full(ranks.shape, 0.5, dtype=rows.dtype,
                                                                          device=rows.device)
     return rank_norm.mul_(2 * epsilon).add_(density - epsilon)
+
+
+def _row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank along dim 1 (int32; 0 = smallest; equal values by position, as a stable sort ranks them).
+
+    Non-negative float32 values (no NaN) order as their bits do, as integers. So on the CPU one stable sort of
+    (row << 32 | bits) over the whole block gives every row's order at once: torch sorts 1-D integers with a
+    radix sort, 2x its stable sort of each row of floats (measured on rows of 2048: 33 ms against 62 per 1M
+    entries). Anything else (other dtypes, more dimensions, a sign bit or a NaN, a GPU) sorts each row."""
+    m = rows.shape[1]
+    if rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 and rows.numel():
+        bits = rows.contiguous().view(torch.int32)
+        if int(bits.min()) >= 0 and int(bits.max()) <= 0x7F800000:   # +0 .. +inf
+            keys = bits.to(torch.int64)
+            keys.add_(torch.arange(rows.shape[0], dtype=torch.int64).mul_(1 << 32).unsqueeze(1))
+            order = torch.sort(keys.view(-1), stable=True).indices   # row by row, each ascending
+            del keys
+            positions = torch.arange(m, dtype=torch.int32).repeat(rows.shape[0])
+            return torch.empty(rows.numel(), dtype=torch.int32).scatter_(0, order, positions).view(rows.shape)
+    order = torch.sort(rows, dim=1, stable=True).indices                  # ascending along dim 1
+    shape = [1] * rows.dim()
+    shape[1] = m
+    positions = torch.arange(m, dtype=torch.int32, device=rows.device).view(shape).expand_as(order)
+    return torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)
 
 
 def l1_norm(tensor: torch.Tensor) -> float:
