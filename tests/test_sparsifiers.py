@@ -32,26 +32,40 @@ def sample(kind: str, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 4, (n,), generator=g).float()   # "few values": huge groups of ties
 
 
+def spreads(name: str, pool: ThreadPoolExecutor):
+    """How a pass's slices run: here in order (None), here last slice first (results still in order), or on
+    two threads."""
+    if name == "reversed":
+        return lambda fn, items: [fn(item) for item in reversed(items)][::-1]
+    return (lambda fn, items: list(pool.map(fn, items))) if name == "threads" else None
+
+
 @pytest.mark.parametrize("kind", ["distinct", "bf16 deltas", "few values"])
 @pytest.mark.parametrize("n", [1, 7, 300, 40_000])   # 40_000 takes the radix-select path
 @pytest.mark.parametrize("piece", [1 << 22, 999])     # masks and counts made in slices of this many entries
-def test_rank_window_is_a_stable_sort_window(kind, n, piece, monkeypatch):
+@pytest.mark.parametrize("spread", [None, "reversed", "threads"])
+def test_rank_window_is_a_stable_sort_window(kind, n, piece, spread, monkeypatch):
     monkeypatch.setattr(sparsifiers, "_SLICE", piece)
     values = sample(kind, n, seed=n)
     g = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        lo, hi = sorted(torch.randint(-2, n + 3, (2,), generator=g).tolist())
-        for descending in (True, False):
-            assert torch.equal(rank_window(values, lo, hi, descending), stable_window(values, lo, hi, descending))
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(6):
+            lo, hi = sorted(torch.randint(-2, n + 3, (2,), generator=g).tolist())
+            for descending in (True, False):
+                assert torch.equal(rank_window(values, lo, hi, descending, spreads(spread, pool)),
+                                   stable_window(values, lo, hi, descending))
 
 
 @pytest.mark.parametrize("kind", ["distinct", "bf16 deltas", "few values"])
 @pytest.mark.parametrize("piece", [1 << 22, 4099])
-def test_radix_select_equals_kthvalue(kind, piece, monkeypatch):
+@pytest.mark.parametrize("spread", [None, "reversed", "threads"])
+def test_radix_select_equals_kthvalue(kind, piece, spread, monkeypatch):
     monkeypatch.setattr(sparsifiers, "_SLICE", piece)
     values = sample(kind, 200_003, seed=5)
     ks = [1, 2, 100_000, 199_999, 200_003]
-    assert [float(v) for v in kth_smallest(values, ks)] == [float(torch.kthvalue(values, k).values) for k in ks]
+    with ThreadPoolExecutor(2) as pool:
+        found = kth_smallest(values, ks, spreads(spread, pool))
+    assert [float(v) for v in found] == [float(torch.kthvalue(values, k).values) for k in ks]
 
 
 def _mergekit_sparsify():

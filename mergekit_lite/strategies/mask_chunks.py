@@ -51,7 +51,7 @@ def mask_prune(src: Chunks, ctx: TensorContext, pruned: list[int], sparsifier: s
         if generator is not None:
             keep = sparsifiers.della_keep(shaped, density[i], epsilon[i], generator, spread=src.spread).view(-1)
         else:
-            keep = sparsifiers.outliers_keep(magnitudes, density[i], gamma[i])
+            keep = sparsifiers.outliers_keep(magnitudes, density[i], gamma[i], src.spread)
         masks[i] = keep.view(torch.uint8)              # 1 / 0: delta * mask is exact, as delta * bool
         if rescale:
             before = norm(shaped)

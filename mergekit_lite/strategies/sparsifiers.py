@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ _ROW = 1024          # L1 norms are summed in rows of this width: one thread per
 _RADIX_MIN = 1 << 15  # smaller tensors: torch.kthvalue (measured: as fast at 16K entries, faster below)
 _SLICE = 1 << 22      # whole-tensor masks and counts are made this many entries at a time (4 MB temporaries)
 DRAW_CHUNK = 1 << 20   # DARE's draws: one random stream per chunk of this many entries
+Spread = Callable[[Callable[[Any], Any], Sequence[Any]], list]   # fn over items, the results in order
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0   # which int16 of a float32 holds its top 16 bits
 
 
@@ -52,14 +53,16 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
     return _apply(delta, outliers_keep(delta.abs().flatten(), density, gamma).view(delta.shape), rescale)
 
 
-def outliers_keep(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs' keep mask (bool, 1-D) of a flat task vector's magnitudes, for ``density`` < 1."""
+def outliers_keep(magnitudes: torch.Tensor, density: float, gamma: float, spread: Optional[Spread] = None
+                  ) -> torch.Tensor:
+    """Breadcrumbs' keep mask (bool, 1-D) of a flat task vector's magnitudes, for ``density`` < 1; ``spread``
+    as in ``rank_window``."""
     n = magnitudes.numel()
     kept = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - kept - n_top)
     # Ranks in ascending magnitude: [n_bottom, n_bottom + kept) survive.
-    return rank_window(magnitudes, n_bottom, n_bottom + kept, descending=False)
+    return rank_window(magnitudes, n_bottom, n_bottom + kept, descending=False, spread=spread)
 
 
 def random(delta: torch.Tensor, density: float, rescale: bool, ctx: TensorContext, model: int) -> torch.Tensor:
@@ -122,7 +125,7 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
 
 
 def della_keep(magnitudes: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
-               block: int = 1 << 18, spread: Optional[Callable[[Callable, range], list]] = None,
+               block: int = 1 << 18, spread: Optional[Spread] = None,
                wave: int = 8) -> torch.Tensor:
     """MagPrune's keep mask (bool, the shape of ``magnitudes``) for 0 < ``density`` < 1, one draw per entry
     from ``generator``. Worked out a block of rows (along dim 0) at a time, each a slice of whole rows: a sort
@@ -152,7 +155,7 @@ def della_keep(magnitudes: torch.Tensor, density: float, epsilon: float, generat
     return keep.view(magnitudes.shape)
 
 
-def _in_order(fn: Callable, items: range) -> list:
+def _in_order(fn: Callable, items: Sequence) -> list:
     return [fn(item) for item in items]
 
 
@@ -220,13 +223,20 @@ def _apply(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, norm: Callabl
     return delta
 
 
-def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool,
+                spread: Optional[Spread] = None) -> torch.Tensor:
     """Mask of the entries of 1-D, non-negative ``magnitudes`` whose rank lies in ``[lo, hi)``.
 
     Rank is the position in a stable sort (descending or ascending): by value, equal values by index.
     Found without sorting: k-th value selection gives the values at the window's edges, comparisons give
     everything strictly inside, and only a group of equal values cut by an edge is looked at by position.
+
+    ``spread(fn, items)`` (the merging threads; default: one after the other here) runs each pass's slices:
+    integer counts and positions in slice order, so the mask is the same on any number of threads. On one
+    thread this was two thirds of a 1B breadcrumbs merge (bf16 deltas tie often, so the edge groups are
+    looked at for nearly every tensor).
     """
+    spread = spread or _in_order
     n = magnitudes.numel()
     lo, hi = max(lo, 0), min(hi, n)
     if hi <= lo:
@@ -247,17 +257,24 @@ def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) ->
 
     # The values at the window's first and last rank (0-based ranks -> 1-based ascending k).
     ranks = ([lo] if lo > 0 else []) + ([hi - 1] if hi < n else [])
-    edges = kth_smallest(magnitudes, [n - r if descending else r + 1 for r in ranks])
+    edges = kth_smallest(magnitudes, [n - r if descending else r + 1 for r in ranks], spread)
     keep = torch.empty(n, dtype=torch.bool, device=magnitudes.device)
-    for part in slices(n):   # a slice at a time: whole-tensor temporaries were a byte per entry each
+
+    def fill(part: slice) -> int:   # a slice at a time: whole-tensor temporaries were a byte per entry each
         keep[part] = inside(magnitudes[part])
-    if int(torch.count_nonzero(keep)) == hi - lo:
+        return int(torch.count_nonzero(keep[part]))
+
+    if sum(spread(fill, slices(n))) == hi - lo:
         return keep  # no group of equal values straddles an edge
     for v in (edges[:1] if len(edges) == 1 or bool(edges[0] == edges[1]) else edges):
         # Entries equal to v hold ranks [start, start + count) in index order; keep those inside the window.
-        positions = torch.cat([(magnitudes[part] == v).nonzero().flatten().add_(part.start)
-                               for part in slices(n)])                         # (count,) indices, ascending
-        start = sum(int(torch.count_nonzero(ahead(magnitudes[part], v))) for part in slices(n))
+        def group(part: slice, v: torch.Tensor = v) -> tuple[torch.Tensor, int]:
+            chunk = magnitudes[part]
+            return (chunk == v).nonzero().flatten().add_(part.start), int(torch.count_nonzero(ahead(chunk, v)))
+
+        found = spread(group, slices(n))
+        positions = torch.cat([p for p, _ in found])                          # (count,) indices, ascending
+        start = sum(count for _, count in found)
         first_kept = min(max(lo - start, 0), positions.numel())
         end_kept = min(max(hi - start, 0), positions.numel())
         keep[positions[:first_kept]] = False
@@ -270,24 +287,26 @@ def slices(n: int) -> list[slice]:
     return [slice(start, min(start + _SLICE, n)) for start in range(0, n, _SLICE)]
 
 
-def kth_smallest(magnitudes: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
+def kth_smallest(magnitudes: torch.Tensor, ks: list[int], spread: Optional[Spread] = None) -> list[torch.Tensor]:
     """The k-th smallest (1-based) of 1-D non-negative ``magnitudes``, for each k: a radix select.
 
     Non-negative float32 values order like their bit patterns, so one histogram of the top 16 bits finds
     the bucket holding each k-th value, and ``torch.kthvalue`` finishes on that bucket's few entries.
     That is a few linear passes, 3-5x faster than ``torch.kthvalue`` on the whole tensor (which
     copies it and partitions repeatedly). Other dtypes and small tensors use ``torch.kthvalue`` directly.
+    ``spread``: as in ``rank_window``.
     """
+    spread = spread or _in_order
     if magnitudes.dtype != torch.float32 or magnitudes.numel() < _RADIX_MIN or not magnitudes.is_contiguous():
         return [torch.kthvalue(magnitudes, k).values for k in ks]
     # The top 16 bits of each float32, read in place as the high int16 half (0..32767: the sign bit is 0).
     high = magnitudes.view(torch.int16)[_HIGH_HALF::2]                    # (n,) bucket of each entry
     parts = slices(high.numel())   # bincount copies a strided slice: one slice at a time, not the whole tensor
-    below = sum(torch.bincount(high[part], minlength=1 << 15) for part in parts).cumsum_(0)   # in buckets <= b
+    below = sum(spread(lambda part: torch.bincount(high[part], minlength=1 << 15), parts)).cumsum_(0)   # <= b
     found = []
     for k in ks:
         bucket = int(torch.searchsorted(below, k))                        # first bucket reaching rank k
         before = int(below[bucket - 1]) if bucket else 0
-        members = torch.cat([magnitudes[part][high[part] == bucket] for part in parts])
+        members = torch.cat(spread(lambda part, b=bucket: magnitudes[part][high[part] == b], parts))
         found.append(torch.kthvalue(members, k - before).values)
     return found
