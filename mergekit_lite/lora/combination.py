@@ -10,8 +10,9 @@ errors that name the adapters and the fix:
 - ``target_modules`` of the new adapter: the union of the lists, or the regexes joined with ``|``; a mix of
   both is refused, as peft does.
 - the new config is adapters[0]'s with ``r = lora_alpha = new rank`` and no rank/alpha patterns. peft also
-  keeps adapters[0]'s ``use_rslora``, which makes its scaling sqrt(r) instead of 1 (a bug, fixed upstream by
-  huggingface/peft#3449): we write ``use_rslora: false``, so the new adapter applies what the factors hold.
+  keeps adapters[0]'s ``use_rslora`` before 0.22, which makes its scaling sqrt(r) instead of 1 (a bug, fixed
+  upstream by huggingface/peft#3449): we write ``use_rslora: false``, so the new adapter applies what the
+  factors hold.
 - refused, because peft would drop them silently: DoRA magnitudes, ``lora_B`` biases, full-tensor
   replacements (``modules_to_save``, trained biases, saved embedding copies).
 - every adapter must adapt the same base: the same module has the same kind and input/output sizes in each,
