@@ -286,7 +286,8 @@ def test_per_chunk_results_are_kept_out_of_the_heap_with_their_values(threads):
 
 
 def test_a_single_chunk_or_a_large_result_is_returned_as_made():
-    """One chunk pins nothing between chunks, and a result over PARKED is no pin: both come back untouched."""
+    """One chunk pins nothing between chunks, a result over PARKED is no pin, and a view is memory its caller
+    holds (copying it would double that): all come back untouched."""
     from mergekit_lite.strategies import chunks
 
     raw = torch.arange(2 * (chunks.PARKED // 4) + 8, dtype=torch.float32)
@@ -301,3 +302,7 @@ def test_a_single_chunk_or_a_large_result_is_returned_as_made():
     assert one[0] is made[0]
     large = src.map(copy, chunks.PARKED // 4 + 4)
     assert large[0] is made[1] and large[1] is made[2]
+    total = torch.zeros(raw.numel())   # a pass that accumulates into a vector it holds returns views of it
+    views = src.map(lambda start, end: total[start:end].add_(src.input(0, start, end)), 1 << 10)
+    assert all(view.data_ptr() == total[i << 10:].data_ptr() for i, view in enumerate(views))
+    assert torch.equal(total, raw)

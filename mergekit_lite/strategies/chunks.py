@@ -100,7 +100,8 @@ class Chunks:
 
 class _Parking:
     """Small CPU tensors (in a result, a tuple or a list) copied into anonymous memory maps: the same values,
-    dtype and shape, in memory that is not glibc's heap and goes back to the kernel when the last is freed."""
+    dtype and shape, in memory that is not glibc's heap and goes back to the kernel when the last is freed.
+    Views are returned as they are."""
 
     def __init__(self) -> None:
         self._pages: Optional[torch.Tensor] = None
@@ -116,8 +117,8 @@ class _Parking:
 
     def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
         nbytes = tensor.numel() * tensor.element_size()
-        if tensor.device.type != "cpu" or not 0 < nbytes <= PARKED or tensor.requires_grad:
-            return tensor
+        if tensor.device.type != "cpu" or not 0 < nbytes <= PARKED or tensor.requires_grad or tensor._is_view():
+            return tensor   # a view (``out[lo:hi].add_(...)``) is memory the caller holds anyway: no pin, no copy
         size = -(-nbytes // 64) * 64   # every slot aligned for any dtype
         with self._lock:
             if self._pages is None or self._used + size > self._pages.numel():
