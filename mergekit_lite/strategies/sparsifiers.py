@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from ..strategy import TensorContext
+from .chunks import Spread, in_order
 
 RESCALE_EPS = 1e-7   # below this L1 norm (before or after pruning) mergekit skips the rescale
 _ROW = 1024          # L1 norms are summed in rows of this width: one thread per row, whatever the thread count
 _RADIX_MIN = 1 << 15  # smaller tensors: torch.kthvalue (measured: as fast at 16K entries, faster below)
 _SLICE = 1 << 22      # whole-tensor masks and counts are made this many entries at a time (4 MB temporaries)
 DRAW_CHUNK = 1 << 20   # DARE's draws: one random stream per chunk of this many entries
-Spread = Callable[[Callable[[Any], Any], Sequence[Any]], list]   # fn over items, the results in order
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0   # which int16 of a float32 holds its top 16 bits
 
 
@@ -151,12 +151,8 @@ def della_keep(magnitudes: torch.Tensor, density: float, epsilon: float, generat
             lo = group[k]
             torch.lt(draws[k], _band(rows[lo:lo + step], density, epsilon), out=keep[lo:lo + step])
 
-        (spread or _in_order)(mask, range(len(group)))
+        (spread or in_order)(mask, range(len(group)))
     return keep.view(magnitudes.shape)
-
-
-def _in_order(fn: Callable, items: Sequence) -> list:
-    return [fn(item) for item in items]
 
 
 def _band(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -236,7 +232,7 @@ def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool,
     thread this was two thirds of a 1B breadcrumbs merge (bf16 deltas tie often, so the edge groups are
     looked at for nearly every tensor).
     """
-    spread = spread or _in_order
+    spread = spread or in_order
     n = magnitudes.numel()
     lo, hi = max(lo, 0), min(hi, n)
     if hi <= lo:
@@ -296,7 +292,7 @@ def kth_smallest(magnitudes: torch.Tensor, ks: list[int], spread: Optional[Sprea
     copies it and partitions repeatedly). Other dtypes and small tensors use ``torch.kthvalue`` directly.
     ``spread``: as in ``rank_window``.
     """
-    spread = spread or _in_order
+    spread = spread or in_order
     if magnitudes.dtype != torch.float32 or magnitudes.numel() < _RADIX_MIN or not magnitudes.is_contiguous():
         return [torch.kthvalue(magnitudes, k).values for k in ks]
     # The top 16 bits of each float32, read in place as the high int16 half (0..32767: the sign bit is 0).
