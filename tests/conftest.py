@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,18 @@ os.environ["HF_HUB_DISABLE_UPDATE_CHECK"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead and noise on a shared 2-core box
+
+
+@pytest.fixture(autouse=True)
+def _package_logger():
+    """The package logger as each test found it: the CLI sets its level (``--quiet``: errors only), its handler
+    and propagation for the process, which would otherwise hide later tests' warnings from ``caplog``."""
+    logger = logging.getLogger("mergekit_lite")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="session")

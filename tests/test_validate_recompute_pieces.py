@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from mergekit_lite import run_merge, validate
 from mergekit_lite.engine import loop
+from mergekit_lite.strategies.chunks import Chunks
 from mergekit_lite.testing.synthetic import LlamaShape, write_model
 from mergekit_lite.validation.folder import read_output
 
@@ -104,3 +106,47 @@ def test_pieces_hold_what_the_merge_holds(models, tmp_path, monkeypatch):
     assert failed.failures[0].tensor == "model.embed_tokens.weight"
     assert f"at [{SHAPE.vocab - 3}, 5]" in failed.failures[0].message
     assert "1 of " + str(math.prod((SHAPE.vocab, SHAPE.hidden))) + " values" in failed.failures[0].message
+
+
+PRUNED = {
+    "breadcrumbs": "{weight: 0.6, density: 0.8, gamma: 0.05}",
+    "della": "{weight: 0.6, density: 0.5, epsilon: 0.15}",
+}
+
+
+@pytest.mark.parametrize("method", sorted(PRUNED))
+def test_whole_tensor_passes_are_recomputed_on_the_recompute_threads(models, tmp_path, monkeypatch, method):
+    """A whole-tensor merge's passes (ranks, masks, sums over chunks) run on the recompute threads, as the merge
+    spreads them over its merging threads, and the recomputation still gives the written bytes: bit-exact for
+    every tensor, and a flipped value found."""
+    out = tmp_path / "out"
+    text = (f"merge_method: {method}\ndtype: bfloat16\nbase_model: {models / 'base'}\nmodels:\n" +
+            "".join(f"  - model: {models / name}\n    parameters: {PRUNED[method]}\n" for name in ("a", "b")))
+    run_merge(text, out, progress=False, validate=False)
+    monkeypatch.setattr(loop, "merge_threads", lambda: 2)
+    names: set[str] = set()
+    mapped = Chunks.map
+
+    def noted(self, fn, step):
+        def run(start, end):
+            names.add(threading.current_thread().name.rsplit("_", 1)[0])
+            return fn(start, end)
+        return mapped(self, run, step)
+
+    monkeypatch.setattr(Chunks, "map", noted)
+    report = validate(out, device="cpu", full=True, forward=False)
+    recomputed = report.check("recompute")
+    assert recomputed.status == "passed", str(report)
+    assert recomputed.numbers["bit_exact"] == recomputed.numbers["tensors"] == 2 * 9 + 3
+    assert "mergekit-lite-recompute" in names and "MainThread" not in names
+
+    info = read_output(str(out)).tensors["model.layers.1.mlp.down_proj.weight"]
+    with open(info.path, "r+b") as f:
+        f.seek(info.start + 2 * 7)
+        value = struct.unpack("<H", f.read(2))[0]
+        f.seek(info.start + 2 * 7)
+        f.write(struct.pack("<H", value ^ 0x0010))   # one mantissa bit of one value
+    failed = validate(out, device="cpu", full=True, forward=False).check("recompute")
+    assert failed.status == "failed"
+    assert [f.tensor for f in failed.failures] == ["model.layers.1.mlp.down_proj.weight"]
+    assert "1 of " in failed.failures[0].message and "at [0, 7]" in failed.failures[0].message

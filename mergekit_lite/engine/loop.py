@@ -250,19 +250,24 @@ def computed_pieces(plan: MergePlan, job: TensorJob, device: torch.device, threa
     """(rows or None, result in the written dtype on the CPU, the inputs it was computed from) for each piece of
     one output tensor, in order, by the pieces and paths the loop takes (call under ``merge_arithmetic``): a
     recomputation holds what the merge held, and gets the bytes it wrote. Row blocks of element-wise merges are
-    computed by up to ``threads`` threads at once, each with one torch thread, as the loop computes them."""
+    computed by up to ``threads`` threads at once, each with one torch thread, and the passes of a whole-tensor
+    merge are spread over them, as the loop computes them (the same bytes in any order: strategies/chunks.py)."""
     pieces = split(job, job.strategy, blocked=device.type == "cpu")
 
-    def one(piece: _Piece) -> tuple[Rows, torch.Tensor, list[torch.Tensor]]:
+    def one(piece: _Piece, spread: Spread = in_order) -> tuple[Rows, torch.Tensor, list[torch.Tensor]]:
         loaded = _load(piece, device, not plan.allow_nonfinite)
         inputs = resolve_sources(loaded) if piece.raw or device.type != "cpu" else list(loaded)
-        return piece.rows, _compute(plan, piece, list(inputs), device)[0], inputs
+        return piece.rows, _compute(plan, piece, list(inputs), device, spread)[0], inputs
 
-    if threads <= 1 or len(pieces) == 1 or not all(piece.blocked for piece in pieces):
+    if threads <= 1:
         for piece in pieces:
             yield one(piece)
         return
     with ThreadPoolExecutor(threads, "mergekit-lite-recompute", _one_torch_thread) as pool:
+        if len(pieces) == 1 or not all(piece.blocked for piece in pieces):
+            for piece in pieces:
+                yield one(piece, lambda fn, items: list(pool.map(fn, items)))
+            return
         running: deque[Future] = deque()
         for piece in pieces:
             if len(running) >= threads:

@@ -91,6 +91,7 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
     blocks of element-wise merges, whole tensors otherwise, under the merge's torch thread setting) and each
     piece compared with the bytes written for it, so memory holds what the merge held."""
     from ..engine.loop import merge_arithmetic
+    from ..engine.memory import reuse_freed_memory
 
     started = time.perf_counter()
     tolerance = 0 if merged_on == device.type and other_tool is None else 1
@@ -101,7 +102,7 @@ def check_recompute(folder: OutputFolder, plan: MergePlan, device: torch.device,
     unreadable: list[Finding] = []     # tensors whose sources could not be read: not checked, not failed
     exact = 0
     worst_ulp = 0.0
-    with TensorReader() as reader, merge_arithmetic(device):
+    with TensorReader() as reader, merge_arithmetic(device), reuse_freed_memory():
         for job in jobs:
             info = folder.tensors.get(job.name)
             if info is None or info.shape != job.shape or info.dtype != job.dtype:
