@@ -38,6 +38,7 @@ Result = TypeVar("Result")
 Spread = Callable[[Callable[[Any], Any], Sequence[Any]], list]
 Convert = Callable[[torch.Tensor], torch.Tensor]
 PARKED = 1 << 20        # per-chunk results up to this size are copied out of the heap (larger ones are no pins)
+NUMBERS = (int, float)
 
 
 def in_order(fn: Callable[[Any], Result], items: Sequence[Any]) -> list[Result]:
@@ -112,6 +113,8 @@ class _Parking:
         if isinstance(result, torch.Tensor):
             return self._copy(result)
         if isinstance(result, (tuple, list)):
+            if result and isinstance(result[0], NUMBERS) and isinstance(result[-1], NUMBERS):
+                return result   # plain numbers (DARE's row sums, a thousand a chunk): no tensor to move
             return type(result)(self.keep(item) for item in result)
         return result
 

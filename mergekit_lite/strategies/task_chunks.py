@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -109,8 +110,8 @@ def _random_drop(src: Chunks, ctx: TensorContext, pruned: list[int], density: Se
     if rescale and pruned:
         parts = src.map(norms, CHUNK)
         for j, i in enumerate(pruned):
-            before = math.fsum(x for part in parts for x in part[j][0])
-            after = math.fsum(x for part in parts for x in part[j][1])
+            before = math.fsum(chain.from_iterable(part[j][0] for part in parts))   # exact: any order
+            after = math.fsum(chain.from_iterable(part[j][1] for part in parts))
             if before >= sparsifiers.RESCALE_EPS and after >= sparsifiers.RESCALE_EPS:
                 scales[i] = before / after
 
