@@ -150,3 +150,24 @@ def test_whole_tensor_passes_are_recomputed_on_the_recompute_threads(models, tmp
     assert failed.status == "failed"
     assert [f.tensor for f in failed.failures] == ["model.layers.1.mlp.down_proj.weight"]
     assert "1 of " in failed.failures[0].message and "at [0, 7]" in failed.failures[0].message
+
+
+def test_the_free_heap_is_released_before_the_largest_whole_tensor_merges(models, tmp_path, monkeypatch):
+    """The peak of a whole-tensor merge is at its largest tensors, after every earlier tensor left freed blocks in
+    the heap: their pages go back to the kernel right before each merge of a tensor at least half the largest
+    (here the embedding and lm_head), and before no other, where faulting them in again would only cost time."""
+    events: list[str] = []
+    merge_chunks = loop.merge_chunks
+
+    def noted(plan, job, inputs, spread=loop.in_order):
+        events.append(job.name)
+        return merge_chunks(plan, job, inputs, spread)
+
+    monkeypatch.setattr(loop, "merge_chunks", noted)
+    monkeypatch.setattr(loop, "release_free_heap", lambda: events.append("release"))
+    text = (f"merge_method: breadcrumbs\ndtype: bfloat16\nbase_model: {models / 'base'}\nmodels:\n" +
+            "".join(f"  - model: {models / name}\n    parameters: {PRUNED['breadcrumbs']}\n" for name in ("a", "b")))
+    run_merge(text, tmp_path / "out", progress=False, validate=False)
+    released = [events[i + 1] for i, event in enumerate(events) if event == "release"]
+    assert sorted(released) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert len([e for e in events if e != "release"]) == 2 * 9 + 3       # every tensor merged whole, once

@@ -45,7 +45,7 @@ from .compute import (
     read_sources,
     resolve_sources,
 )
-from .memory import reuse_freed_memory
+from .memory import release_free_heap, reuse_freed_memory
 from .pipeline import Reader, WriteBehind
 
 # Row blocks of element-wise merges hold at most this many elements (32 MB per float32 input): measured on
@@ -286,6 +286,8 @@ def _compute(plan: MergePlan, piece: _Piece, loaded: list, device: torch.device,
     if piece.blocked:
         return merge_blocks(plan, piece.job, inputs, piece.shape, piece.rows), computed
     if piece.chunked:
+        if 2 * piece.numel >= max(math.prod(job.shape) for job in plan.jobs):   # where the peak is
+            release_free_heap()
         return merge_chunks(plan, piece.job, inputs, spread), computed
     prepared = inputs if device.type == "cpu" else prepare_inputs(piece.job, inputs, device, piece.rows,
                                                                   check=not plan.allow_nonfinite)
