@@ -114,15 +114,19 @@ PRUNED = {
 }
 
 
+
+def pruned_spec(root: Path, method: str) -> str:
+    return (f"merge_method: {method}\ndtype: bfloat16\nbase_model: {root / 'base'}\nmodels:\n" +
+            "".join(f"  - model: {root / name}\n    parameters: {PRUNED[method]}\n" for name in ("a", "b")))
+
+
 @pytest.mark.parametrize("method", sorted(PRUNED))
 def test_whole_tensor_passes_are_recomputed_on_the_recompute_threads(models, tmp_path, monkeypatch, method):
     """A whole-tensor merge's passes (ranks, masks, sums over chunks) run on the recompute threads, as the merge
     spreads them over its merging threads, and the recomputation still gives the written bytes: bit-exact for
     every tensor, and a flipped value found."""
     out = tmp_path / "out"
-    text = (f"merge_method: {method}\ndtype: bfloat16\nbase_model: {models / 'base'}\nmodels:\n" +
-            "".join(f"  - model: {models / name}\n    parameters: {PRUNED[method]}\n" for name in ("a", "b")))
-    run_merge(text, out, progress=False, validate=False)
+    run_merge(pruned_spec(models, method), out, progress=False, validate=False)
     monkeypatch.setattr(loop, "merge_threads", lambda: 2)
     names: set[str] = set()
     mapped = Chunks.map
@@ -165,9 +169,7 @@ def test_the_free_heap_is_released_before_the_largest_whole_tensor_merges(models
 
     monkeypatch.setattr(loop, "merge_chunks", noted)
     monkeypatch.setattr(loop, "release_free_heap", lambda: events.append("release"))
-    text = (f"merge_method: breadcrumbs\ndtype: bfloat16\nbase_model: {models / 'base'}\nmodels:\n" +
-            "".join(f"  - model: {models / name}\n    parameters: {PRUNED['breadcrumbs']}\n" for name in ("a", "b")))
-    run_merge(text, tmp_path / "out", progress=False, validate=False)
+    run_merge(pruned_spec(models, "breadcrumbs"), tmp_path / "out", progress=False, validate=False)
     released = [events[i + 1] for i, event in enumerate(events) if event == "release"]
     assert sorted(released) == ["lm_head.weight", "model.embed_tokens.weight"]
     assert len([e for e in events if e != "release"]) == 2 * 9 + 3       # every tensor merged whole, once

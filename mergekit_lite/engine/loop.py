@@ -129,7 +129,7 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
 
     with _merge_session(device), ThreadPoolExecutor(threads, "mergekit-lite-merge", _one_torch_thread) as pool:
         # chunked merges spread each pass over the pool (then idle: whole tensors wait for the row blocks)
-        spread = (lambda fn, items: list(pool.map(fn, items))) if threads > 1 else in_order
+        spread = _pool_spread(pool) if threads > 1 else in_order
         reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite, checksums),
                         lambda p: _loaded_bytes(p, device))
         behind = WriteBehind(finished)
@@ -186,6 +186,11 @@ def _finished(running: deque) -> tuple[ShardPlan, _Piece, torch.Tensor, list]:
     """The oldest pool merge, done (its error is raised; the caller then cancels those queued after it)."""
     shard, piece, future = running.popleft()
     return (shard, piece, *future.result())
+
+
+def _pool_spread(pool: ThreadPoolExecutor) -> Spread:
+    """A whole-tensor merge's passes over the merging threads, the results in order."""
+    return lambda fn, items: list(pool.map(fn, items))
 
 
 def _one_torch_thread() -> None:
@@ -266,7 +271,7 @@ def computed_pieces(plan: MergePlan, job: TensorJob, device: torch.device, threa
     with ThreadPoolExecutor(threads, "mergekit-lite-recompute", _one_torch_thread) as pool:
         if len(pieces) == 1 or not all(piece.blocked for piece in pieces):
             for piece in pieces:
-                yield one(piece, lambda fn, items: list(pool.map(fn, items)))
+                yield one(piece, _pool_spread(pool))
             return
         running: deque[Future] = deque()
         for piece in pieces:
@@ -286,7 +291,7 @@ def _compute(plan: MergePlan, piece: _Piece, loaded: list, device: torch.device,
     if piece.blocked:
         return merge_blocks(plan, piece.job, inputs, piece.shape, piece.rows), computed
     if piece.chunked:
-        if 2 * piece.numel >= max(math.prod(job.shape) for job in plan.jobs):   # where the peak is
+        if 2 * piece.numel >= plan.largest_numel:   # where the peak is
             release_free_heap()
         return merge_chunks(plan, piece.job, inputs, spread), computed
     prepared = inputs if device.type == "cpu" else prepare_inputs(piece.job, inputs, device, piece.rows,

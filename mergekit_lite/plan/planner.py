@@ -12,8 +12,10 @@ Which output tensors exist, and where each one's inputs come from, is a layout's
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Optional
 
 import torch
@@ -59,6 +61,11 @@ class MergePlan:
     @property
     def total_bytes(self) -> int:
         return sum(job.nbytes for job in self.jobs)
+
+    @cached_property
+    def largest_numel(self) -> int:
+        """Entries of the largest output tensor: the merge's memory peak is at the tensors of this size."""
+        return max((math.prod(job.shape) for job in self.jobs), default=0)
 
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():

@@ -135,9 +135,9 @@ def della_keep(magnitudes: torch.Tensor, density: float, epsilon: float, generat
 
     ``spread(fn, items)`` (the merging threads): the ranks of ``wave`` blocks at a time are worked out in
     parallel, while one of the threads takes the next wave's draws (one wave after the other, each in block
-    order, so the mask is the same on any number of threads); ranking is nearly all of DELLA's time. Blocks of 256K entries rank fastest (a 1B
-    embedding on one thread: 1.6 s, against 2.8 s in blocks of 1M and 4.5 s sorting rows of floats; 0.9 s on
-    two threads)."""
+    order, so the mask is the same on any number of threads); ranking is nearly all of DELLA's time. Blocks of
+    256K entries rank fastest (a 1B embedding on one thread: 1.6 s, against 2.8 s in blocks of 1M and 4.5 s
+    sorting rows of floats; 0.9 s on two threads)."""
     rows = magnitudes if magnitudes.dim() >= 2 else magnitudes.unsqueeze(0)       # (rows, m, ...)
     keep = torch.empty(rows.shape, dtype=torch.bool, device=magnitudes.device)
     per_row = max(1, rows[0].numel())
@@ -208,7 +208,7 @@ def _packed_order(bits: torch.Tensor) -> Optional[torch.Tensor]:
     in the dropped bits share a key and keep their positions' order, which may not be their values' order: the
     full bits are read back in the sorted order and must not decrease along any row, else None. Equal keys of
     equal values are in position order (the sort is stable), as the full sort puts them. A 1B DELLA block:
-    3.7 ms against 5.1 with int64 keys; none of its blocks needed the int64 sort."""
+    3.7 ms against 5.1 with int64 keys; about one block in eight still takes the int64 sort."""
     n_rows, m = bits.shape
     dropped = (n_rows - 1).bit_length()
     keys = bits >> dropped
