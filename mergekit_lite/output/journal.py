@@ -28,7 +28,6 @@ import logging
 import os
 import stat
 import threading
-import zlib
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -40,7 +39,7 @@ from ..plan.jobs import TensorJob
 from ..plan.planner import MergePlan
 from ..plan.shards import ShardPlan, file_order
 from ..safetensors_format import tensor_bytes
-from .crc import crc32_combine
+from .crc import crc32, crc32_combine
 from .folder import LEFTOVER, MARKER, append_to, fsync_dir, now, read_marker, write_new
 from .writer import ShardRecord, file_crc32
 
@@ -102,7 +101,7 @@ class InputChecksums:
         crcs = self._crcs.setdefault(job.name, [0] * len(raw))
         for i, tensor in enumerate(raw):
             if tensor is not None:   # None: this input's bytes are added later (the merge loop's deferred folds)
-                crcs[i] = zlib.crc32(tensor_bytes(tensor), crcs[i])
+                crcs[i] = crc32(tensor_bytes(tensor), crcs[i])
 
     def add_crc(self, job: TensorJob, index: int, crc: int, nbytes: int, inputs: int = 1) -> None:
         """Add the CRC-32 of the next ``nbytes`` of input ``index`` of ``job``, computed elsewhere: by the shard
@@ -118,7 +117,7 @@ def combine(per_job: Iterable[list[int]]) -> int:
     crc = 0
     for crcs in per_job:
         for value in crcs:
-            crc = zlib.crc32(value.to_bytes(4, "little"), crc)
+            crc = crc32(value.to_bytes(4, "little"), crc)
     return crc
 
 
@@ -128,12 +127,12 @@ def read_checksums(job: TensorJob) -> list[int]:
     for source in job.sources:
         shape, crc = source.info.shape, 0
         if not shape or not shape[0]:
-            crc = zlib.crc32(tensor_bytes(source.read()))
+            crc = crc32(tensor_bytes(source.read()))
         else:
             step = max(1, READ_BLOCK // max(1, source.info.nbytes // shape[0]))
             for start in range(0, shape[0], step):
                 rows = (start, min(start + step, shape[0]))
-                crc = zlib.crc32(tensor_bytes(source.read(rows)), crc)
+                crc = crc32(tensor_bytes(source.read(rows)), crc)
         crcs.append(crc)
     return crcs
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,7 +18,7 @@ from ..errors import OutputError
 from ..plan.planner import MergePlan
 from ..plan.shards import Entry, ShardPlan, file_order
 from ..safetensors_format import build_header, tensor_bytes, write_from
-from .crc import crc32_combine
+from .crc import crc32, crc32_combine
 from .direct_io import DirectStream
 from .folder import LEFTOVER
 
@@ -48,7 +47,7 @@ def file_crc32(path: str, chunk: int = 64 << 20) -> int:
             got = f.readinto(buffer)
             if not got:
                 return crc
-            crc = zlib.crc32(view[:got], crc)
+            crc = crc32(view[:got], crc)
 
 
 class ShardWriter:
@@ -127,7 +126,7 @@ class ShardWriter:
     def _append(self, data: memoryview, crc_of: Optional[memoryview] = None) -> int:
         """Stream ``data``; returns the CRC-32 of ``crc_of`` (default: of ``data``), also added to the shard's."""
         checked = data if crc_of is None else crc_of
-        crc = zlib.crc32(checked)
+        crc = crc32(checked)
         self._crc = crc32_combine(self._crc, crc, len(checked))
         if self._direct is not None:
             self._direct.append(data)
