@@ -288,18 +288,30 @@ def test_row_ranks_are_a_stable_sort_of_each_row(case):
         assert int(ranks[3, 4]) == rows.shape[1] - 1 and torch.equal(ranks[4:], _ranks_by_sorting_rows(rows[4:]))
 
 
-@pytest.mark.parametrize("in_order", [True, False])
-def test_packed_rank_keys_fall_back_when_dropped_bits_decide(in_order):
-    """The int32 keys drop each value's lowest bits to make room for the row: two values that differ only there
+ONE, NEXT_UP, TWO_UP = 0x3F800000, 0x3F800001, 0x3F800002   # 1.0 and the floats right above it
+
+
+@pytest.mark.parametrize("row_4, in_order", [
+    ({10: ONE, 11: NEXT_UP}, True),
+    ({10: NEXT_UP, 11: ONE}, False),                     # set dropped bits before the group's plain value
+    ({10: ONE, 11: TWO_UP, 12: NEXT_UP}, False),         # two with set bits out of order
+    ({10: ONE, 20: ONE, 30: NEXT_UP, 40: TWO_UP}, True),
+    ({10: ONE, 20: NEXT_UP, 30: ONE}, False),            # the value after it in the row is sorted next
+    ({300: 0x7F7FFFFF}, True),                           # the row's largest: nothing after it in its row
+])
+def test_packed_rank_keys_fall_back_when_dropped_bits_decide(row_4, in_order):
+    """The int32 keys drop each value's lowest bits to make room for the row: values that differ only there
     share a key and keep their positions' order. Where that is their values' order the packed sort stands; where
     it is not, the full int64 sort runs. The ranks are a stable sort of each row either way."""
     g = torch.Generator().manual_seed(11)
     rows = torch.randn(37, 301, generator=g).abs()              # 37 rows: the keys drop 6 bits
     rows = rows.view(torch.int32).bitwise_and(~0x3F).view(torch.float32)   # which no other value has set
-    one, next_up = torch.tensor([0x3F800000, 0x3F800001], dtype=torch.int32).view(torch.float32)
-    rows[4, 10], rows[4, 11] = (one, next_up) if in_order else (next_up, one)
-    packed = sparsifiers._packed_order(rows.view(torch.int32).clone())
+    rows[5, 0] = 0.0                                            # the next row starts below row 4's largest
+    for column, value in row_4.items():
+        rows[4, column] = torch.tensor(value, dtype=torch.int32).view(torch.float32)
+    packed = sparsifiers._packed_ranks(rows.view(torch.int32).clone())
     assert (packed is not None) == in_order
-    assert torch.equal(sparsifiers._row_ranks(rows), _ranks_by_sorting_rows(rows))
-    assert int(sparsifiers._row_ranks(rows)[4, 11 if in_order else 10]) == \
-           int(sparsifiers._row_ranks(rows)[4, 10 if in_order else 11]) + 1
+    expected = _ranks_by_sorting_rows(rows)
+    assert torch.equal(sparsifiers._row_ranks(rows), expected)
+    if packed is not None:
+        assert torch.equal(packed.view(rows.shape), expected)
