@@ -299,19 +299,21 @@ ONE, NEXT_UP, TWO_UP = 0x3F800000, 0x3F800001, 0x3F800002   # 1.0 and the floats
     ({10: ONE, 20: NEXT_UP, 30: ONE}, False),            # the value after it in the row is sorted next
     ({300: 0x7F7FFFFF}, True),                           # the row's largest: nothing after it in its row
 ])
-def test_packed_rank_keys_fall_back_when_dropped_bits_decide(row_4, in_order):
+def test_packed_rank_keys_sort_again_the_rows_where_dropped_bits_decide(row_4, in_order, monkeypatch):
     """The int32 keys drop each value's lowest bits to make room for the row: values that differ only there
     share a key and keep their positions' order. Where that is their values' order the packed sort stands; where
-    it is not, the full int64 sort runs. The ranks are a stable sort of each row either way."""
+    it is not, that row (and no other) is sorted again by its full bits. The ranks are a stable sort of each row
+    either way."""
     g = torch.Generator().manual_seed(11)
     rows = torch.randn(37, 301, generator=g).abs()              # 37 rows: the keys drop 6 bits
     rows = rows.view(torch.int32).bitwise_and(~0x3F).view(torch.float32)   # which no other value has set
     rows[5, 0] = 0.0                                            # the next row starts below row 4's largest
     for column, value in row_4.items():
         rows[4, column] = torch.tensor(value, dtype=torch.int32).view(torch.float32)
-    packed = sparsifiers._packed_ranks(rows.view(torch.int32).clone())
-    assert (packed is not None) == in_order
-    expected = _ranks_by_sorting_rows(rows)
-    assert torch.equal(sparsifiers._row_ranks(rows), expected)
-    if packed is not None:
-        assert torch.equal(packed.view(rows.shape), expected)
+    again = []
+    rerank = sparsifiers._rerank
+    monkeypatch.setattr(sparsifiers, "_rerank", lambda bits, ranks, which: again.append(which.tolist()) or
+                        rerank(bits, ranks, which))
+    ranks = sparsifiers._row_ranks(rows)
+    assert again == ([] if in_order else [[4]])
+    assert torch.equal(ranks, _ranks_by_sorting_rows(rows))

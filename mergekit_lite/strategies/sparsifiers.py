@@ -16,6 +16,7 @@ output bytes do not depend on threads or shard sizes.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -187,13 +188,7 @@ def _row_ranks(rows: torch.Tensor) -> torch.Tensor:
         bits = rows.contiguous().view(torch.int32)
         lowest, highest = (int(x) for x in torch.aminmax(bits))
         if lowest >= 0 and highest <= 0x7F800000:   # +0 .. +inf
-            ranks = _packed_ranks(bits)
-            if ranks is None:   # values the packed keys could not tell apart, out of order: the full bits
-                keys = bits.to(torch.int64)
-                keys.add_(torch.arange(rows.shape[0], dtype=torch.int64).mul_(1 << 32).unsqueeze(1))
-                ranks = _ranks_of(torch.sort(keys.view(-1), stable=True).indices, m)   # row by row, ascending
-                del keys
-            return ranks.view(rows.shape)
+            return _packed_ranks(bits).view(rows.shape)
     order = torch.sort(rows, dim=1, stable=True).indices                  # ascending along dim 1
     shape = [1] * rows.dim()
     shape[1] = m
@@ -203,22 +198,29 @@ def _row_ranks(rows: torch.Tensor) -> torch.Tensor:
 
 def _ranks_of(order: torch.Tensor, m: int) -> torch.Tensor:
     """Flat ranks within rows of ``m`` from the flat order of a block sorted row by row."""
-    positions = torch.arange(m, dtype=torch.int32).repeat(order.numel() // m)
-    return torch.empty(order.numel(), dtype=torch.int32).scatter_(0, order, positions)
+    return torch.empty(order.numel(), dtype=torch.int32).scatter_(0, order, _positions(order.numel() // m, m))
 
 
-def _packed_ranks(bits: torch.Tensor) -> Optional[torch.Tensor]:
-    """The flat stable ranks of a block's rows from one sort of int32 keys, or None when they may be wrong.
+@functools.lru_cache(maxsize=8)
+def _positions(n_rows: int, m: int) -> torch.Tensor:
+    """0..m-1, n_rows times (int32; read only): made once per block shape, not once per block (a tenth of
+    DELLA's ranking time)."""
+    return torch.arange(m, dtype=torch.int32).repeat(n_rows)
+
+
+def _packed_ranks(bits: torch.Tensor) -> torch.Tensor:
+    """The flat stable ranks of a block's rows from one sort of int32 keys.
 
     A key is the row in its top bits and the value's 31 bits shifted right by as many (none for one row; the 128
     rows of 2048 in a 256K block take 7, leaving 24: the exponent and 16 mantissa bits). Values that differ only
     in the dropped bits share a key and keep their positions' order, which may not be their values' order.
     Among entries sharing a key, those whose dropped bits are all zero hold one and the same value, the
-    smallest of them; so the sorted row can only decrease right after an entry with dropped bits set, and
-    those few (about 8 in a 1B DELLA block) are each compared with the entry sorted next in their row: if one
-    is larger, None. A full read-back of the sorted bits cost a quarter of the sort. Equal keys of equal values
+    smallest of them; so a sorted row can only decrease right after an entry with dropped bits set, and
+    those few (about 8 in a 1B DELLA block) are each compared with the entry sorted next in their row. A row
+    where one is larger is sorted again on its own, by its full bits (``_rerank``). Equal keys of equal values
     are in position order (the sort is stable), as the full sort puts them. A 1B DELLA block: 3.7 ms against
-    5.1 with int64 keys; about one block in eight still takes the int64 sort."""
+    5.1 with int64 keys; reading every sorted value back to check cost a quarter of the sort, and sorting
+    the block again with int64 keys where a row was out of order (one block in sixteen) a sixth."""
     n_rows, m = bits.shape
     dropped = (n_rows - 1).bit_length()
     keys = bits >> dropped
@@ -233,10 +235,20 @@ def _packed_ranks(bits: torch.Tensor) -> Optional[torch.Tensor]:
         at = ranks[set_low].to(torch.int64)
         inner = at < m - 1                                                   # not last in its row
         set_low, at = set_low[inner], at[inner]
-        after = order[set_low.div(m, rounding_mode="floor").mul_(m).add_(at).add_(1)]
-        if bool((flat[after] < flat[set_low]).any()):
-            return None
+        row = set_low.div(m, rounding_mode="floor")
+        after = order[row * m + at + 1]
+        wrong = row[flat[after] < flat[set_low]]
+        if wrong.numel():
+            _rerank(bits, ranks.view(n_rows, m), torch.unique(wrong))
     return ranks
+
+
+def _rerank(bits: torch.Tensor, ranks: torch.Tensor, rows: torch.Tensor) -> None:
+    """Rank ``rows`` of the block again, each by a stable sort of its full bits, into ``ranks``."""
+    order = torch.sort(bits[rows], dim=1, stable=True).indices
+    m = bits.shape[1]
+    ranks[rows] = torch.empty(order.shape, dtype=torch.int32).scatter_(
+        1, order, torch.arange(m, dtype=torch.int32).expand(order.shape))
 
 
 def l1_norm(tensor: torch.Tensor) -> float:
