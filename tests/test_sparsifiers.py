@@ -317,3 +317,13 @@ def test_packed_rank_keys_sort_again_the_rows_where_dropped_bits_decide(row_4, i
     ranks = sparsifiers._row_ranks(rows)
     assert again == ([] if in_order else [[4]])
     assert torch.equal(ranks, _ranks_by_sorting_rows(rows))
+
+
+@pytest.mark.parametrize("wanted", [[7], [3, 7], [0, 3, 7]])
+def test_bucket_members_are_found_alike_in_numpy_and_torch(wanted):
+    """The radix select takes its buckets' entries with NumPy on the CPU and with torch on a GPU: the same
+    positions, ascending."""
+    values = torch.randint(0, 9, (10_001,), generator=torch.Generator().manual_seed(2), dtype=torch.int16)
+    expected = torch.tensor([i for i, v in enumerate(values.tolist()) if v in wanted], dtype=torch.int64)
+    assert torch.equal(sparsifiers._where_in(values.numpy(), wanted), expected)
+    assert torch.equal(sparsifiers._where_in(values, wanted), expected)
