@@ -6,6 +6,7 @@ files byte for byte with their sources."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -407,9 +408,16 @@ def test_mergekit_lite_is_a_second_name_for_merge(monkeypatch, capsys):
     from mergekit_lite.cli import main
 
     monkeypatch.setattr(sys, "argv", ["/usr/bin/mergekit-lite", "run", "--help"])
-    with pytest.raises(SystemExit) as exit_:
-        main()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        # the objects left are frozen for the interpreter's shutdown, on click's SystemExit path too
+        frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+        gc.enable()
     assert exit_.value.code == 0 and "Usage: mergekit-lite run [OPTIONS] SPEC [OUT]" in capsys.readouterr().out
+    assert frozen > 10_000
 
 
 def test_validate_runs_the_models_own_code_only_with_trust_remote_code(cli, models_f32, tmp_path):
