@@ -447,3 +447,23 @@ def test_stray_shards_are_reported(models_f32, tmp_path):
     failures = [str(f) for f in validate(out, device="cpu", forward=False).check("structure").failures]
     assert failures == ["model-00001-of-00002.safetensors: is not read by loaders: without an index only "
                         "model.safetensors is"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 13, 4096, 4099])
+@pytest.mark.parametrize("start", [0, 1, 2, 4, 8])   # byte offsets of the views: words of 8, 4, 2 or 1 bytes
+def test_same_bytes_finds_every_differing_byte(size, start):
+    """The validation's byte comparison (compared as wide words where the count and starts allow) is a byte
+    comparison: any one byte changed, at any position and alignment, makes two tensors differ."""
+    from mergekit_lite.safetensors_format import same_bytes
+
+    data = torch.randint(0, 256, (start + size,), generator=torch.Generator().manual_seed(size), dtype=torch.uint8)
+    a, b = data[start:], data.clone()[start:]
+    assert same_bytes(a, b)
+    for at in {0, size // 2, size - 1} if size else ():
+        changed = b.clone()
+        changed[at] ^= 1
+        assert not same_bytes(a, changed) and not same_bytes(changed, a)
+    if size:
+        assert not same_bytes(a[:-1], b)                                     # another length: never the same
+    assert same_bytes(torch.tensor([1.0, -0.0]), torch.tensor([1.0, -0.0]))
+    assert not same_bytes(torch.tensor([0.0]), torch.tensor([-0.0]))        # equal values, other bytes

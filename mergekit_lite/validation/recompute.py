@@ -37,6 +37,7 @@ from ..engine.nonfinite import unravel
 from ..errors import MergeError
 from ..plan.jobs import TensorJob
 from ..plan.planner import MergePlan
+from ..safetensors_format import same_bytes
 from .folder import OutputFolder
 from .report import CheckResult, Finding, not_checked, number, outcome
 from .stream import TensorReader
@@ -172,7 +173,7 @@ def _recompute_job(plan: MergePlan, job: TensorJob, info, reader: TensorReader, 
 
 def _same_bytes(tensor: torch.Tensor, written: torch.Tensor, dtype: torch.dtype) -> bool:
     return (tensor.dtype.is_floating_point and tensor.shape == written.shape and
-            torch.equal(tensor.to(dtype).reshape(-1).view(torch.uint8), written.reshape(-1).view(torch.uint8)))
+            same_bytes(tensor.to(dtype), written))
 
 
 def empty_numbers(**known) -> dict:
@@ -213,7 +214,7 @@ def compare(written: torch.Tensor, expected: torch.Tensor, device: torch.device,
             chunk_values: int = CHUNK_VALUES) -> Comparison:
     """Compare two tensors of one dtype value by value, in chunks on ``device``."""
     flat_written, flat_expected = written.reshape(-1), expected.reshape(-1)
-    if torch.equal(flat_written.view(torch.uint8), flat_expected.view(torch.uint8)):
+    if same_bytes(flat_written, flat_expected):
         return Comparison(0, 0.0, -1)
     differing, max_ulp, worst = 0, 0.0, -1
     for start in range(0, flat_written.numel(), chunk_values):

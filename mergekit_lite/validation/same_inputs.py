@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-import torch
-
+from ..safetensors_format import same_bytes
 from .stream import CHUNK_BYTES, TensorReader
 
 SLICE_BYTES = 64 << 10   # compared first, from every tensor
@@ -59,8 +58,7 @@ def _same_bytes(reader: TensorReader, infos: list, limit: Optional[int]) -> bool
     for row in infos:
         chunks = [reader.chunks(info, limit or CHUNK_BYTES) for info in row]
         for parts in zip(*chunks):
-            flats = [part.view(torch.uint8) for _, part in parts]
-            if any(not torch.equal(flats[0], flat) for flat in flats[1:]):
+            if any(not same_bytes(parts[0][1], part) for _, part in parts[1:]):
                 return False
             if limit is not None:
                 break

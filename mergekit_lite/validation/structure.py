@@ -13,11 +13,10 @@ import os
 import time
 from typing import Any, Optional
 
-import torch
-
 from ..architecture import get_config_value
 from ..dtypes import dtype_name
 from ..plan.planner import OUTPUT_EMBEDDING, MergePlan
+from ..safetensors_format import same_bytes
 from ..sources.checkpoint import INDEX_FILE
 from .config_rules import INPUT_EMBEDDINGS, KEYS, check_config
 from .folder import OutputFolder
@@ -116,8 +115,7 @@ def _tied_head(folder: OutputFolder) -> list[Finding]:
     embedding = next((folder.tensors[n] for n in INPUT_EMBEDDINGS if n in folder.tensors), None)
     if embedding is not None and (embedding.shape, embedding.dtype) == (head.shape, head.dtype):
         with TensorReader() as reader:
-            if torch.equal(reader.read(embedding).reshape(-1).view(torch.uint8),
-                           reader.read(head).reshape(-1).view(torch.uint8)):
+            if same_bytes(reader.read(embedding), reader.read(head)):
                 return []
     return [Finding("differs from the input embeddings, but config.json says tie_word_embeddings: true, so "
                     "transformers replaces it with them on load", tensor=OUTPUT_EMBEDDING, file="config.json")]
