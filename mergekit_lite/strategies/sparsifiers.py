@@ -244,11 +244,9 @@ def _packed_ranks(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _rerank(bits: torch.Tensor, ranks: torch.Tensor, rows: torch.Tensor) -> None:
-    """Rank ``rows`` of the block again, each by a stable sort of its full bits, into ``ranks``."""
-    order = torch.sort(bits[rows], dim=1, stable=True).indices
-    m = bits.shape[1]
-    ranks[rows] = torch.empty(order.shape, dtype=torch.int32).scatter_(
-        1, order, torch.arange(m, dtype=torch.int32).expand(order.shape))
+    """Rank ``rows`` of the block again, each by a stable sort of its full bits (integers: ``_row_ranks`` sorts
+    each row), into ``ranks``."""
+    ranks[rows] = _row_ranks(bits[rows])
 
 
 def l1_norm(tensor: torch.Tensor) -> float:
@@ -318,7 +316,7 @@ def rank_window(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool,
     ranks = ([lo] if lo > 0 else []) + ([hi - 1] if hi < n else [])
     ks = [n - r if descending else r + 1 for r in ranks]
     found = _edges(magnitudes, ks, spread)
-    edges = [e.value for e in found] if found is not None else [torch.kthvalue(magnitudes, k).values for k in ks]
+    edges = _values(found, magnitudes, ks)
     keep = torch.empty(n, dtype=torch.bool, device=magnitudes.device)
 
     def fill(part: slice) -> int:   # a slice at a time: whole-tensor temporaries were a byte per entry each
@@ -369,7 +367,11 @@ def slices(n: int) -> list[slice]:
 def kth_smallest(magnitudes: torch.Tensor, ks: list[int], spread: Optional[Spread] = None) -> list[torch.Tensor]:
     """The k-th smallest (1-based) of 1-D non-negative ``magnitudes``, for each k (``_edges``; other dtypes and
     small tensors: ``torch.kthvalue``). ``spread``: as in ``rank_window``."""
-    found = _edges(magnitudes, ks, spread)
+    return _values(_edges(magnitudes, ks, spread), magnitudes, ks)
+
+
+def _values(found: Optional[list[_Edge]], magnitudes: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
+    """The k-th smallest values: the radix select's, else (``found`` None) ``torch.kthvalue``'s."""
     return [e.value for e in found] if found is not None else [torch.kthvalue(magnitudes, k).values for k in ks]
 
 
