@@ -131,7 +131,7 @@ def write_shards(plan: MergePlan, shards: Sequence[ShardPlan], folder: str, devi
         # chunked merges spread each pass over the pool (then idle: whole tensors wait for the row blocks)
         spread = _pool_spread(pool) if threads > 1 else in_order
         reader = Reader([p for _, p in pieces], lambda p: _load(p, device, not plan.allow_nonfinite, checksums),
-                        lambda p: _loaded_bytes(p, device))
+                        lambda p: _loaded_bytes(p, device), _will_read)
         behind = WriteBehind(finished)
         running: deque[tuple[ShardPlan, _Piece, Future]] = deque()   # merging in the pool, in file order
         try:
@@ -319,6 +319,12 @@ def _load(piece: _Piece, device: torch.device, check: bool,
         checksums.add(job, [t if isinstance(t, torch.Tensor) else None for t in raw])
     return raw if piece.raw or device.type != "cpu" else prepare_inputs(job, raw, device, piece.rows,
                                                                             check=check)
+
+
+def _will_read(piece: _Piece) -> None:
+    """Ask the kernel for a piece's input bytes before the reader reads them (pipeline.ReadAhead)."""
+    for source in piece.job.sources:
+        source.will_read(piece.rows)
 
 
 def _loaded_bytes(piece: _Piece, device: torch.device) -> int:

@@ -4,7 +4,10 @@ With the main thread computing, reading, arithmetic and writing then run at the 
 cores: positional reads and writes, torch conversions and the CRC (output/crc.py) all release the GIL. Profiled on
 3 x 1B bf16 inputs, copying the output into the page cache (``pwrite``) alone cost about a third of all CPU
 time, as much as the arithmetic, so it must not sit on the computing thread. Both threads work within
-byte budgets, so memory stays bounded by a few pieces whatever the model or shard size.
+byte budgets, so memory stays bounded by a few pieces whatever the model or shard size. A third thread
+(``ReadAhead``) asks the kernel for the inputs of the pieces after the reader's, so that inputs not in the
+page cache come from the disk many requests at a time: a cold 3 x 3B task arithmetic merge took 15.9-17.2 s
+with it against 22.5-24.8 s without (alternated), a warm one the same time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..output.writer import ShardRecord, ShardWriter
 from ..safetensors_format import tensor_bytes
 
 Piece = TypeVar("Piece")
+READ_AHEAD = 256 << 20   # bytes of input asked of the kernel ahead of the reader (ReadAhead)
 
 
 class Reader(Generic[Piece]):
@@ -31,10 +35,11 @@ class Reader(Generic[Piece]):
     """
 
     def __init__(self, pieces: Sequence[Piece], load: Callable[[Piece], list[torch.Tensor]],
-                 cost: Callable[[Piece], int]):
+                 cost: Callable[[Piece], int], will_read: Optional[Callable[[Piece], None]] = None):
         self._pieces = list(pieces)
         self._load = load
         self._cost = [cost(p) for p in self._pieces]
+        self._ahead = ReadAhead(self._pieces, self._cost, will_read) if will_read is not None else None
         largest = max(self._cost, default=0)
         self._budget = largest + min(largest, 64 << 20)
         self._used = 0
@@ -52,6 +57,8 @@ class Reader(Generic[Piece]):
                 if self._stopped:
                     return
                 self._used += cost
+            if self._ahead is not None:
+                self._ahead.reading(cost)
             try:
                 item = (piece, cost, self._load(piece))
             except BaseException as exc:  # handed to the main thread, which raises it
@@ -69,6 +76,56 @@ class Reader(Generic[Piece]):
             with self._cond:   # the consumer is done with this piece's inputs
                 self._used -= cost
                 self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._ahead is not None:
+            self._ahead.stop()
+
+
+class ReadAhead(Generic[Piece]):
+    """Asks the kernel for the inputs of the pieces after the one the reader reads, up to ``window`` bytes ahead.
+
+    The reader reads one piece at a time, and a tensor's bytes that are not in the page cache then come from the
+    disk one request after another (on a cold 3B merge, most of the run). ``will_read(piece)`` tells the kernel
+    (``Checkpoint.will_read``: posix_fadvise WILLNEED) to read a piece's bytes into the page cache with many
+    requests in flight; a thread of its own makes the calls, since they wait while the device's queue is full.
+    Nothing is held but the page cache, which the kernel reclaims as ever; ``window`` keeps the pages asked for
+    few enough to be read before they are reclaimed. Pages already cached cost a lookup (2 GB in 30 ms)."""
+
+    def __init__(self, pieces: Sequence[Piece], cost: Sequence[int], will_read: Callable[[Piece], None],
+                 window: Optional[int] = None):
+        self._pieces, self._cost, self._will_read = pieces, cost, will_read
+        self._window = READ_AHEAD if window is None else window
+        self._read = 0          # bytes of the pieces the reader has started
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mergekit-lite-read-ahead", daemon=True)
+        self._thread.start()
+
+    def reading(self, cost: int) -> None:
+        """The reader starts a piece of ``cost`` bytes."""
+        with self._cond:
+            self._read += cost
+            self._cond.notify()
+
+    def _run(self) -> None:
+        asked = 0   # bytes of the pieces asked for (or passed: the reader got there first)
+        for piece, cost in zip(self._pieces, self._cost):
+            with self._cond:
+                while not self._stopped and asked - self._read >= self._window:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                behind = asked + cost <= self._read   # the reader has started it: too late to ask
+            asked += cost
+            if not behind:
+                try:
+                    self._will_read(piece)
+                except Exception:   # noqa: BLE001 - a hint only: the reader reads as before
+                    return
 
     def stop(self) -> None:
         with self._cond:

@@ -81,6 +81,12 @@ class LoraSource:
                 self._cached = None
         return whole[rows[0]:rows[1]].clone()
 
+    def will_read(self, name: str, rows: Optional[tuple[int, int]] = None) -> None:
+        """A hint that the base tensor this one folds from is read soon (Checkpoint.will_read); the adapters'
+        factors are small."""
+        recipe = self.recipes.get(name)
+        self.base.will_read(recipe.source if recipe is not None else name, rows)
+
     def fetch(self, name: str, rows: Optional[tuple[int, int]] = None) -> Union[torch.Tensor, "DeferredFold"]:
         """What ``read(name, rows)`` returns, or, for a tensor folded row by row (plain LoRA on a linear layer),
         its stored rows and adapter factors read now and folded by ``resolve()`` later: the merge loop reads in

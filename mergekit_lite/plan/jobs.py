@@ -36,6 +36,13 @@ class Source:
         """The tensor (or the block of its rows [start, end)) as stored; a source transform overrides this."""
         return self.checkpoint.read(self.name, rows)
 
+    def will_read(self, rows: Optional[tuple[int, int]] = None) -> None:
+        """A hint that ``read(rows)`` comes soon (Checkpoint.will_read), where the checkpoint takes one and this
+        source reads it as stored; a source transform reads its own way and is not hinted."""
+        hint = getattr(self.checkpoint, "will_read", None)
+        if hint is not None and type(self).read is Source.read:
+            hint(self.name, rows)
+
     def fetch(self, rows: Optional[tuple[int, int]] = None) -> Any:
         """What ``read`` returns, or a deferred value whose ``resolve()`` returns it: a source transform that
         computes (a LoRA fold) reads its inputs here, and the merge loop resolves them on a merging thread."""

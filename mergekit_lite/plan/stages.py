@@ -77,6 +77,9 @@ class StageCheckpoint(Checkpoint):
             tensor = self._last[1]
         return tensor if rows is None else tensor[rows[0]:rows[1]]
 
+    def will_read(self, name: str, rows: Optional[tuple[int, int]] = None) -> None:
+        """No hint: a stage is computed, not read (the inputs of its merge are read by the merge)."""
+
     def close(self) -> None:
         self._last = None
         if self.plan is not None:

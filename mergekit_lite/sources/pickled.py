@@ -46,6 +46,9 @@ class PickledCheckpoint(Checkpoint):
             tensor = tensor[rows[0]:rows[1]]
         return tensor.clone(memory_format=torch.contiguous_format)
 
+    def will_read(self, name: str, rows: Optional[tuple[int, int]] = None) -> None:
+        """No hint: the tensors were loaded when the checkpoint was opened."""
+
     def close(self) -> None:
         self._loaded = {}
 

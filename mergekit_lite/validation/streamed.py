@@ -262,8 +262,9 @@ class Prefetch:
         will_read = getattr(self._checkpoint, "will_read", None)   # absent on a swapped view (moe_forward.py)
         if will_read is not None and group < len(self._groups) and group != self._hinted:
             self._hinted = group
-            will_read([self._names[id(empty)] for _, owned in self._groups[group]
-                                        for empty in owned.values()])
+            for _, owned in self._groups[group]:
+                for empty in owned.values():
+                    will_read(self._names[id(empty)])
 
     def _read_group(self, group: int) -> dict[int, dict[str, torch.Tensor]]:
         return {id(module): self._read(owned) for module, owned in self._groups[group]}
