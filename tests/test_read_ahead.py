@@ -95,21 +95,8 @@ def test_a_failing_hint_stops_the_hints_not_the_reader():
         reader.stop()
 
 
-def test_a_merge_asks_for_every_piece_it_reads_and_writes_the_same_bytes(models_bf16, tmp_path, monkeypatch):
-    spec = {"merge_method": "task_arithmetic", "base_model": str(models_bf16 / "base"), "dtype": "float32",
-            "models": [{"model": str(models_bf16 / n), "parameters": {"weight": 0.5}} for n in ("ft-a", "ft-b")]}
-    monkeypatch.setattr(engine, "PIECE_ELEMENTS", 64)      # many row blocks per tensor
-
-    def run(folder):
-        plan = make_plan(spec)
-        try:
-            layout = output_layout(plan, 60_000)
-            os.makedirs(folder)
-            engine.write_shards(plan, layout, str(folder), torch.device("cpu"))
-            return {s.file: (folder / s.file).read_bytes() for s in layout}
-        finally:
-            plan.close()
-
+def _spy(monkeypatch) -> tuple[list, list]:
+    """(hinted, read): every Checkpoint.will_read and Checkpoint.read as (folder, name, rows), from any thread."""
     hinted, read = [], []
     lock = threading.Lock()
     will_read, original_read = Checkpoint.will_read, Checkpoint.read
@@ -127,6 +114,25 @@ def test_a_merge_asks_for_every_piece_it_reads_and_writes_the_same_bytes(models_
     monkeypatch.setattr(pipeline, "READ_AHEAD", 1 << 30)
     monkeypatch.setattr(Checkpoint, "will_read", spy_hint)
     monkeypatch.setattr(Checkpoint, "read", spy_read)
+    return hinted, read
+
+
+def test_a_merge_asks_for_every_piece_it_reads_and_writes_the_same_bytes(models_bf16, tmp_path, monkeypatch):
+    spec = {"merge_method": "task_arithmetic", "base_model": str(models_bf16 / "base"), "dtype": "float32",
+            "models": [{"model": str(models_bf16 / n), "parameters": {"weight": 0.5}} for n in ("ft-a", "ft-b")]}
+    monkeypatch.setattr(engine, "PIECE_ELEMENTS", 64)      # many row blocks per tensor
+
+    def run(folder):
+        plan = make_plan(spec)
+        try:
+            layout = output_layout(plan, 60_000)
+            os.makedirs(folder)
+            engine.write_shards(plan, layout, str(folder), torch.device("cpu"))
+            return {s.file: (folder / s.file).read_bytes() for s in layout}
+        finally:
+            plan.close()
+
+    hinted, read = _spy(monkeypatch)
     with_hints = run(tmp_path / "hinted")
     assert len(read) > 3 * 50 and len(set(read)) == len(read)
     missed = [r for r in read if r not in set(hinted)]
@@ -134,3 +140,27 @@ def test_a_merge_asks_for_every_piece_it_reads_and_writes_the_same_bytes(models_
     assert len(set(hinted)) == len(hinted) and set(hinted) <= set(read)
     monkeypatch.setattr(Checkpoint, "will_read", lambda self, name, rows=None: None)
     assert run(tmp_path / "plain") == with_hints
+
+
+def test_a_fold_asks_for_the_base_rows_it_folds(tmp_path, monkeypatch):
+    from mergekit_lite.api.fold import fold_spec
+    from mergekit_lite.testing.adapters import AdapterShape, write_adapter
+    from mergekit_lite.testing.synthetic import LlamaShape, write_model
+
+    shape = LlamaShape(hidden=96, intermediate=200, layers=2, heads=4, kv_heads=2, vocab=300)
+    write_model(str(tmp_path / "base"), shape, dtype=torch.bfloat16, max_shard_size=60_000)
+    write_adapter(str(tmp_path / "a"), shape, AdapterShape(("q_proj", "down_proj"), r=4, scale=0.05), seed=1)
+    monkeypatch.setattr(engine, "PIECE_ELEMENTS", 64 * 96)   # folded in blocks of rows
+    hinted, read = _spy(monkeypatch)
+    plan = make_plan(fold_spec(tmp_path / "base", [tmp_path / "a"], [1.0], check_base=False))
+    try:
+        os.makedirs(tmp_path / "out")
+        engine.write_shards(plan, output_layout(plan, 60_000), str(tmp_path / "out"), torch.device("cpu"))
+    finally:
+        plan.close()
+    base = os.path.realpath(tmp_path / "base")
+    from_base = [r for r in read if os.path.realpath(r[0]) == base]
+    folded = [r for r in from_base if "q_proj" in r[1] or "down_proj" in r[1]]
+    assert len(folded) >= 8 and any(r[2] is not None for r in folded)    # folded tensors' rows, read in blocks
+    missed = [r for r in from_base if r not in set(hinted)]
+    assert len(missed) <= 1, missed[:5]
