@@ -24,7 +24,7 @@ import stat
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -48,6 +48,15 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def span(self, rows: Optional[tuple[int, int]] = None) -> tuple[tuple[int, ...], int, int]:
+        """(shape, file offset, bytes) of the tensor, or of the block of its rows [start, end): rows are contiguous
+        in safetensors' row-major layout."""
+        if rows is None:
+            return tuple(self.shape), self.start, self.nbytes
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        count = rows[1] - rows[0]
+        return (count, *self.shape[1:]), self.start + rows[0] * row_bytes, count * row_bytes
 
 
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:

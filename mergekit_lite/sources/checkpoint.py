@@ -47,7 +47,7 @@ class Checkpoint:
         into ``out`` (a CPU uint8 tensor of at least its bytes, reused by a caller that reads many tensors in
         turn: a fresh buffer costs a page fault per 4 KiB), returning a view of ``out``."""
         info = self.tensors[name]
-        shape, start, nbytes = _span(info, rows)
+        shape, start, nbytes = info.span(rows)
         buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(-1)[:nbytes]
         if nbytes:
             try:
@@ -67,7 +67,7 @@ class Checkpoint:
         info = self.tensors.get(name)
         if advise is None or info is None or not info.nbytes:
             return
-        _, start, nbytes = _span(info, rows)
+        _, start, nbytes = info.span(rows)
         try:
             fd = self._fd(info.path)
             for offset in range(start, start + nbytes, ADVICE):
@@ -102,15 +102,6 @@ class Checkpoint:
             self.close()
         except Exception:
             pass
-
-
-def _span(info: TensorInfo, rows: Optional[tuple[int, int]]) -> tuple[tuple[int, ...], int, int]:
-    """(shape, file offset, bytes) of a tensor or of the block of its rows [start, end): rows are contiguous in
-    safetensors' row-major layout."""
-    if rows is None:
-        return tuple(info.shape), info.start, info.nbytes
-    row_bytes = info.nbytes // info.shape[0]
-    return (rows[1] - rows[0], *info.shape[1:]), info.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
 
 
 def read_index(index_path: str) -> dict[str, str]:

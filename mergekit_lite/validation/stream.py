@@ -7,7 +7,6 @@ tensor of a 70B model (a 2 GB embedding) is scanned in 64 MiB pieces.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Iterator, Optional
 
@@ -33,12 +32,8 @@ class TensorReader:
 
     def read_rows(self, info: TensorInfo, rows: Optional[tuple[int, int]]) -> torch.Tensor:
         """Rows ``[start, end)`` of the tensor (the whole tensor for None), as stored, on the CPU."""
-        if rows is None:
-            return self.read(info)
-        row_bytes = itemsize(info.dtype) * math.prod(info.shape[1:])
-        count = (rows[1] - rows[0]) * row_bytes
-        return self._read(info, rows[0] * row_bytes, count).view(info.dtype).reshape(rows[1] - rows[0],
-                                                                                      *info.shape[1:])
+        shape, start, count = info.span(rows)
+        return self._read(info, start - info.start, count).view(info.dtype).reshape(shape)
 
     def chunks(self, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES, reuse: bool = False
                ) -> Iterator[tuple[int, torch.Tensor]]:
