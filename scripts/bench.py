@@ -19,7 +19,8 @@ Usage:
   python scripts/bench.py --size 3b --methods linear --rounds 1 --cold      # page cache emptied before each run
 Prints Markdown tables (paste them into the README as they are): the date and machine, then per method the
 default command, --no-validate and mergekit, each with its ratio to mergekit and to the I/O floor, and the floor
-itself as a row. --json FILE saves the numbers.
+itself as a row. --json FILE saves the numbers, again after each method, and each method's wall times go to
+stderr as it finishes: a run that stops keeps what it measured (`--print FILE` prints its tables).
 
 Fixtures live in --work (bench_work/, git-ignored), one folder per size; before building one, the other sizes'
 folders are deleted, oldest first, until all fixtures fit in FIXTURE_BUDGET, and the run is refused when the
@@ -39,7 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -248,10 +249,12 @@ def load_average() -> str:
 
 def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, inputs: int = 3,
                   mergekit: bool = True, ours_args: tuple[str, ...] = (), validate: bool = False,
-                  cold: bool = False) -> dict:
+                  cold: bool = False, measured: Optional[Callable[[dict, str], None]] = None) -> dict:
     """Build the models, measure the floor, run every method with each tool alternating; medians.
     ``validate``: also time our default command (which validates the output) beside --no-validate. ``cold``:
-    the page cache is emptied before each run and before the floor's reads (drop_caches)."""
+    the page cache is emptied before each run and before the floor's reads (drop_caches). ``measured(report,
+    method)``: called after each method with the report so far (a 3B run of every method takes most of an hour,
+    and a command that fails stops it)."""
     shape = SIZES[size]
     work = os.path.abspath(os.path.join(work_root, size))
     build_models(work, shape, max(inputs, max(method_inputs(m, inputs) for m in methods)))
@@ -287,7 +290,9 @@ def run_benchmark(size: str, methods: list[str], rounds: int, work_root: str, in
         report["methods"][method] = {tool: {m: statistics.median(r[m] for r in rs) for m in ("wall", "cpu", "rss_gib")}
                                      for tool, rs in runs.items()}
         report["methods"][method]["rss_bound_gib"] = rss_bound_gib(shape, method_inputs(method, inputs))
-    report["load_after"] = load_average()
+        report["load_after"] = load_average()
+        if measured is not None:
+            measured(report, method)
     return report
 
 
@@ -345,22 +350,32 @@ def main() -> None:
     parser.add_argument("--only-no-validate", action="store_true",
                         help="time ours with --no-validate only (not also the default command, which validates)")
     parser.add_argument("--ours-args", default="", help="extra arguments for `merge run`")
-    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--json", help="also write the numbers to this file (again after each method)")
+    parser.add_argument("--print", metavar="JSON", help="only print the tables of numbers saved with --json")
     parser.add_argument("--cold", action="store_true",
                         help="empty the page cache before each run (Linux, root: /proc/sys/vm/drop_caches)")
     parser.add_argument("--fixture-budget", type=float, default=FIXTURE_BUDGET / 1e9,
                         help="GB of synthetic models kept in --work before other sizes' are deleted")
     args = parser.parse_args()
+    if args.print:
+        with open(args.print) as f:
+            print_table(json.load(f))
+        return
     FIXTURE_BUDGET = args.fixture_budget * 1e9
     for method in args.methods.split(","):   # an unknown method stops the run now, not after the others ran
         spec_text(method, args.work, SIZES[args.size], args.inputs)
+    def measured(report: dict, method: str) -> None:
+        walls = ", ".join(f"{TOOL_NAMES[tool]} {r['wall']:.1f} s" for tool, r in report["methods"][method].items()
+                          if tool in TOOL_NAMES)
+        print(f"{method}: {walls}", file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+
     report = run_benchmark(args.size, args.methods.split(","), args.rounds, args.work, args.inputs,
                            not args.no_mergekit, tuple(args.ours_args.split()), not args.only_no_validate,
-                           args.cold)
+                           args.cold, measured)
     print_table(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
