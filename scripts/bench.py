@@ -364,6 +364,7 @@ def main() -> None:
     FIXTURE_BUDGET = args.fixture_budget * 1e9
     for method in args.methods.split(","):   # an unknown method stops the run now, not after the others ran
         spec_text(method, args.work, SIZES[args.size], args.inputs)
+
     def measured(report: dict, method: str) -> None:
         walls = ", ".join(f"{TOOL_NAMES[tool]} {r['wall']:.1f} s" for tool, r in report["methods"][method].items()
                           if tool in TOOL_NAMES)

@@ -28,7 +28,7 @@ class TensorReader:
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """The whole tensor, as stored (dtype and shape), on the CPU."""
-        return self._read(info, 0, info.nbytes).view(info.dtype).reshape(info.shape)
+        return self.read_rows(info, None)
 
     def read_rows(self, info: TensorInfo, rows: Optional[tuple[int, int]]) -> torch.Tensor:
         """Rows ``[start, end)`` of the tensor (the whole tensor for None), as stored, on the CPU."""
