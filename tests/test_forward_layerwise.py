@@ -179,3 +179,60 @@ def test_a_missing_tensor_is_named(tmp_path):
     with pytest.raises(IncompleteModel) as caught:
         open_model(folder, CPU)
     assert caught.value.tensor == "model.layers.1.mlp.up_proj.weight"
+
+
+def _gpt_neox(folder) -> str:
+    """GPT-NeoX, untied: stored as ``embed_out.weight``, which transformers 5 loads into ``lm_head``."""
+    import transformers
+
+    config = transformers.GPTNeoXConfig(**{k: v for k, v in SMALL.items() if k != "num_key_value_heads"},
+                                        tie_word_embeddings=False)
+    torch.manual_seed(5)
+    transformers.GPTNeoXForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="40KB")
+    return str(folder)
+
+
+def _llava(folder) -> str:
+    """LLaVA in the legacy layout (``language_model.model.*``), as transformers 5 still saves it."""
+    from helpers.vlm_models import write_llava
+
+    return str(write_llava(folder, 3, legacy=True))
+
+
+def _gemma3(folder) -> str:
+    """Gemma 3 with its vision tower, saved by transformers (``language_model.model.*``, the Hub's layout)."""
+    import transformers
+
+    text = transformers.Gemma3TextConfig(**{**SMALL, "vocab_size": 300}, head_dim=16, sliding_window=16)
+    vision = transformers.SiglipVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, hidden_size=32,
+                                             intermediate_size=64, num_attention_heads=2)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(6)
+    model = transformers.Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="60KB")
+    return str(folder)
+
+
+@pytest.mark.parametrize("build", [_gpt_neox, _llava, _gemma3], ids=["gpt_neox", "llava", "gemma3"])
+def test_renamed_layouts_stream(build, tmp_path, monkeypatch):
+    """Checkpoints whose stored names transformers renames while loading stream under its names, with the logits
+    of its whole-model loading; without the renames they could not stream (they loaded whole, and a large one
+    was not checked)."""
+    from mergekit_lite.validation import renames
+    from mergekit_lite.validation.inference import _config_of, load_model, logits_of, make_batch
+    from mergekit_lite.validation.streamed import _skeleton, open_model, streamed_model
+
+    folder = build(tmp_path / "m")
+    stored = _tensor_names(folder)
+    renamed = renames.loaded_names(_skeleton(folder), stored)
+    assert renamed and set(renamed.values()) <= set(stored) and not set(renamed) & set(stored)
+    config = _config_of(folder)
+    batch = make_batch(folder, config.get("text_config", config)["vocab_size"])
+    whole = logits_of(load_model(folder, CPU), batch, CPU)
+    model = open_model(folder, CPU)
+    assert hasattr(model, "streaming"), "the model was loaded whole, not streamed"
+    assert torch.equal(logits_of(model, batch, CPU), whole) and whole.abs().max() > 0.1
+    assert model.streaming.live == 0 and 0 < model.streaming.reads <= len(stored)   # a text-only pass: no vision
+    monkeypatch.setattr(renames, "loaded_names", lambda *args: {})
+    assert streamed_model(folder, CPU) is None

@@ -18,9 +18,10 @@ base weights stream. accelerate's ``AlignDevicesHook`` with an ``OffloadedWeight
 but it memory-maps the files through safetensors, keeps the stored dtype and is not a dependency of the
 ``validate`` extra; this hook is twenty lines.
 
-A model whose tensor names are not its modules' (a checkpoint transformers renames or fuses while loading, such
-as legacy LLaVA names or per-expert MoE tensors) cannot stream: ``streamed_model`` returns None and the caller
-loads it whole, as before.
+A checkpoint that names its tensors otherwise than the modules (legacy vision-language layouts, GPT-NeoX's
+``embed_out``) streams under the names transformers renames them to (renames.py). One whose tensors transformers
+fuses while loading (per-expert MoE weights stacked into one) cannot stream: ``streamed_model`` returns None and
+the caller loads it whole.
 """
 
 from __future__ import annotations
@@ -109,12 +110,14 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
     (float32 for the checks; `merge moe` runs its base in bfloat16 for hidden-state routers, as mergekit-moe)."""
     from ..sources.opener import open_checkpoint
     from .inference import apply_adapters, refuse_incomplete
+    from .renames import loaded_names
 
     checkpoint = checkpoint if checkpoint is not None else open_checkpoint(folder)
     model = _skeleton(folder, dtype)
+    renamed = loaded_names(model, list(checkpoint.tensors))
     if adapters:
         model = apply_adapters(model, adapters, low_cpu_mem_usage=True)
-    names, missing = _file_names(model, checkpoint.tensors)
+    names, missing = _file_names(model, checkpoint.tensors, renamed)
     if missing and set(checkpoint.tensors) - set(names.values()):
         checkpoint.close()
         return None   # unused tensors in the files: transformers renames them while loading; load it whole
@@ -166,15 +169,19 @@ def _parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = register
 
 
-def _file_names(model: torch.nn.Module, tensors: dict) -> tuple[dict[int, str], list[str]]:
+def _file_names(model: torch.nn.Module, tensors: dict,
+                renamed: Optional[dict[str, str]] = None) -> tuple[dict[int, str], list[str]]:
     """({id(parameter): its tensor name in the files}, names of empty parameters the files do not hold). A tied
-    parameter has several names (lm_head.weight and the embedding's): whichever the files hold is read."""
+    parameter has several names (lm_head.weight and the embedding's): whichever the files hold is read.
+    ``renamed``: {parameter name: the stored name transformers loads into it} (renames.loaded_names)."""
     names: dict[int, str] = {}
     unnamed: dict[int, str] = {}
     for full, param in model.named_parameters(remove_duplicate=False):
         if param.device.type != "meta":
             continue   # real already: an adapter's weights
         name = _base_name(full)
+        if name not in tensors and renamed:
+            name = renamed.get(name, name)
         if name in tensors:
             names.setdefault(id(param), name)
         else:
