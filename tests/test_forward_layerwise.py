@@ -214,25 +214,77 @@ def _gemma3(folder) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("build", [_gpt_neox, _llava, _gemma3], ids=["gpt_neox", "llava", "gemma3"])
-def test_renamed_layouts_stream(build, tmp_path, monkeypatch):
-    """Checkpoints whose stored names transformers renames while loading stream under its names, with the logits
-    of its whole-model loading; without the renames they could not stream (they loaded whole, and a large one
-    was not checked)."""
-    from mergekit_lite.validation import renames
-    from mergekit_lite.validation.inference import _config_of, load_model, logits_of, make_batch
-    from mergekit_lite.validation.streamed import _skeleton, open_model, streamed_model
+def _stored(folder: str) -> dict:
+    from mergekit_lite.sources.opener import open_checkpoint
 
-    folder = build(tmp_path / "m")
-    stored = _tensor_names(folder)
-    renamed = renames.loaded_names(_skeleton(folder), stored)
-    assert renamed and set(renamed.values()) <= set(stored) and not set(renamed) & set(stored)
+    checkpoint = open_checkpoint(folder)
+    checkpoint.close()
+    return checkpoint.tensors
+
+
+def _streams_as_transformers_loads(folder: str):
+    """The model streamed, after asserting that its logits equal transformers' whole-model loading."""
+    from mergekit_lite.validation.inference import _config_of, load_model, logits_of, make_batch
+    from mergekit_lite.validation.streamed import open_model
+
     config = _config_of(folder)
     batch = make_batch(folder, config.get("text_config", config)["vocab_size"])
     whole = logits_of(load_model(folder, CPU), batch, CPU)
     model = open_model(folder, CPU)
     assert hasattr(model, "streaming"), "the model was loaded whole, not streamed"
     assert torch.equal(logits_of(model, batch, CPU), whole) and whole.abs().max() > 0.1
-    assert model.streaming.live == 0 and 0 < model.streaming.reads <= len(stored)   # a text-only pass: no vision
-    monkeypatch.setattr(renames, "loaded_names", lambda *args: {})
-    assert streamed_model(folder, CPU) is None
+    assert model.streaming.live == 0 and 0 < model.streaming.reads <= len(_stored(folder))   # text only: no vision
+    return model
+
+
+@pytest.mark.parametrize("build", [_gpt_neox, _llava, _gemma3], ids=["gpt_neox", "llava", "gemma3"])
+def test_renamed_layouts_stream(build, tmp_path, monkeypatch):
+    """Checkpoints whose stored names transformers renames while loading stream under its names, with the logits
+    of its whole-model loading; without the renames they could not stream (they loaded whole, and a large one
+    was not checked)."""
+    from mergekit_lite.validation import renames, streamed
+
+    folder = build(tmp_path / "m")
+    stored = _stored(folder)
+    renamed = renames.loaded_names(streamed._skeleton(folder), stored)
+    assert renamed and set(renamed.values()) <= set(stored) and not set(renamed) & set(stored)
+    _streams_as_transformers_loads(folder)
+    monkeypatch.setattr(streamed, "loaded_names", lambda *args: {})
+    assert streamed.streamed_model(folder, CPU) is None
+
+
+MOE = {"Mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+       "Qwen3Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)}
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_stacked_experts_stream(family, tmp_path):
+    """A mixture of experts stored one tensor per expert (``experts.3.w1.weight``; transformers 5 stacks them into
+    ``experts.gate_up_proj`` while loading) streams too: each layer's experts are stacked by transformers' own
+    operations when the layer runs, with the logits of whole-model loading. Memory: the largest module's
+    parameters in float32; a module whose stack would need more than the merge's bound makes the model load
+    whole, which needs more still, so it is not checked (TooLargeWhole), never loaded beyond the bound."""
+    import transformers
+
+    from mergekit_lite.validation import streamed
+    from mergekit_lite.validation.renames import Fused
+
+    config = getattr(transformers, f"{family}Config")(**SMALL, **MOE[family])
+    torch.manual_seed(7)
+    getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16).save_pretrained(
+        tmp_path / "m", max_shard_size="40KB")
+    folder = str(tmp_path / "m")
+    stored = _stored(folder)
+    fused = {name: source for name, source in streamed.loaded_names(streamed._skeleton(folder), stored).items()
+             if isinstance(source, Fused)}
+    # per layer: gate_up from 2 x 4 experts, down from 4
+    assert sorted(len(source.names) for source in fused.values()) == [4, 4, 8, 8]
+    model = _streams_as_transformers_loads(folder)
+    stack = 4 * 4 * 3 * SMALL["hidden_size"] * (config.moe_intermediate_size if family == "Qwen3Moe"
+                                                 else SMALL["intermediate_size"])   # float32 gate, up, down
+    assert model.streaming.peak == max(stack, 4 * SMALL["vocab_size"] * SMALL["hidden_size"])
+    # the layer's experts, and the stored tensors of gate_up (2/3 of them) while it is built
+    assert streamed.streamed_model(folder, CPU, limit=stack * 5 // 3) is not None
+    assert streamed.streamed_model(folder, CPU, limit=stack * 5 // 3 - 1) is None
+    with pytest.raises(streamed.TooLargeWhole):
+        streamed.open_model(folder, CPU, whole_limit=stack)

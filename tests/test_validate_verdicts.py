@@ -248,13 +248,14 @@ def test_a_model_that_cannot_stream_and_exceeds_the_bound_is_not_checked(project
     """Budgeted from the tensors, never from free memory: (inputs + 2) x largest float32 tensor + slack."""
     from mergekit_lite.validation import forward, streamed
 
-    monkeypatch.setattr(streamed, "streamed_model", lambda *args, **kwargs: None)   # as if its names were renamed
+    monkeypatch.setattr(streamed, "streamed_model", lambda *args, **kwargs: None)   # as if transformers converted its tensors
     monkeypatch.setattr(forward, "WHOLE_SLACK", 0)
     report = validate(project / "out", device="cpu")
     assert report.status == "not_checked" and report.check("forward").status == "not_checked"
     assert report.check("forward").summary.startswith(
-        "the merged model: its tensor names are not its modules' (transformers renames them while loading), so it "
-        "cannot run layer by layer, and loading it whole in float32 needs about ")
+        "the merged model: transformers converts its stored tensors while loading (beyond renaming them, or into "
+        "stacked expert layers larger than the bound below), so it cannot run layer by layer, and loading it whole "
+        "in float32 needs about ")
 
 
 def test_nonfinite_weights_allowed_leave_forward_not_checked(project):

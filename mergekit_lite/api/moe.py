@@ -69,7 +69,8 @@ def run_moe(spec: Union[str, os.PathLike, dict, MoESpec], out: Union[str, os.Pat
 
 def _streamed_base(folder: str, device):
     """The base model for hidden-state routers in bfloat16 (as mergekit-moe), its weights read layer by layer as
-    it runs, so memory holds one layer (validation/streamed.py); None when its tensor names are not its modules'."""
+    it runs, so memory holds one layer (validation/streamed.py); None when transformers converts its tensors
+    beyond renaming them."""
     import torch
 
     from ..errors import ModelError

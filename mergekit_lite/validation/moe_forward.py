@@ -165,8 +165,8 @@ def _run(twin: DenseTwin, batch, device: torch.device, allow_pickle: bool, limit
     swapped = SwappedMLPs.open(twin.base, twin.expert, allow_pickle)
     model = streamed_model(twin.base, device, checkpoint=swapped)
     if model is None:
-        raise RuntimeError("the base model's tensor names are not its modules', so it cannot run layer by layer "
-                           "with the expert's MLPs read in place of its own")
+        raise RuntimeError("transformers converts the base model's stored tensors while loading (beyond renaming "
+                           "them), so it cannot run layer by layer with the expert's MLPs read in place of its own")
     return logits_of(model, batch, device)
 
 

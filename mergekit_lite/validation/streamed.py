@@ -18,10 +18,10 @@ base weights stream. accelerate's ``AlignDevicesHook`` with an ``OffloadedWeight
 but it memory-maps the files through safetensors, keeps the stored dtype and is not a dependency of the
 ``validate`` extra; this hook is twenty lines.
 
-A checkpoint that names its tensors otherwise than the modules (legacy vision-language layouts, GPT-NeoX's
-``embed_out``) streams under the names transformers renames them to (renames.py). One whose tensors transformers
-fuses while loading (per-expert MoE weights stacked into one) cannot stream: ``streamed_model`` returns None and
-the caller loads it whole.
+Tensors stored under other names than the modules' stream under the names transformers renames them to, and
+per-expert MoE tensors are stacked as transformers stacks them, when their layer runs (renames.py). A model that
+transformers converts otherwise, or whose stacked layer would exceed the memory bound, cannot stream:
+``streamed_model`` returns None and the caller loads it whole.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
 from ..units import format_size
+from .renames import Fused, loaded_names
 
 
 class TooLargeWhole(RuntimeError):
@@ -55,13 +56,13 @@ def open_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, 
         _adapter_weights_are_safe(adapter, allow_pickle)   # before peft reads any adapter file
     pickled = bool(pickle_files(folder))
     if not pickled:
-        model = streamed_model(folder, device, adapters, tally=tally)
+        model = streamed_model(folder, device, adapters, tally=tally, limit=whole_limit)
         if model is not None:
             return model
     need = 4 * _stored_values(folder)
     if whole_limit is not None and need > whole_limit:
-        why = ("its weights are pickle files" if pickled else
-               "its tensor names are not its modules' (transformers renames them while loading)")
+        why = ("its weights are pickle files" if pickled else "transformers converts its stored tensors while "
+               "loading (beyond renaming them, or into stacked expert layers larger than the bound below)")
         raise TooLargeWhole(f"{why}, so it cannot run layer by layer, and loading it whole in float32 needs about "
                             f"{format_size(need)}, more than the merge's memory bound ({format_size(whole_limit)})")
     return load_model(folder, device, adapters, allow_pickle=allow_pickle)
@@ -100,30 +101,32 @@ class Streaming:
 
 
 def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, float]] = (), *, checkpoint=None,
-                   tally=None, dtype: torch.dtype = torch.float32):
+                   tally=None, dtype: torch.dtype = torch.float32, limit: Optional[int] = None):
     """The model of ``folder`` (a causal LM, or a VLM's image-text-to-text model) ready to run in float32 on
     ``device`` with its weights read module by module, with ``adapters`` applied by peft at inference time;
     ``model.streaming`` counts the bytes held. None when the files' tensor names are not the model's (then load
     it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape.
     ``checkpoint``: read the tensors from it (``tensors``, ``read``, ``close``, as sources.Checkpoint) rather than
     from the folder's files (moe_forward.SwappedMLPs). ``dtype``: the floating-point weights' dtype while they run
-    (float32 for the checks; `merge moe` runs its base in bfloat16 for hidden-state routers, as mergekit-moe)."""
+    (float32 for the checks; `merge moe` runs its base in bfloat16 for hidden-state routers, as mergekit-moe).
+    ``limit``: None too when a module would need more bytes than this (renames.Fused: stacked experts)."""
     from ..sources.opener import open_checkpoint
     from .inference import apply_adapters, refuse_incomplete
-    from .renames import loaded_names
 
     checkpoint = checkpoint if checkpoint is not None else open_checkpoint(folder)
     model = _skeleton(folder, dtype)
-    renamed = loaded_names(model, list(checkpoint.tensors))
+    renamed = loaded_names(model, checkpoint.tensors)
     if adapters:
         model = apply_adapters(model, adapters, low_cpu_mem_usage=True)
     names, missing = _file_names(model, checkpoint.tensors, renamed)
-    if missing and set(checkpoint.tensors) - set(names.values()):
+    used = {stored for source in names.values() for stored in _stored_names(source)}
+    if (missing and set(checkpoint.tensors) - used) or _too_large(model, names, limit):
         checkpoint.close()
-        return None   # unused tensors in the files: transformers renames them while loading; load it whole
+        return None   # tensors transformers converts otherwise while loading, or too large a stack: load it whole
     shapes = {id(param): tuple(param.shape) for param in model.parameters()}
     problems = [(name, "is missing") for name in sorted(missing)]
-    for key, name in sorted(names.items(), key=lambda item: item[1]):
+    plain = {key: name for key, name in names.items() if isinstance(name, str)}   # a Fused one's shape is checked
+    for key, name in sorted(plain.items(), key=lambda item: item[1]):
         stored = list(checkpoint.tensors[name].shape)
         if tuple(stored) != shapes[key]:
             problems.append((name, f"has shape {stored} in the files, the model built from config.json needs "
@@ -170,23 +173,40 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def _file_names(model: torch.nn.Module, tensors: dict,
-                renamed: Optional[dict[str, str]] = None) -> tuple[dict[int, str], list[str]]:
-    """({id(parameter): its tensor name in the files}, names of empty parameters the files do not hold). A tied
-    parameter has several names (lm_head.weight and the embedding's): whichever the files hold is read.
-    ``renamed``: {parameter name: the stored name transformers loads into it} (renames.loaded_names)."""
-    names: dict[int, str] = {}
+                renamed: Optional[dict] = None) -> tuple[dict[int, Union[str, Fused]], list[str]]:
+    """({id(parameter): its tensor name in the files, or the Fused ones it is built from}, names of empty
+    parameters the files do not hold). A tied parameter has several names (lm_head.weight and the embedding's):
+    whichever the files hold is read. ``renamed``: renames.loaded_names."""
+    names: dict[int, Union[str, Fused]] = {}
     unnamed: dict[int, str] = {}
     for full, param in model.named_parameters(remove_duplicate=False):
         if param.device.type != "meta":
             continue   # real already: an adapter's weights
         name = _base_name(full)
-        if name not in tensors and renamed:
-            name = renamed.get(name, name)
-        if name in tensors:
-            names.setdefault(id(param), name)
+        source = (renamed or {}).get(name, name) if name not in tensors else name
+        if isinstance(source, Fused) or source in tensors:
+            names.setdefault(id(param), source)
         else:
             unnamed.setdefault(id(param), name)
     return names, [name for key, name in unnamed.items() if key not in names]
+
+
+def _stored_names(source: Union[str, Fused]) -> list[str]:
+    return source.names if isinstance(source, Fused) else [source]
+
+
+def _too_large(model: torch.nn.Module, names: dict, limit: Optional[int]) -> bool:
+    """Whether a module with stacked parameters (Fused) needs more than ``limit`` bytes: its parameters in float32
+    plus, while the largest is built, its stored tensors (as many values again)."""
+    if limit is None:
+        return False
+    for module in model.modules():
+        owned = [p for p in module._parameters.values() if p is not None and isinstance(names.get(id(p)), Fused)]
+        if owned:
+            values = sum(p.numel() for p in module._parameters.values() if p is not None and id(p) in names)
+            if 4 * (values + max(p.numel() for p in owned)) > limit:
+                return True
+    return False
 
 
 def _base_name(name: str) -> str:
@@ -271,7 +291,8 @@ class Prefetch:
             self._hinted = group
             for _, owned in self._groups[group]:
                 for empty in owned.values():
-                    will_read(self._names[id(empty)])
+                    for name in _stored_names(self._names[id(empty)]):
+                        will_read(name)
 
     def _read_group(self, group: int) -> dict[int, dict[str, torch.Tensor]]:
         return {id(module): self._read(owned) for module, owned in self._groups[group]}
@@ -279,17 +300,26 @@ class Prefetch:
     def _read(self, owned: dict) -> dict[str, torch.Tensor]:
         weights = {}
         for key, empty in owned.items():
-            name = self._names[id(empty)]
-            info = self._checkpoint.tensors[name]
-            dtype = self._dtype if info.dtype.is_floating_point else info.dtype
+            source = self._names[id(empty)]
+            if isinstance(source, Fused):   # stacked experts: built anew each pass, nothing to reuse
+                weights[key] = source.build(lambda name: self._tensor(name, fresh=True), key)
+            else:
+                weights[key] = self._tensor(source, fresh=not _numbered(source))
+        return weights
+
+    def _tensor(self, name: str, fresh: bool) -> torch.Tensor:
+        """Stored tensor ``name`` in the running dtype on the device; ``fresh``: in a new buffer, not a freed
+        layer's."""
+        info = self._checkpoint.tensors[name]
+        dtype = self._dtype if info.dtype.is_floating_point else info.dtype
+        if fresh:
             if not _numbered(name):   # read once a pass (embedding, lm_head, final norm): nothing to reuse,
                 self.recycled.clear()  # and after the last layer its buffers are not needed beside lm_head's
-                weight = torch.empty(tuple(info.shape), dtype=dtype, device=self._device)
-            else:
-                weight = self.recycled.take(tuple(info.shape), dtype, self._device)
-            self._fill(name, info, weight)
-            weights[key] = weight
-        return weights
+            weight = torch.empty(tuple(info.shape), dtype=dtype, device=self._device)
+        else:
+            weight = self.recycled.take(tuple(info.shape), dtype, self._device)
+        self._fill(name, info, weight)
+        return weight
 
     def _fill(self, name: str, info, weight: torch.Tensor) -> None:
         """Read tensor ``name`` into ``weight``: straight into its memory when it keeps the stored dtype on the
