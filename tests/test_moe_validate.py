@@ -153,3 +153,24 @@ def test_noise_is_not_provable(models):  # noqa: F811
         '    negative_prompts: ["hello there"]\n', '    negative_prompts: ["hello there"]\n    noise_scale: 0.01\n')
     twin, reason = dense_twin(parse_moe(yaml.safe_load(text)), {"model_type": "mixtral"}, 16)
     assert twin is None and reason == "noise_scale or residual_scale changes the experts"
+
+
+def test_qwen2_moe_output_streams(tmp_path, models):  # noqa: F811
+    """The Qwen2-MoE output stores one tensor per expert, which transformers 5 stacks while loading: the forward
+    check runs it layer by layer all the same (each layer's stack built when it runs), with the logits of
+    transformers' whole-model loading, and passes."""
+    from mergekit_lite.api.moe import run_moe
+    from mergekit_lite.validation.inference import _config_of, load_model, logits_of, make_batch
+    from mergekit_lite.validation.streamed import open_model
+
+    shared = f"shared_experts:\n  - source_model: {models / 'base'}\n    positive_prompts: [\"add two numbers\"]\n"
+    result = run_moe(moe_yaml(models, "cheap_embed", shared=shared, extra="architecture: qwen\n"), tmp_path / "moe",
+                     device="cpu", progress=False)
+    assert forward_of(result.validation).status == "passed", forward_of(result.validation).summary
+    folder = str(tmp_path / "moe")
+    assert _config_of(folder)["model_type"] == "qwen2_moe"
+    cpu = torch.device("cpu")
+    batch = make_batch(folder, _config_of(folder)["vocab_size"])
+    model = open_model(folder, cpu, whole_limit=1 << 30)
+    assert hasattr(model, "streaming"), "loaded whole, not streamed"
+    assert torch.equal(logits_of(model, batch, cpu), logits_of(load_model(folder, cpu), batch, cpu))
