@@ -237,7 +237,23 @@ def _streams_as_transformers_loads(folder: str):
     return model
 
 
-@pytest.mark.parametrize("build", [_gpt_neox, _llava, _gemma3], ids=["gpt_neox", "llava", "gemma3"])
+def _qwen25_vl(folder) -> str:
+    """Qwen2.5-VL as the Hub stores it (``model.layers.*``, ``visual.*``; loaded as ``model.language_model.*``)."""
+    import transformers
+
+    text = dict(SMALL, vocab_size=300, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1])
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=299,
+                                           video_token_id=298, vision_start_token_id=297)
+    torch.manual_seed(8)
+    transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(
+        folder, max_shard_size="60KB")
+    return str(folder)
+
+
+@pytest.mark.parametrize("build", [_gpt_neox, _llava, _gemma3, _qwen25_vl],
+                         ids=["gpt_neox", "llava", "gemma3", "qwen2.5-vl"])
 def test_renamed_layouts_stream(build, tmp_path, monkeypatch):
     """Checkpoints whose stored names transformers renames while loading stream under its names, with the logits
     of its whole-model loading; without the renames they could not stream (they loaded whole, and a large one
