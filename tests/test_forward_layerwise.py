@@ -274,7 +274,7 @@ MOE = {"Mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 
 
 @pytest.mark.parametrize("family", list(MOE))
-def test_stacked_experts_stream(family, tmp_path):
+def test_stacked_experts_stream(family, tmp_path, monkeypatch):
     """A mixture of experts stored one tensor per expert (``experts.3.w1.weight``; transformers 5 stacks them into
     ``experts.gate_up_proj`` while loading) streams too: each layer's experts are stacked by transformers' own
     operations when the layer runs, with the logits of whole-model loading. Memory: the largest module's
@@ -300,7 +300,11 @@ def test_stacked_experts_stream(family, tmp_path):
                                                  else SMALL["intermediate_size"])   # float32 gate, up, down
     assert model.streaming.peak == max(stack, 4 * SMALL["vocab_size"] * SMALL["hidden_size"])
     # the layer's experts, and the stored tensors of gate_up (2/3 of them) while it is built
+    monkeypatch.setattr(streamed, "reads_ahead", lambda device: False)
     assert streamed.streamed_model(folder, CPU, limit=stack * 5 // 3) is not None
     assert streamed.streamed_model(folder, CPU, limit=stack * 5 // 3 - 1) is None
+    monkeypatch.setattr(streamed, "reads_ahead", lambda device: True)   # and the next layer's, read meanwhile
+    assert streamed.streamed_model(folder, CPU, limit=stack * 8 // 3) is not None
+    assert streamed.streamed_model(folder, CPU, limit=stack * 8 // 3 - 1) is None
     with pytest.raises(streamed.TooLargeWhole):
         streamed.open_model(folder, CPU, whole_limit=stack)

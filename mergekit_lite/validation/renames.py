@@ -16,7 +16,7 @@ nothing is renamed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -92,3 +92,18 @@ def _builds(fused: Fused, param: torch.Tensor, stored: dict, name: str) -> bool:
     except Exception:   # noqa: BLE001 - shapes transformers' operation refuses: the model loads whole
         return False
     return tuple(built.shape) == tuple(param.shape)
+
+
+def too_large(model: torch.nn.Module, names: dict, limit: Optional[int], held: int) -> bool:
+    """Whether a module with stacked parameters (``names``: {id(parameter): its stored name or Fused}) needs more
+    than ``limit`` bytes: its parameters in float32 plus, while the largest is built, its stored tensors (as many
+    values again); ``held``: 2 when the next layer's are read while it runs, else 1."""
+    if limit is None:
+        return False
+    for module in model.modules():
+        owned = [p for p in module._parameters.values() if p is not None and isinstance(names.get(id(p)), Fused)]
+        if owned:
+            values = sum(p.numel() for p in module._parameters.values() if p is not None and id(p) in names)
+            if 4 * (held * values + max(p.numel() for p in owned)) > limit:
+                return True
+    return False

@@ -37,7 +37,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..units import format_size
-from .renames import Fused, loaded_names
+from .renames import Fused, loaded_names, too_large
 
 
 class TooLargeWhole(RuntimeError):
@@ -120,7 +120,8 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
         model = apply_adapters(model, adapters, low_cpu_mem_usage=True)
     names, missing = _file_names(model, checkpoint.tensors, renamed)
     used = {stored for source in names.values() for stored in _stored_names(source)}
-    if (missing and set(checkpoint.tensors) - used) or _too_large(model, names, limit):
+    layers_held = 2 if reads_ahead(device) else 1   # the next layer is read while one runs
+    if (missing and set(checkpoint.tensors) - used) or too_large(model, names, limit, layers_held):
         checkpoint.close()
         return None   # tensors transformers converts otherwise while loading, or too large a stack: load it whole
     shapes = {id(param): tuple(param.shape) for param in model.parameters()}
@@ -193,20 +194,6 @@ def _file_names(model: torch.nn.Module, tensors: dict,
 
 def _stored_names(source: Union[str, Fused]) -> list[str]:
     return source.names if isinstance(source, Fused) else [source]
-
-
-def _too_large(model: torch.nn.Module, names: dict, limit: Optional[int]) -> bool:
-    """Whether a module with stacked parameters (Fused) needs more than ``limit`` bytes: its parameters in float32
-    plus, while the largest is built, its stored tensors (as many values again)."""
-    if limit is None:
-        return False
-    for module in model.modules():
-        owned = [p for p in module._parameters.values() if p is not None and isinstance(names.get(id(p)), Fused)]
-        if owned:
-            values = sum(p.numel() for p in module._parameters.values() if p is not None and id(p) in names)
-            if 4 * (values + max(p.numel() for p in owned)) > limit:
-                return True
-    return False
 
 
 def _base_name(name: str) -> str:
