@@ -296,15 +296,43 @@ def test_stacked_experts_stream(family, tmp_path, monkeypatch):
     # per layer: gate_up from 2 x 4 experts, down from 4
     assert sorted(len(source.names) for source in fused.values()) == [4, 4, 8, 8]
     model = _streams_as_transformers_loads(folder)
+    from mergekit_lite.validation.inference import logits_of, make_batch
+
+    batch = make_batch(folder, SMALL["vocab_size"])   # a second pass, into the first one's freed stacks
+    assert torch.equal(logits_of(model, batch, CPU), logits_of(model, batch, CPU))
     stack = 4 * 4 * 3 * SMALL["hidden_size"] * (config.moe_intermediate_size if family == "Qwen3Moe"
                                                  else SMALL["intermediate_size"])   # float32 gate, up, down
     assert model.streaming.peak == max(stack, 4 * SMALL["vocab_size"] * SMALL["hidden_size"])
-    # the layer's experts, and the stored tensors of gate_up (2/3 of them) while it is built
+    # the layer's experts (each stored tensor is read into its place in the stack)
     monkeypatch.setattr(streamed, "reads_ahead", lambda device: False)
-    assert streamed.streamed_model(folder, CPU, limit=stack * 5 // 3) is not None
-    assert streamed.streamed_model(folder, CPU, limit=stack * 5 // 3 - 1) is None
+    assert streamed.streamed_model(folder, CPU, limit=stack) is not None
+    assert streamed.streamed_model(folder, CPU, limit=stack - 1) is None
     monkeypatch.setattr(streamed, "reads_ahead", lambda device: True)   # and the next layer's, read meanwhile
-    assert streamed.streamed_model(folder, CPU, limit=stack * 8 // 3) is not None
-    assert streamed.streamed_model(folder, CPU, limit=stack * 8 // 3 - 1) is None
+    assert streamed.streamed_model(folder, CPU, limit=2 * stack) is not None
+    assert streamed.streamed_model(folder, CPU, limit=2 * stack - 1) is None
     with pytest.raises(streamed.TooLargeWhole):
         streamed.open_model(folder, CPU, whole_limit=stack)
+
+
+def test_a_stack_placed_otherwise_than_transformers_is_refused(tmp_path, monkeypatch):
+    """Each rule's placement is checked against transformers' own operations on small stand-ins before a model
+    streams: a placement that put the up projections before the gate ones would not be used (the model loads
+    whole instead)."""
+    import transformers
+
+    from mergekit_lite.validation import renames, streamed
+
+    config = transformers.MixtralConfig(**SMALL, **MOE["Mixtral"])
+    torch.manual_seed(9)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "m", max_shard_size="40KB")
+    folder = str(tmp_path / "m")
+    assert streamed.streamed_model(folder, CPU) is not None
+    place = renames._place
+
+    def reversed_place(node, view, placed):
+        if node[0] == "cat":
+            node = (node[0], node[1], node[2][::-1])
+        place(node, view, placed)
+
+    monkeypatch.setattr(renames, "_place", reversed_place)
+    assert streamed.streamed_model(folder, CPU) is None

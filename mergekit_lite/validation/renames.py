@@ -7,45 +7,109 @@ transformers 5 itself still saves them), GPT-NeoX's ``embed_out``, a base model 
 ``model.`` prefix. And transformers 5 holds a mixture of experts' weights stacked, one tensor per layer
 (``mlp.experts.gate_up_proj``), where the files hold one tensor per expert (``experts.3.w1.weight``).
 transformers renames and stacks them while loading, by rules it keeps per model type (``conversion_mapping``);
-we apply the very same rules through its own functions and operations rather than a copy of them, which would
-fall behind each release. A stacking rule is used only when its operations are plain tensor reshuffles
-(``STACKING``); any other makes the model load whole, as before. Before transformers 5 none of this exists and
-nothing is renamed.
+we read the very same rules through its own functions rather than a copy of them, which would fall behind each
+release. A stacking rule is followed only when its operations are stacks and concatenations (``STACKING``):
+each stored tensor is then read straight into its place in the stack (``Fused.places``), which holds a layer's
+experts once, where transformers' operations (``Fused.convert``) hold the parts, the stacks and the result;
+before a rule is used, the two are compared on small stand-ins. Any other rule makes the model load whole, as
+before. Before transformers 5 none of this exists and nothing is renamed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-STACKING = ("MergeModulelist", "Concatenate", "Transpose")   # operations of a stacking rule run here
+STACKING = ("MergeModulelist", "Concatenate")   # the operations of the stacking rules followed here
 
 
 @dataclass
 class Fused:
     """A parameter transformers builds from several stored tensors (one per expert, say) by ``converter``'s
-    operations; ``stored``: (source pattern, stored name) in the order transformers collects them."""
+    operations; ``stored``: (source pattern, stored name) in the order transformers collects them; ``shapes``:
+    each stored tensor's shape."""
     converter: Any
     stored: list[tuple[str, str]]
+    shapes: dict[str, tuple[int, ...]]
 
     @property
     def names(self) -> list[str]:
         return [name for _, name in self.stored]
 
-    def build(self, read: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
-        """The parameter from its stored tensors (``read(stored name)``), as transformers builds it while loading.
-        Holds the stored tensors and the result at once, at most twice the parameter."""
+    def places(self, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """(stored name, the view of ``weight`` it fills): each stored tensor is read straight into its place in
+        the stack, so memory holds the parameter and no copy of its parts. transformers' operations
+        (``convert``) build the same tensor from the parts, holding parts, stacks and result at once."""
+        placed: list[tuple[str, torch.Tensor]] = []
+        _place(self._layout(), weight, placed)
+        return placed
+
+    def _layout(self) -> tuple:
+        """The parameter as a tree of ("leaf", name, shape), ("stack", dim, children), ("cat", dim, children),
+        as ``STACKING``'s operations put it together: MergeModulelist stacks each pattern's tensors, Concatenate
+        joins the patterns' in the rule's order."""
+        collected: dict[str, Any] = {}
+        for pattern, name in self.stored:
+            collected.setdefault(pattern, []).append(("leaf", name, self.shapes[name]))
+        for operation in self.converter.operations:
+            kind = type(operation).__name__
+            if kind == "MergeModulelist":
+                collected = {key: ("stack", operation.dim, items) for key, items in collected.items()}
+            elif kind == "Concatenate":
+                parts = [collected[pattern] for pattern in self.converter.source_patterns if pattern in collected]
+                collected = {"": ("cat", operation.dim, [p for part in parts for p in _as_list(part)])}
+            else:
+                raise ValueError(f"not a stacking operation: {kind}")
+        (node,) = collected.values()
+        if isinstance(node, list):
+            raise ValueError("the rule leaves a list of tensors, not one")
+        return node
+
+    def convert(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """The parameter from its stored tensors ({stored name: tensor}) by transformers' own operations."""
         collected: dict[str, Any] = {}
         for pattern, stored in self.stored:
-            collected.setdefault(pattern, []).append(read(stored))
+            collected.setdefault(pattern, []).append(tensors[stored])
         for operation in self.converter.operations:
             collected = operation.convert(collected, source_patterns=self.converter.source_patterns,
                                           target_patterns=self.converter.target_patterns, full_layer_name=name,
                                           missing_keys=None)
         (value,) = collected.values()
-        return value.contiguous()
+        return value
+
+
+def _as_list(part: Any) -> list:
+    return part if isinstance(part, list) else [part]
+
+
+def _shape(node: tuple) -> list[int]:
+    if node[0] == "leaf":
+        return list(node[2])
+    kind, dim, children = node
+    shape = _shape(children[0])
+    if kind == "stack":
+        shape.insert(dim if dim >= 0 else len(shape) + 1 + dim, len(children))
+    else:
+        shape[dim] = sum(_shape(child)[dim] for child in children)
+    return shape
+
+
+def _place(node: tuple, view: torch.Tensor, placed: list) -> None:
+    if node[0] == "leaf":
+        placed.append((node[1], view))
+        return
+    kind, dim, children = node
+    offset = 0
+    for index, child in enumerate(children):
+        if kind == "stack":
+            _place(child, view.select(dim, index), placed)
+        else:
+            size = _shape(child)[dim]
+            _place(child, view.narrow(dim, offset, size), placed)
+            offset += size
 
 
 def loaded_names(model: torch.nn.Module, stored: dict) -> dict[str, Union[str, Fused]]:
@@ -74,36 +138,51 @@ def loaded_names(model: torch.nn.Module, stored: dict) -> dict[str, Union[str, F
             found.setdefault(loaded, name)
             continue
         converter = next(c for c in converters if pattern in c.source_patterns)
-        fused = found.setdefault(loaded, Fused(converter, []))
+        fused = found.setdefault(loaded, Fused(converter, [], {}))
         if isinstance(fused, Fused):
             fused.stored.append((pattern, name))
+            fused.shapes[name] = tuple(stored[name].shape)
     return {name: source for name, source in found.items()
-            if not isinstance(source, Fused) or _builds(source, params[name], stored, name)}
+            if not isinstance(source, Fused) or _builds(source, params[name], name)}
 
 
-def _builds(fused: Fused, param: torch.Tensor, stored: dict, name: str) -> bool:
-    """Whether ``fused`` stacks plain tensors into exactly ``param``'s shape: its rule has one target and only
-    ``STACKING`` operations, tried on empty (``meta``) tensors of the stored shapes."""
+def _builds(fused: Fused, param: torch.Tensor, name: str) -> bool:
+    """Whether ``fused`` stacks plain tensors into exactly ``param``'s shape, placing each where transformers'
+    own operations put it: its rule has one target and only ``STACKING`` operations, and on small stand-ins
+    (each size cut to at most 3, every value distinct) ``places`` fills in what ``convert`` builds."""
     converter = fused.converter
     if len(converter.target_patterns) != 1 or any(type(op).__name__ not in STACKING for op in converter.operations):
         return False
     try:
-        built = fused.build(lambda source: torch.empty(tuple(stored[source].shape), device="meta"), name)
-    except Exception:   # noqa: BLE001 - shapes transformers' operation refuses: the model loads whole
+        if _shape(fused._layout()) != list(param.shape):
+            return False
+        small = Fused(converter, fused.stored, {n: tuple(min(3, size) for size in shape)
+                                                for n, shape in fused.shapes.items()})
+        count = 0
+        parts = {}
+        for stored in small.names:
+            shape = small.shapes[stored]
+            parts[stored] = torch.arange(count, count + math.prod(shape), dtype=torch.float32).view(shape)
+            count += math.prod(shape)
+        expected = small.convert(parts, name)
+        built = torch.full(_shape(small._layout()), -1.0)
+        for stored, view in small.places(built):
+            view.copy_(parts[stored])
+        return torch.equal(built, expected)
+    except Exception:   # noqa: BLE001 - a rule these stand-ins do not fit: the model loads whole
         return False
-    return tuple(built.shape) == tuple(param.shape)
 
 
 def too_large(model: torch.nn.Module, names: dict, limit: Optional[int], held: int) -> bool:
     """Whether a module with stacked parameters (``names``: {id(parameter): its stored name or Fused}) needs more
-    than ``limit`` bytes: its parameters in float32 plus, while the largest is built, its stored tensors (as many
-    values again); ``held``: 2 when the next layer's are read while it runs, else 1."""
+    than ``limit`` bytes: its parameters in float32 (their parts are read into place, nothing more is held);
+    ``held``: 2 when the next layer's are read while it runs, else 1."""
     if limit is None:
         return False
     for module in model.modules():
         owned = [p for p in module._parameters.values() if p is not None and isinstance(names.get(id(p)), Fused)]
         if owned:
             values = sum(p.numel() for p in module._parameters.values() if p is not None and id(p) in names)
-            if 4 * (held * values + max(p.numel() for p in owned)) > limit:
+            if 4 * held * values > limit:
                 return True
     return False

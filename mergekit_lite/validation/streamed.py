@@ -289,31 +289,31 @@ class Prefetch:
         weights = {}
         for key, empty in owned.items():
             source = self._names[id(empty)]
-            if isinstance(source, Fused):   # stacked experts: built anew each pass, nothing to reuse
-                weights[key] = source.build(lambda name: self._tensor(name, fresh=True), key)
+            if isinstance(source, Fused):   # stacked experts: each stored tensor read into its place
+                info = self._checkpoint.tensors[source.names[0]]
+                weight = self._buffer(source.names[0], tuple(empty.shape), info.dtype)
+                for name, view in source.places(weight):
+                    self._fill(name, self._checkpoint.tensors[name], view)
             else:
-                weights[key] = self._tensor(source, fresh=not _numbered(source))
+                info = self._checkpoint.tensors[source]
+                weight = self._buffer(source, tuple(info.shape), info.dtype)
+                self._fill(source, info, weight)
+            weights[key] = weight
         return weights
 
-    def _tensor(self, name: str, fresh: bool) -> torch.Tensor:
-        """Stored tensor ``name`` in the running dtype on the device; ``fresh``: in a new buffer, not a freed
-        layer's."""
-        info = self._checkpoint.tensors[name]
-        dtype = self._dtype if info.dtype.is_floating_point else info.dtype
-        if fresh:
-            if not _numbered(name):   # read once a pass (embedding, lm_head, final norm): nothing to reuse,
-                self.recycled.clear()  # and after the last layer its buffers are not needed beside lm_head's
-            weight = torch.empty(tuple(info.shape), dtype=dtype, device=self._device)
-        else:
-            weight = self.recycled.take(tuple(info.shape), dtype, self._device)
-        self._fill(name, info, weight)
-        return weight
+    def _buffer(self, name: str, shape: tuple, stored: torch.dtype) -> torch.Tensor:
+        """An empty weight for ``name`` in the running dtype on the device: a freed layer's when it repeats."""
+        dtype = self._dtype if stored.is_floating_point else stored
+        if _numbered(name):
+            return self.recycled.take(shape, dtype, self._device)
+        self.recycled.clear()   # read once a pass (embedding, lm_head, final norm): nothing to reuse, and after
+        return torch.empty(shape, dtype=dtype, device=self._device)   # the last layer its buffers are not needed
 
     def _fill(self, name: str, info, weight: torch.Tensor) -> None:
         """Read tensor ``name`` into ``weight``: straight into its memory when it keeps the stored dtype on the
         CPU, else a block of rows at a time through the staging buffer, so an upcast embedding or lm_head never
         has its stored copy whole beside it (at 1B, 125 MB less at the peak of the pass)."""
-        if weight.dtype == info.dtype and self._device.type == "cpu":
+        if weight.dtype == info.dtype and self._device.type == "cpu" and weight.is_contiguous():
             self._count(name, self._checkpoint.read(name, out=_bytes_of(weight)), 0)
             return
         rows = weight if weight.dim() else weight.view(1)          # a scalar as one row
