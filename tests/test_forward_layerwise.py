@@ -336,3 +336,21 @@ def test_a_stack_placed_otherwise_than_transformers_is_refused(tmp_path, monkeyp
 
     monkeypatch.setattr(renames, "_place", reversed_place)
     assert streamed.streamed_model(folder, CPU) is None
+
+
+def test_rules_transformers_cannot_apply_leave_the_model_whole(tmp_path, monkeypatch):
+    """transformers' loading functions are internals: when they fail (another version, a rule that does not fit
+    this model), nothing is renamed and the model loads whole, as it did before renames were read."""
+    import transformers.core_model_loading as loading
+
+    from mergekit_lite.validation import renames, streamed
+
+    folder = _llava(tmp_path / "m")
+    assert streamed.streamed_model(folder, CPU) is not None
+
+    def changed(*args, **kwargs):
+        raise TypeError("rename_source_key() got an unexpected keyword argument")
+
+    monkeypatch.setattr(loading, "rename_source_key", changed)
+    assert renames.loaded_names(streamed._skeleton(folder), _stored(folder)) == {}
+    assert streamed.streamed_model(folder, CPU) is None   # open_model then loads it whole

@@ -116,18 +116,26 @@ def loaded_names(model: torch.nn.Module, stored: dict) -> dict[str, Union[str, F
     """{name of a parameter of ``model``: the stored name transformers loads into it, or the ``Fused`` stored
     tensors it builds it from}, for the parameters it does not load from a stored tensor of their own name.
     ``model``: the skeleton, before peft wraps it; ``stored``: {stored name: info with ``shape``}."""
+    params = dict(model.named_parameters(remove_duplicate=False))
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+        found = _by_transformers_rules(model, stored, params)
     except ImportError:   # transformers 4: no per-model rules to read
         return {}
-    try:
-        transforms = get_model_conversion_mapping(model)
-    except Exception:   # noqa: BLE001 - a rule transformers cannot build for this model: it loads whole, as before
-        return {}
+    except Exception:   # noqa: BLE001 - rules transformers cannot apply here, or internals that changed: the model
+        return {}       # loads whole, as before
+    return {name: source for name, source in found.items()
+            if not isinstance(source, Fused) or _builds(source, params[name], name)}
+
+
+def _by_transformers_rules(model: torch.nn.Module, stored: dict, params: dict) -> dict[str, Union[str, Fused]]:
+    """transformers' loading applied to the stored names only: every renaming rule, then at most one stacking
+    rule, adding or dropping the base model's prefix, in the order its loader goes through the names."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    params = dict(model.named_parameters(remove_duplicate=False))
     prefix = getattr(model, "base_model_prefix", None) or None
     found: dict[str, Union[str, Fused]] = {}
     for name in sorted(stored, key=dot_natural_key):   # transformers' order: experts 0, 1, ..., 10
@@ -142,8 +150,7 @@ def loaded_names(model: torch.nn.Module, stored: dict) -> dict[str, Union[str, F
         if isinstance(fused, Fused):
             fused.stored.append((pattern, name))
             fused.shapes[name] = tuple(stored[name].shape)
-    return {name: source for name, source in found.items()
-            if not isinstance(source, Fused) or _builds(source, params[name], name)}
+    return found
 
 
 def _builds(fused: Fused, param: torch.Tensor, name: str) -> bool:
