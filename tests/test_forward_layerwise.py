@@ -273,8 +273,9 @@ MOE = {"Mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
        "Qwen3Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])   # f32: read in place
 @pytest.mark.parametrize("family", list(MOE))
-def test_stacked_experts_stream(family, tmp_path, monkeypatch):
+def test_stacked_experts_stream(family, dtype, tmp_path, monkeypatch):
     """A mixture of experts stored one tensor per expert (``experts.3.w1.weight``; transformers 5 stacks them into
     ``experts.gate_up_proj`` while loading) streams too: each layer's experts are stacked by transformers' own
     operations when the layer runs, with the logits of whole-model loading. Memory: the largest module's
@@ -287,7 +288,7 @@ def test_stacked_experts_stream(family, tmp_path, monkeypatch):
 
     config = getattr(transformers, f"{family}Config")(**SMALL, **MOE[family])
     torch.manual_seed(7)
-    getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16).save_pretrained(
+    getattr(transformers, f"{family}ForCausalLM")(config).to(dtype).save_pretrained(
         tmp_path / "m", max_shard_size="40KB")
     folder = str(tmp_path / "m")
     stored = _stored(folder)
