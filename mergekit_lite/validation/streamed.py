@@ -9,7 +9,8 @@ float32 needs four bytes per parameter, and each model's pass needs each weight 
   files (``sources.Checkpoint.read``: positional reads, nothing memory-mapped), upcasts them to float32 on the
   validation device, and a forward hook that puts the empty ``meta`` parameters back, freeing them.
 
-So memory holds one module's weights (at most the largest tensor, in float32) plus the activations of the batch,
+So memory holds one module's weights (at most the largest tensor in float32, or a layer's stacked experts, which
+streamed_model weighs against its ``limit``) plus the activations of the batch,
 whatever the model's size; when it has a core of its own, a background thread reads the next group of modules (the
 next decoder layer) while the current one computes (``Prefetch``), which adds one group's weights. A tied ``lm_head`` is the embedding's Parameter in the skeleton, so its module reads
 the embedding's tensor again when it runs. Adapters applied at inference time are peft's, as in
@@ -104,12 +105,12 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
                    tally=None, dtype: torch.dtype = torch.float32, limit: Optional[int] = None):
     """The model of ``folder`` (a causal LM, or a VLM's image-text-to-text model) ready to run in float32 on
     ``device`` with its weights read module by module, with ``adapters`` applied by peft at inference time;
-    ``model.streaming`` counts the bytes held. None when the files' tensor names are not the model's (then load
-    it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape.
+    ``model.streaming`` counts the bytes held. None when transformers converts the files' tensors otherwise than
+    by the renames and stacks of renames.py, or a stack would exceed ``limit`` (then load it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape.
     ``checkpoint``: read the tensors from it (``tensors``, ``read``, ``close``, as sources.Checkpoint) rather than
     from the folder's files (moe_forward.SwappedMLPs). ``dtype``: the floating-point weights' dtype while they run
     (float32 for the checks; `merge moe` runs its base in bfloat16 for hidden-state routers, as mergekit-moe).
-    ``limit``: None too when a module would need more bytes than this (renames.Fused: stacked experts)."""
+    ``limit``: the bytes a module of stacked experts may hold (renames.too_large); None: no limit."""
     from ..sources.opener import open_checkpoint
     from .inference import apply_adapters, refuse_incomplete
 
