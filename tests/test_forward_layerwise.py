@@ -309,8 +309,9 @@ def test_stacked_experts_stream(family, dtype, tmp_path, monkeypatch):
     assert streamed.streamed_model(folder, CPU, limit=stack) is not None
     assert streamed.streamed_model(folder, CPU, limit=stack - 1) is None
     monkeypatch.setattr(streamed, "reads_ahead", lambda device: True)   # and the next layer's, read meanwhile
-    assert streamed.streamed_model(folder, CPU, limit=2 * stack) is not None
-    assert streamed.streamed_model(folder, CPU, limit=2 * stack - 1) is None
+    ahead = streamed.streamed_model(folder, CPU, limit=2 * stack)
+    assert ahead is not None and streamed.streamed_model(folder, CPU, limit=2 * stack - 1) is None
+    assert torch.equal(logits_of(ahead, batch, CPU), logits_of(model, batch, CPU))   # stacks built on the reader
     with pytest.raises(streamed.TooLargeWhole):
         streamed.open_model(folder, CPU, whole_limit=stack)
 
