@@ -17,6 +17,7 @@ before. Before transformers 5 none of this exists and nothing is renamed.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -44,10 +45,11 @@ class Fused:
         the stack, so memory holds the parameter and no copy of its parts. transformers' operations
         (``convert``) build the same tensor from the parts, holding parts, stacks and result at once."""
         placed: list[tuple[str, torch.Tensor]] = []
-        _place(self._layout(), weight, placed)
+        _place(self.layout, weight, placed)
         return placed
 
-    def _layout(self) -> tuple:
+    @functools.cached_property
+    def layout(self) -> tuple:
         """The parameter as a tree of ("leaf", name, shape), ("stack", dim, children), ("cat", dim, children),
         as ``STACKING``'s operations put it together: MergeModulelist stacks each pattern's tensors, Concatenate
         joins the patterns' in the rule's order."""
@@ -119,10 +121,8 @@ def loaded_names(model: torch.nn.Module, stored: dict) -> dict[str, Union[str, F
     params = dict(model.named_parameters(remove_duplicate=False))
     try:
         found = _by_transformers_rules(model, stored, params)
-    except ImportError:   # transformers 4: no per-model rules to read
-        return {}
-    except Exception:   # noqa: BLE001 - rules transformers cannot apply here, or internals that changed: the model
-        return {}       # loads whole, as before
+    except Exception:   # noqa: BLE001 - transformers 4 (no such rules), rules it cannot apply here, or internals
+        return {}       # that changed: the model loads whole, as before
     return {name: source for name, source in found.items()
             if not isinstance(source, Fused) or _builds(source, params[name], name)}
 
@@ -161,18 +161,15 @@ def _builds(fused: Fused, param: torch.Tensor, name: str) -> bool:
     if len(converter.target_patterns) != 1 or any(type(op).__name__ not in STACKING for op in converter.operations):
         return False
     try:
-        if _shape(fused._layout()) != list(param.shape):
+        if _shape(fused.layout) != list(param.shape):
             return False
         small = Fused(converter, fused.stored, {n: tuple(min(3, size) for size in shape)
                                                 for n, shape in fused.shapes.items()})
-        count = 0
-        parts = {}
-        for stored in small.names:
-            shape = small.shapes[stored]
-            parts[stored] = torch.arange(count, count + math.prod(shape), dtype=torch.float32).view(shape)
-            count += math.prod(shape)
+        sizes = [math.prod(small.shapes[stored]) for stored in small.names]
+        values = torch.arange(sum(sizes), dtype=torch.float32).split(sizes)   # every value distinct
+        parts = {stored: v.view(small.shapes[stored]) for stored, v in zip(small.names, values)}
         expected = small.convert(parts, name)
-        built = torch.full(_shape(small._layout()), -1.0)
+        built = torch.full(_shape(small.layout), -1.0)
         for stored, view in small.places(built):
             view.copy_(parts[stored])
         return torch.equal(built, expected)
@@ -187,9 +184,9 @@ def too_large(model: torch.nn.Module, names: dict, limit: Optional[int], held: i
     if limit is None:
         return False
     for module in model.modules():
-        owned = [p for p in module._parameters.values() if p is not None and isinstance(names.get(id(p)), Fused)]
-        if owned:
-            values = sum(p.numel() for p in module._parameters.values() if p is not None and id(p) in names)
+        params = [p for p in module._parameters.values() if p is not None and id(p) in names]
+        if any(isinstance(names[id(p)], Fused) for p in params):
+            values = sum(p.numel() for p in params)
             if 4 * held * values > limit:
                 return True
     return False
