@@ -8,6 +8,9 @@ weights (bfloat16):
                as the Hub stores it; transformers 5 stacks each layer's experts into one tensor while loading.
   qwen2.5-vl   a Qwen2.5-VL, stored in the Hub's layout (``model.layers.*``, ``visual.*``); transformers 5 loads
                it as ``model.language_model.*``, ``model.visual.*``.
+  mixtral      a Mixtral of 8 wide experts stored one tensor per expert, whose layer's experts in float32 exceed the
+               memory bound (at 1b: 1.4 GB against 0.65 GiB, as two Mixtral 8x7B's 5.6 GB exceed their 2.4 GB), so
+               the check reads them one expert at a time (validation/experts.py); it was NOT CHECKED before.
 For each, alternated over --rounds, each a fresh process (wall s, CPU s, peak RSS of that process alone, from
 scripts/bench_fold.py's launcher): `merge validate FOLDER` (structure, NaN/Inf and the forward pass, which runs
 the model layer by layer) and transformers' own whole-model loading in float32 with a forward pass on the same
@@ -39,13 +42,18 @@ SIZES = {
                        num_experts=64, num_experts_per_tok=4),
            "vl": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=16, num_key_value_heads=4),
-           "vision": dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=14)},
+           "vision": dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=14),
+           "mixtral": dict(vocab_size=32000, hidden_size=1024, intermediate_size=14336, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)},
     "tiny": {"moe": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          num_experts=8, num_experts_per_tok=2),
              "vl": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2),
-             "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4)},
+             "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4),
+             "mixtral": dict(vocab_size=1024, hidden_size=64, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                             num_experts_per_tok=2)},
 }
 # transformers' whole-model loading and a forward pass of the check's batch; prints the batch's loss
 WHOLE = """
@@ -73,6 +81,9 @@ def build(folder: str, kind: str, size: str) -> None:
     if kind == "qwen3-moe":
         config = transformers.Qwen3MoeConfig(**shapes["moe"], norm_topk_prob=True, tie_word_embeddings=False)
         model_class = transformers.Qwen3MoeForCausalLM
+    elif kind == "mixtral":
+        config = transformers.MixtralConfig(**shapes["mixtral"])
+        model_class = transformers.MixtralForCausalLM
     else:
         text = dict(shapes["vl"], rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24] if size == "1b"
                                                  else [2, 3, 3]})
@@ -155,7 +166,7 @@ def main() -> None:
     parser.add_argument("--json", help="save the numbers to this file")
     args = parser.parse_args()
     report = {}
-    for kind in ("qwen3-moe", "qwen2.5-vl"):
+    for kind in ("qwen3-moe", "qwen2.5-vl", "mixtral"):
         folder = os.path.abspath(os.path.join(args.work, args.size, kind))
         build(folder, kind, args.size)
         report[kind] = run(folder, args.rounds)

@@ -279,8 +279,9 @@ def test_stacked_experts_stream(family, dtype, tmp_path, monkeypatch):
     """A mixture of experts stored one tensor per expert (``experts.3.w1.weight``; transformers 5 stacks them into
     ``experts.gate_up_proj`` while loading) streams too: each layer's experts are stacked by transformers' own
     operations when the layer runs, with the logits of whole-model loading. Memory: the largest module's
-    parameters in float32; a module whose stack would need more than the merge's bound makes the model load
-    whole, which needs more still, so it is not checked (TooLargeWhole), never loaded beyond the bound."""
+    parameters in float32. A stack above the merge's bound is read one expert at a time (below); only an expert
+    above it makes the model load whole, which needs more still, so it is not checked (TooLargeWhole), never
+    loaded beyond the bound."""
     import transformers
 
     from mergekit_lite.validation import streamed
@@ -306,14 +307,24 @@ def test_stacked_experts_stream(family, dtype, tmp_path, monkeypatch):
     assert model.streaming.peak == max(stack, 4 * SMALL["vocab_size"] * SMALL["hidden_size"])
     # the layer's experts (each stored tensor is read into its place in the stack)
     monkeypatch.setattr(streamed, "reads_ahead", lambda device: False)
-    assert streamed.streamed_model(folder, CPU, limit=stack) is not None
-    assert streamed.streamed_model(folder, CPU, limit=stack - 1) is None
+    assert _by_expert(streamed.streamed_model(folder, CPU, limit=stack)) == 0
+    assert _by_expert(streamed.streamed_model(folder, CPU, limit=stack - 1)) == 4   # gate_up and down, 2 layers
     monkeypatch.setattr(streamed, "reads_ahead", lambda device: True)   # and the next layer's, read meanwhile
     ahead = streamed.streamed_model(folder, CPU, limit=2 * stack)
-    assert ahead is not None and streamed.streamed_model(folder, CPU, limit=2 * stack - 1) is None
+    assert _by_expert(ahead) == 0 and _by_expert(streamed.streamed_model(folder, CPU, limit=2 * stack - 1)) == 4
     assert torch.equal(logits_of(ahead, batch, CPU), logits_of(model, batch, CPU))   # stacks built on the reader
+    expert = stack // 4 * 2 // 3   # the largest slice: one expert's gate and up projections
+    assert streamed.streamed_model(folder, CPU, limit=expert) is not None
+    assert streamed.streamed_model(folder, CPU, limit=expert - 1) is None
     with pytest.raises(streamed.TooLargeWhole):
-        streamed.open_model(folder, CPU, whole_limit=stack)
+        streamed.open_model(folder, CPU, whole_limit=expert - 1)
+
+
+def _by_expert(model) -> int:
+    """How many of the model's parameters are stacks read one expert at a time (experts.LazyExperts)."""
+    from mergekit_lite.validation.experts import LazyExperts
+
+    return sum(isinstance(param, LazyExperts) for param in model.parameters())
 
 
 def test_a_stack_placed_otherwise_than_transformers_is_refused(tmp_path, monkeypatch):
@@ -356,3 +367,69 @@ def test_rules_transformers_cannot_apply_leave_the_model_whole(tmp_path, monkeyp
     monkeypatch.setattr(loading, "rename_source_key", changed)
     assert renames.loaded_names(streamed._skeleton(folder), _stored(folder)) == {}
     assert streamed.streamed_model(folder, CPU) is None   # open_model then loads it whole
+
+
+def _wide_moe(family: str, dtype: torch.dtype, folder) -> tuple[str, int, int]:
+    """(a tiny MoE stored one tensor per expert whose expert slice is larger than its other tensors in float32,
+    its layer's stack in float32 bytes, its largest expert slice in float32 bytes)."""
+    import transformers
+
+    wide = dict(MOE[family], **({"moe_intermediate_size": 192} if family == "Qwen3Moe" else {}))
+    config = getattr(transformers, f"{family}Config")(**dict(SMALL, intermediate_size=192), **wide)
+    torch.manual_seed(11)
+    getattr(transformers, f"{family}ForCausalLM")(config).to(dtype).save_pretrained(folder, max_shard_size="60KB")
+    gate_up = 4 * 2 * 192 * SMALL["hidden_size"]   # one expert's gate and up projections, float32 bytes
+    return str(folder), 4 * gate_up * 3 // 2, gate_up
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("family", list(MOE))
+def test_stacks_above_the_bound_are_read_one_expert_at_a_time(family, dtype, tmp_path, monkeypatch):
+    """A layer's experts above the merge's bound (two Mixtral 8x7B: 5.6 GB a layer in float32, bound 2.4 GB) are
+    no longer NOT CHECKED: transformers' own loop over experts takes one expert's slice at a time, and each slice
+    is read then, from its stored tensors. Logits: those of transformers' whole-model loading with the same loop
+    (its ``eager`` experts implementation), bit for bit; memory: one slice, the pass's peak here."""
+    from mergekit_lite.validation import streamed
+    from mergekit_lite.validation.finite import FiniteTally
+    from mergekit_lite.validation.inference import load_model, logits_of, make_batch
+
+    folder, stack, expert = _wide_moe(family, dtype, tmp_path / "m")
+    monkeypatch.setattr(streamed, "reads_ahead", lambda device: False)
+    tally = FiniteTally()
+    model = streamed.streamed_model(folder, CPU, limit=stack - 1, tally=tally)
+    assert _by_expert(model) == 4 and model.config._experts_implementation == "eager"
+    batch = make_batch(folder, SMALL["vocab_size"])
+    whole = load_model(folder, CPU)
+    default = logits_of(whole, batch, CPU)                     # transformers' default: grouped matrix products
+    whole.set_experts_implementation("eager")
+    eager = logits_of(whole, batch, CPU)
+    logits = logits_of(model, batch, CPU)
+    assert torch.equal(logits, eager) and eager.abs().max() > 0.1
+    assert (logits - default).abs().max() <= 1e-4 * max(1.0, float(default.abs().max()))
+    assert model.streaming.peak == expert and model.streaming.live == 0
+    read = [name for name in tally.counts if ".experts." in name]
+    assert read and all(tally.counts[name] == (0, 0, -1) for name in read)   # counted for the finite check
+    assert torch.equal(logits_of(model, batch, CPU), logits)                   # a second pass reads them again
+
+
+def test_a_model_using_the_whole_stack_is_not_checked(tmp_path, monkeypatch):
+    """A model that uses a stack read one expert at a time otherwise (here transformers' grouped products, which
+    take the whole stack) stops with ExpertsUnsupported, and the forward check says NOT CHECKED, with why: it
+    neither fails a correct merge nor reads the stack past the bound."""
+    import transformers
+
+    from mergekit_lite import validate
+    from mergekit_lite.validation import forward, streamed
+    from mergekit_lite.validation.experts import ExpertsUnsupported
+    from mergekit_lite.validation.inference import logits_of, make_batch
+
+    folder, stack, _ = _wide_moe("Mixtral", torch.bfloat16, tmp_path / "m")
+    monkeypatch.setattr(streamed, "reads_ahead", lambda device: False)
+    monkeypatch.setattr(forward, "WHOLE_SLACK", 0)   # the bound: 3 x the largest tensor (the embedding) in float32
+    assert validate(folder, device="cpu").check("forward").status == "passed"
+    monkeypatch.setattr(transformers.PreTrainedModel, "set_experts_implementation", lambda self, name: None)
+    model = streamed.streamed_model(folder, CPU, limit=stack - 1)
+    with pytest.raises(ExpertsUnsupported):
+        logits_of(model, make_batch(folder, SMALL["vocab_size"]), CPU)
+    check = validate(folder, device="cpu").check("forward")
+    assert check.status == "not_checked" and "one expert at a time" in check.summary, check.summary

@@ -254,7 +254,7 @@ def test_a_model_that_cannot_stream_and_exceeds_the_bound_is_not_checked(project
     assert report.status == "not_checked" and report.check("forward").status == "not_checked"
     assert report.check("forward").summary.startswith(
         "the merged model: transformers converts its stored tensors while loading (beyond renaming them, or into "
-        "stacked expert layers larger than the bound below), so it cannot run layer by layer, and loading it whole "
+        "stacked experts each larger than the bound below), so it cannot run layer by layer, and loading it whole "
         "in float32 needs about ")
 
 

@@ -29,6 +29,7 @@ from ..plan.planner import MergePlan
 from ..spec.references import ModelPath, ModelRef
 from ..spec.schema import Spec
 from ..strategy import TensorContext
+from .experts import ExpertsUnsupported
 from .folder import OutputFolder
 from .report import CheckResult, Finding, not_checked, number, outcome
 
@@ -77,7 +78,7 @@ def check_forward(folder: OutputFolder, spec: Optional[Spec], plan: Optional[Mer
             # a VLM that needs its images even for text: its not running says nothing about the merge
             return not_checked("forward", f"the model loads but does not run on text alone, without images "
                                f"({type(exc).__name__}: {exc})", numbers, time.perf_counter() - started)
-    except TooLargeWhole as exc:
+    except (TooLargeWhole, ExpertsUnsupported) as exc:
         return not_checked("forward", f"the merged model: {exc}", numbers, time.perf_counter() - started)
     except IncompleteModel as exc:
         failure = Finding(str(exc), tensor=exc.tensor)
@@ -200,7 +201,7 @@ def _run_inputs(models: list[InputModel], batch, device: torch.device, allow_pic
                     reference = (model.label, logits)
                 elif not torch.equal(reference[1], logits):
                     identical = False
-            except (PickleRefused, TooLargeWhole, MergeError) as exc:
+            except (PickleRefused, TooLargeWhole, ExpertsUnsupported, MergeError) as exc:
                 entry["note"] = exc.what if isinstance(exc, MergeError) else str(exc)
             except Exception as exc:   # an input transformers cannot run: its loss is missing, with the reason
                 entry["note"] = f"{type(exc).__name__}: {exc}"

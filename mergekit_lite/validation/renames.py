@@ -48,6 +48,25 @@ class Fused:
         _place(self.layout, weight, placed)
         return placed
 
+    def by_expert(self, shape: tuple[int, ...]) -> Optional[list[list[tuple[str, torch.Tensor]]]]:
+        """For each index of the parameter's first dimension (an expert), the stored tensors that fill its slice, each
+        with a ``meta`` view of the slice's shape giving its place (shape, strides, offset): so one expert's
+        slice can be read on its own. None when a stored tensor spans two experts or some slice is not filled."""
+        if not shape or shape[0] < 1:
+            return None
+        per = math.prod(shape[1:])
+        slices: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(shape[0])]
+        for name, view in self.places(torch.empty(shape, device="meta")):
+            index, offset = divmod(view.storage_offset(), per)
+            last = offset + sum((size - 1) * stride for size, stride in zip(view.shape, view.stride()))
+            if last >= per or view.numel() == 0:
+                return None
+            slices[index].append((name, torch.empty(shape[1:], device="meta").as_strided(
+                view.shape, view.stride(), offset)))
+        if any(sum(view.numel() for _, view in parts) != per for parts in slices):
+            return None
+        return slices
+
     @functools.cached_property
     def layout(self) -> tuple:
         """The parameter as a tree of ("leaf", name, shape), ("stack", dim, children), ("cat", dim, children),
@@ -176,17 +195,3 @@ def _builds(fused: Fused, param: torch.Tensor, name: str) -> bool:
     except Exception:   # noqa: BLE001 - a rule these stand-ins do not fit: the model loads whole
         return False
 
-
-def too_large(model: torch.nn.Module, names: dict, limit: Optional[int], held: int) -> bool:
-    """Whether a module with stacked parameters (``names``: {id(parameter): its stored name or Fused}) needs more
-    than ``limit`` bytes: its parameters in float32 (their parts are read into place, nothing more is held);
-    ``held``: 2 when the next layer's are read while it runs, else 1."""
-    if limit is None:
-        return False
-    for module in model.modules():
-        params = [p for p in module._parameters.values() if p is not None and id(p) in names]
-        if any(isinstance(names[id(p)], Fused) for p in params):
-            values = sum(p.numel() for p in params)
-            if 4 * held * values > limit:
-                return True
-    return False

@@ -10,10 +10,11 @@ float32 needs four bytes per parameter, and each model's pass needs each weight 
   validation device, and a forward hook that puts the empty ``meta`` parameters back, freeing them.
 
 So memory holds one module's weights (at most the largest tensor in float32, or a layer's stacked experts, which
-streamed_model weighs against its ``limit``) plus the activations of the batch,
-whatever the model's size; when it has a core of its own, a background thread reads the next group of modules (the
-next decoder layer) while the current one computes (``Prefetch``), which adds one group's weights. A tied ``lm_head`` is the embedding's Parameter in the skeleton, so its module reads
-the embedding's tensor again when it runs. Adapters applied at inference time are peft's, as in
+streamed_model weighs against its ``limit``, else one expert's slice of them: experts.py) plus the activations of
+the batch, whatever the model's size; when it has a core of its own, a background thread reads the next group of
+modules (the next decoder layer) while the current one computes (``Prefetch``), which adds one group's weights. A
+tied ``lm_head`` is the embedding's Parameter in the skeleton, so its module reads the embedding's tensor again
+when it runs. Adapters applied at inference time are peft's, as in
 ``inference.apply_adapters``: peft wraps the skeleton, reads the (small) adapter weights for real, and only the
 base weights stream. accelerate's ``AlignDevicesHook`` with an ``OffloadedWeightsLoader`` does much the same,
 but it memory-maps the files through safetensors, keeps the stored dtype and is not a dependency of the
@@ -21,7 +22,7 @@ but it memory-maps the files through safetensors, keeps the stored dtype and is 
 
 Tensors stored under other names than the modules' stream under the names transformers renames them to, and
 per-expert MoE tensors are stacked as transformers stacks them, when their layer runs (renames.py). A model that
-transformers converts otherwise, or whose stacked layer would exceed the memory bound, cannot stream:
+transformers converts otherwise, or one of whose experts would exceed the memory bound, cannot stream:
 ``streamed_model`` returns None and the caller loads it whole.
 """
 
@@ -38,7 +39,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..units import format_size
-from .renames import Fused, loaded_names, too_large
+from .experts import lazy_stacks, read_by_expert
+from .renames import Fused, loaded_names
 
 
 class TooLargeWhole(RuntimeError):
@@ -63,7 +65,7 @@ def open_model(folder: str, device: torch.device, adapters: Sequence[tuple[str, 
     need = 4 * _stored_values(folder)
     if whole_limit is not None and need > whole_limit:
         why = ("its weights are pickle files" if pickled else "transformers converts its stored tensors while "
-               "loading (beyond renaming them, or into stacked expert layers larger than the bound below)")
+               "loading (beyond renaming them, or into stacked experts each larger than the bound below)")
         raise TooLargeWhole(f"{why}, so it cannot run layer by layer, and loading it whole in float32 needs about "
                             f"{format_size(need)}, more than the merge's memory bound ({format_size(whole_limit)})")
     return load_model(folder, device, adapters, allow_pickle=allow_pickle)
@@ -106,11 +108,13 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
     """The model of ``folder`` (a causal LM, or a VLM's image-text-to-text model) ready to run in float32 on
     ``device`` with its weights read module by module, with ``adapters`` applied by peft at inference time;
     ``model.streaming`` counts the bytes held. None when transformers converts the files' tensors otherwise than
-    by the renames and stacks of renames.py, or a stack would exceed ``limit`` (then load it whole). Raises inference.IncompleteModel naming a tensor the files lack or hold with another shape.
+    by the renames and stacks of renames.py, or one expert would exceed ``limit`` (then load it whole). Raises
+    inference.IncompleteModel naming a tensor the files lack or hold with another shape.
     ``checkpoint``: read the tensors from it (``tensors``, ``read``, ``close``, as sources.Checkpoint) rather than
     from the folder's files (moe_forward.SwappedMLPs). ``dtype``: the floating-point weights' dtype while they run
     (float32 for the checks; `merge moe` runs its base in bfloat16 for hidden-state routers, as mergekit-moe).
-    ``limit``: the bytes a module of stacked experts may hold (renames.too_large); None: no limit."""
+    ``limit``: the bytes a module of stacked experts may hold, else it is read expert by expert (experts.py);
+    None: no limit."""
     from ..sources.opener import open_checkpoint
     from .inference import apply_adapters, refuse_incomplete
 
@@ -122,10 +126,10 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
         model = apply_adapters(model, adapters, low_cpu_mem_usage=True)
     names, missing = _file_names(model, checkpoint.tensors, renamed)
     used = {stored for source in names.values() for stored in _stored_names(source)}
-    layers_held = 2 if reads_ahead(device) else 1   # the next layer is read while one runs
-    if (missing and set(checkpoint.tensors) - used) or too_large(model, names, limit, layers_held):
+    lazy = lazy_stacks(model, names, limit, 2 if reads_ahead(device) else 1)   # 2: the next layer is read ahead
+    if (missing and set(checkpoint.tensors) - used) or lazy is None or (lazy and adapters):
         checkpoint.close()
-        return None   # tensors transformers converts otherwise while loading, or too large a stack: load it whole
+        return None   # tensors transformers converts otherwise while loading, or too large an expert: load it whole
     shapes = {id(param): tuple(param.shape) for param in model.parameters()}
     problems = [(name, "is missing") for name in sorted(missing)]
     plain = {key: name for key, name in names.items() if isinstance(name, str)}   # a Fused one's shape is checked
@@ -138,7 +142,10 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
         checkpoint.close()
         refuse_incomplete(problems)
     model.streaming = Streaming()
-    _hook_modules(model, names, checkpoint, device, model.streaming, tally, dtype)
+    _hook_modules(model, {k: v for k, v in names.items() if k not in lazy}, checkpoint, device, model.streaming,
+                  tally, dtype)
+    if lazy:
+        read_by_expert(model, lazy, checkpoint, device, tally, dtype, model.streaming)
     _move_buffers(model, device)
     return model.eval()
 
