@@ -170,9 +170,9 @@ def test_nan_counted_by_the_forward_check_as_it_reads(models_bf16, tmp_path):
 
 
 def test_nan_counted_by_the_forward_check_in_row_blocks(models_bf16, tmp_path, monkeypatch):
-    """A tensor upcast for the forward pass is read a block of rows at a time (validation/streamed.STAGING): with
+    """A tensor upcast for the forward pass is read a block of rows at a time (validation/stream.STAGING): with
     blocks of 7 rows, non-finite values in later blocks are counted once each, at their own index."""
-    from mergekit_lite.validation import streamed
+    from mergekit_lite.validation import stream
     from mergekit_lite.validation.finite import check_finite
 
     out = merge(models_bf16, TASK_ARITHMETIC, tmp_path / "out")
@@ -180,7 +180,7 @@ def test_nan_counted_by_the_forward_check_in_row_blocks(models_bf16, tmp_path, m
     info = tensor(out, name)
     poke(info, 200 * 64 + 63, struct.pack("<H", 0x7F80))    # +Inf at [200, 63], block 28
     poke(info, 255 * 64 + 0, struct.pack("<H", 0x7FC0))     # NaN at [255, 0], the last block
-    monkeypatch.setattr(streamed, "STAGING", 7 * 128)
+    monkeypatch.setattr(stream, "STAGING", 7 * 128)
     finite = validate(out, device="cpu").check("finite")
     alone = check_finite(read_output(str(out)), torch.device("cpu"))
     assert finite.numbers["tensors_counted_by_forward"] == finite.numbers["tensors"]

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .renames import Fused
+from .stream import fill_weight
 
 
 class ExpertsUnsupported(RuntimeError):
@@ -90,11 +91,16 @@ def read_by_expert(model: torch.nn.Module, lazy: dict[int, list], checkpoint, de
     ``dtype``, on the thread that runs the model; transformers is asked for its ``eager`` experts implementation,
     its loop over experts. ``tally`` (finite.FiniteTally) counts NaN and Inf in each stored tensor read;
     ``streaming`` (streamed.Streaming) counts each slice's bytes while it lives."""
+    staging = torch.empty(0, dtype=torch.uint8)   # this thread's own: the reader thread has the model's
+
+    def grown(nbytes: int) -> torch.Tensor:
+        nonlocal staging
+        if staging.numel() < nbytes:
+            staging = torch.empty(nbytes, dtype=torch.uint8)
+        return staging
+
     def fill(name: str, place: torch.Tensor) -> None:
-        stored = checkpoint.read(name)
-        place.copy_(stored)
-        if tally is not None:
-            tally.add(name, stored)
+        fill_weight(checkpoint, name, place, grown, lambda *block: tally.add(*block) if tally is not None else None)
 
     for module in model.modules():
         for key, param in list(module._parameters.items()):

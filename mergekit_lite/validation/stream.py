@@ -8,7 +8,7 @@ tensor of a 70B model (a 2 GB embedding) is scanned in 64 MiB pieces.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -17,6 +17,7 @@ from ..errors import ModelError
 from ..safetensors_format import TensorInfo, read_into
 
 CHUNK_BYTES = 64 << 20
+STAGING = 32 << 20   # bytes of stored rows read at a time into a weight of another dtype (fill_weight)
 
 
 class TensorReader:
@@ -76,3 +77,35 @@ class TensorReader:
         self.close()
 
 
+
+
+def fill_weight(checkpoint, name: str, weight: torch.Tensor, staging: Callable[[int], torch.Tensor],
+                count: Callable[[str, torch.Tensor, int], None]) -> None:
+    """Read tensor ``name`` of ``checkpoint`` (sources.Checkpoint) into ``weight``, a tensor of its shape in any
+    dtype, on any device, with any strides: straight into its memory when it keeps the stored dtype on the CPU and
+    is contiguous, else a block of rows at a time through ``staging(nbytes)`` (a uint8 CPU buffer), so an upcast
+    weight never has its stored copy whole beside it (an embedding at 1B: 125 MB less at the forward pass's peak).
+    ``count(name, stored block, its first flat index)`` sees each block as read (NaN and Inf counts)."""
+    info = checkpoint.tensors[name]
+    if weight.dtype == info.dtype and weight.device.type == "cpu" and weight.is_contiguous():
+        count(name, checkpoint.read(name, out=_bytes_of(weight)), 0)
+        return
+    rows = weight if weight.dim() else weight.view(1)          # a scalar as one row
+    per_row = rows.numel() // max(1, rows.shape[0])
+    for start, end in _row_blocks(info):
+        stored = checkpoint.read(name, (start, end) if weight.dim() else None,
+                                 out=staging((end - start) * per_row * info.dtype.itemsize))
+        rows[start:end].copy_(stored)
+        count(name, stored, start * per_row)
+
+
+def _row_blocks(info: TensorInfo) -> list[tuple[int, int]]:
+    """[start, end) row ranges of a stored tensor of at most STAGING bytes each (one row at least)."""
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, STAGING // max(1, info.nbytes // max(1, rows)))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _bytes_of(weight: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous CPU tensor, as a uint8 tensor sharing its memory."""
+    return weight.view(-1).view(torch.uint8) if weight.numel() else torch.empty(0, dtype=torch.uint8)

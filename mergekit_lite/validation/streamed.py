@@ -41,6 +41,7 @@ import torch
 from ..units import format_size
 from .experts import lazy_stacks, read_by_expert
 from .renames import Fused, loaded_names
+from .stream import fill_weight
 
 
 class TooLargeWhole(RuntimeError):
@@ -84,7 +85,6 @@ def _stored_values(folder: str) -> int:
     return sum(info.numel for info in checkpoint.tensors.values())
 
 
-STAGING = 32 << 20   # bytes of stored rows read at a time into a weight of another dtype (see Prefetch._fill)
 PEFT_PREFIX = "base_model.model."   # peft's wrapper in front of the base model's parameter names
 
 
@@ -318,19 +318,7 @@ class Prefetch:
         return torch.empty(shape, dtype=dtype, device=self._device)   # the last layer its buffers are not needed
 
     def _fill(self, name: str, info, weight: torch.Tensor) -> None:
-        """Read tensor ``name`` into ``weight``: straight into its memory when it keeps the stored dtype on the
-        CPU, else a block of rows at a time through the staging buffer, so an upcast embedding or lm_head never
-        has its stored copy whole beside it (at 1B, 125 MB less at the peak of the pass)."""
-        if weight.dtype == info.dtype and self._device.type == "cpu" and weight.is_contiguous():
-            self._count(name, self._checkpoint.read(name, out=_bytes_of(weight)), 0)
-            return
-        rows = weight if weight.dim() else weight.view(1)          # a scalar as one row
-        per_row = rows.numel() // max(1, rows.shape[0])
-        for start, end in _row_blocks(info):
-            stored = self._checkpoint.read(name, (start, end) if weight.dim() else None,
-                                           out=self.recycled.staging((end - start) * per_row * info.dtype.itemsize))
-            rows[start:end].copy_(stored)
-            self._count(name, stored, start * per_row)
+        fill_weight(self._checkpoint, name, weight, self.recycled.staging, self._count)
 
     def _count(self, name: str, stored: torch.Tensor, offset: int) -> None:
         if self._tally is not None:
@@ -390,18 +378,6 @@ class Recycled:
 def _numbered(name: str) -> bool:
     """Whether a tensor belongs to a numbered block (``model.layers.3.mlp.up_proj.weight``), whose shapes repeat."""
     return any(part.isdigit() for part in name.split("."))
-
-
-def _row_blocks(info) -> list[tuple[int, int]]:
-    """[start, end) row ranges of a stored tensor of at most STAGING bytes each (one row at least)."""
-    rows = info.shape[0] if info.shape else 1
-    step = max(1, STAGING // max(1, info.nbytes // max(1, rows)))
-    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
-
-
-def _bytes_of(weight: torch.Tensor) -> torch.Tensor:
-    """The bytes of a contiguous CPU tensor, as a uint8 tensor sharing its memory."""
-    return weight.view(-1).view(torch.uint8) if weight.numel() else torch.empty(0, dtype=torch.uint8)
 
 
 def reads_ahead(device: torch.device) -> bool:
