@@ -66,7 +66,8 @@ class LazyExperts(torch.Tensor):
 def lazy_stacks(model: torch.nn.Module, names: dict, limit: Optional[int], held: int) -> Optional[dict[int, list]]:
     """{id(parameter): its ``Fused.by_expert`` slices} for the stacked parameters of modules whose stack exceeds
     ``limit`` bytes in float32 (``held`` copies: 2 when the next layer is read ahead) but whose largest expert
-    slice does not; {} when every module fits; None when some module fits neither way."""
+    slice does not; {} when every module fits whole; None when some module can be held neither whole nor one
+    expert at a time (an expert above ``limit``, a stack whose stored tensors span experts, other parameters)."""
     lazy: dict[int, list] = {}
     if limit is None:
         return lazy
