@@ -382,21 +382,23 @@ def _wide_moe(family: str, dtype: torch.dtype, folder) -> tuple[str, int, int]:
     return str(folder), 4 * gate_up * 3 // 2, gate_up
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["inline", "read-ahead"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("family", list(MOE))
-def test_stacks_above_the_bound_are_read_one_expert_at_a_time(family, dtype, tmp_path, monkeypatch):
+def test_stacks_above_the_bound_are_read_one_expert_at_a_time(family, dtype, ahead, tmp_path, monkeypatch):
     """A layer's experts above the merge's bound (two Mixtral 8x7B: 5.6 GB a layer in float32, bound 2.4 GB) are
     no longer NOT CHECKED: transformers' own loop over experts takes one expert's slice at a time, and each slice
     is read then, from its stored tensors. Logits: those of transformers' whole-model loading with the same loop
-    (its ``eager`` experts implementation), bit for bit; memory: one slice, the pass's peak here."""
+    (its ``eager`` experts implementation), bit for bit; memory: one slice, the pass's peak here. With a reader
+    thread (a GPU, or spare cores) the other modules are read ahead on it while the slices are read beside it."""
     from mergekit_lite.validation import streamed
     from mergekit_lite.validation.finite import FiniteTally
     from mergekit_lite.validation.inference import load_model, logits_of, make_batch
 
     folder, stack, expert = _wide_moe(family, dtype, tmp_path / "m")
-    monkeypatch.setattr(streamed, "reads_ahead", lambda device: False)
+    monkeypatch.setattr(streamed, "reads_ahead", lambda device: ahead)
     tally = FiniteTally()
-    model = streamed.streamed_model(folder, CPU, limit=stack - 1, tally=tally)
+    model = streamed.streamed_model(folder, CPU, limit=(2 if ahead else 1) * stack - 1, tally=tally)
     assert _by_expert(model) == 4 and model.config._experts_implementation == "eager"
     batch = make_batch(folder, SMALL["vocab_size"])
     whole = load_model(folder, CPU)
