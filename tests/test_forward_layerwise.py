@@ -313,7 +313,7 @@ def test_stacked_experts_stream(family, dtype, tmp_path, monkeypatch):
     ahead = streamed.streamed_model(folder, CPU, limit=2 * stack)
     assert _by_expert(ahead) == 0 and _by_expert(streamed.streamed_model(folder, CPU, limit=2 * stack - 1)) == 4
     assert torch.equal(logits_of(ahead, batch, CPU), logits_of(model, batch, CPU))   # stacks built on the reader
-    expert = stack // 4 * 2 // 3   # the largest slice: one expert's gate and up projections
+    expert = stack // 4   # one expert's slices: its gate and up projections, and its down projection
     assert streamed.streamed_model(folder, CPU, limit=expert) is not None
     assert streamed.streamed_model(folder, CPU, limit=expert - 1) is None
     with pytest.raises(streamed.TooLargeWhole):
@@ -395,10 +395,22 @@ def test_stacks_above_the_bound_are_read_one_expert_at_a_time(family, dtype, ahe
     from mergekit_lite.validation.finite import FiniteTally
     from mergekit_lite.validation.inference import load_model, logits_of, make_batch
 
+    from mergekit_lite.validation import experts
+
     folder, stack, expert = _wide_moe(family, dtype, tmp_path / "m")
     monkeypatch.setattr(streamed, "reads_ahead", lambda device: ahead)
+    pools, pool_class = [], experts.SlicePool
+    monkeypatch.setattr(experts, "SlicePool", lambda: pools.append(pool_class()) or pools[-1])
     tally = FiniteTally()
     model = streamed.streamed_model(folder, CPU, limit=(2 if ahead else 1) * stack - 1, tally=tally)
+    seen, fill = [], streamed.fill_weight   # the slices' map when the final norm and lm_head are read: given back
+
+    def spy(checkpoint, name, *args):
+        if name in ("model.norm.weight", "lm_head.weight"):
+            seen.append(pools[0]._map)
+        return fill(checkpoint, name, *args)
+
+    monkeypatch.setattr(streamed, "fill_weight", spy)
     assert _by_expert(model) == 4 and model.config._experts_implementation == "eager"
     batch = make_batch(folder, SMALL["vocab_size"])
     whole = load_model(folder, CPU)
@@ -409,6 +421,8 @@ def test_stacks_above_the_bound_are_read_one_expert_at_a_time(family, dtype, ahe
     assert torch.equal(logits, eager) and eager.abs().max() > 0.1
     assert (logits - default).abs().max() <= 1e-4 * max(1.0, float(default.abs().max()))
     assert model.streaming.peak == expert and model.streaming.live == 0
+    assert pools[0]._map is None and pools[0].reused > 0                       # given back after the pass too
+    assert seen == [None, None] or ahead   # read ahead, they are read beside the last layer's experts, as before
     read = [name for name in tally.counts if ".experts." in name]
     assert read and all(tally.counts[name] == (0, 0, -1) for name in read)   # counted for the finite check
     assert torch.equal(logits_of(model, batch, CPU), logits)                   # a second pass reads them again
@@ -435,3 +449,31 @@ def test_a_model_using_the_whole_stack_is_not_checked(tmp_path, monkeypatch):
         logits_of(model, make_batch(folder, SMALL["vocab_size"]), CPU)
     check = validate(folder, device="cpu").check("forward")
     assert check.status == "not_checked" and "one expert at a time" in check.summary, check.summary
+
+
+def test_expert_slices_reuse_memory_only_when_nothing_holds_it():
+    """An expert slice's memory goes to the next slice only once no tensor shares it: not while the slice, or any
+    view of it (a Python one here; one inside torch counts the same), is alive. A smaller slice takes the first
+    bytes of the larger one's map; after ``clear`` a slice still in use keeps its memory."""
+    from mergekit_lite.validation.experts import SlicePool
+
+    pool = SlicePool()
+    first = pool.take(2 << 20)
+    address = first.data_ptr()
+    view = first.view(torch.float32)[10:20]
+    del first
+    held = pool.take(2 << 20)                              # the view still shares the first map
+    assert held.data_ptr() != address
+    del view
+    assert pool.take(1 << 20).data_ptr() != held.data_ptr()   # the pool's map is now held's, and held is alive
+    del held
+    smaller = pool.take(1 << 20)                           # free now: its first bytes, no new pages
+    reused = smaller.data_ptr()
+    del smaller
+    assert pool.take(2 << 20).data_ptr() == reused
+    kept = pool.take(2 << 20)
+    kept.fill_(7)
+    pool.clear()                                           # before the embedding, lm_head, and between passes
+    fresh = pool.take(2 << 20)
+    fresh.fill_(3)
+    assert fresh.data_ptr() != kept.data_ptr() and int(kept.min()) == int(kept.max()) == 7

@@ -15,6 +15,10 @@ written otherwise) raises ``ExpertsUnsupported``, and the forward check is NOT C
 
 from __future__ import annotations
 
+import math
+import mmap
+import sys
+import threading
 import weakref
 from typing import Callable, Optional
 
@@ -79,8 +83,7 @@ def lazy_stacks(model: torch.nn.Module, names: dict, limit: Optional[int], held:
         slices = {id(p): names[id(p)].by_expert(tuple(p.shape)) for p in fused}
         if any(s is None for s in slices.values()) or len(fused) < len(params):
             return None
-        largest = max(p.numel() // p.shape[0] for p in fused)
-        if 4 * largest > limit:
+        if 4 * sum(p.numel() // p.shape[0] for p in fused) > limit:   # one expert's slice of each (SlicePool)
             return None
         lazy.update(slices)
     return lazy
@@ -103,11 +106,18 @@ def read_by_expert(model: torch.nn.Module, lazy: dict[int, list], checkpoint, de
     def fill(name: str, place: torch.Tensor) -> None:
         fill_weight(checkpoint, name, place, grown, lambda *block: tally.add(*block) if tally is not None else None)
 
+    pool = SlicePool() if device.type == "cpu" else None   # torch's CUDA allocator keeps device memory itself
     for module in model.modules():
         for key, param in list(module._parameters.items()):
             if param is not None and id(param) in lazy:
-                read = expert_reader(lazy[id(param)], tuple(param.shape), fill, device, dtype, streaming)
+                read = expert_reader(lazy[id(param)], tuple(param.shape), fill, device, dtype, streaming, pool)
                 module._parameters[key] = LazyExperts(tuple(param.shape), dtype, read)
+    if pool is not None:   # before a module outside the layers reads its weights (embedding, norm, lm_head)
+        for path, module in model.named_modules():
+            owns = any(param is not None for param in module._parameters.values())
+            if owns and not any(part.isdigit() for part in path.split(".")):
+                module.register_forward_pre_hook(lambda _module, _args: pool.clear(), prepend=True)
+        model.register_forward_hook(lambda _model, _args, _output: pool.clear())   # nothing kept between passes
     try:
         model.set_experts_implementation("eager")
     except Exception:   # noqa: BLE001 - no experts interface: the model loops as it does (else ExpertsUnsupported)
@@ -115,15 +125,19 @@ def read_by_expert(model: torch.nn.Module, lazy: dict[int, list], checkpoint, de
 
 
 def expert_reader(slices: list, shape: tuple[int, ...], fill: Callable[[str, torch.Tensor], None],
-                  device: torch.device, dtype: torch.dtype, streaming=None) -> Callable[[int], torch.Tensor]:
+                  device: torch.device, dtype: torch.dtype, streaming=None,
+                  pool: Optional["SlicePool"] = None) -> Callable[[int], torch.Tensor]:
     """``LazyExperts.read`` for one parameter: expert ``index``'s slice, each stored tensor read into its place
-    (``fill(stored name, view)``), in ``dtype`` on ``device``; counted in ``streaming`` until it is freed."""
+    (``fill(stored name, view)``), in ``dtype`` on ``device`` (in ``pool``'s memory on the CPU); counted in
+    ``streaming`` until it is freed."""
+    nbytes = math.prod(shape[1:]) * dtype.itemsize
+
     def read(index: int) -> torch.Tensor:
-        weight = torch.empty(shape[1:], dtype=dtype, device=device)
+        weight = (pool.take(nbytes).view(dtype).view(shape[1:]) if pool is not None
+                  else torch.empty(shape[1:], dtype=dtype, device=device))
         for name, place in slices[index]:
             fill(name, weight.as_strided(place.shape, place.stride(), place.storage_offset()))
         if streaming is not None:
-            nbytes = weight.numel() * weight.element_size()
             streaming.add(nbytes)
             weakref.finalize(weight, _release, streaming, nbytes)
         return weight
@@ -132,3 +146,42 @@ def expert_reader(slices: list, shape: tuple[int, ...], fill: Callable[[str, tor
 
 def _release(streaming, nbytes: int) -> None:
     streaming.live -= nbytes
+
+
+class SlicePool:
+    """One expert slice's memory, reused for the next slice once no tensor uses it.
+
+    A fresh slice of 32 MiB or more is mapped from the kernel and unmapped when freed, so every slice cost a page
+    fault and the kernel's zeroing per 4 KiB: on the 1.5B Mixtral of scripts/bench_forward.py, 4.2-4.5 s of system
+    time in a 7.3 s check. A slice is handed to transformers' code, so its memory is reused only when nothing
+    holds it any more: a slice is made by ``torch.frombuffer`` over an anonymous map, and every tensor sharing
+    that memory (the slice, any view of it, in Python or inside torch) keeps its storage's one buffer export, a
+    reference to the map; the map is free when its reference count is back to the pool's own.
+
+    Memory: one map of the largest slice asked for (a slice of another size takes its first bytes), which the
+    layer holds anyway while that slice is in use; ``clear`` gives it back before the embedding and ``lm_head``
+    are read, so it never sits beside them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()         # clear() may come from the reader thread
+        self._map: Optional[mmap.mmap] = mmap.mmap(-1, 1)
+        self._unused = self._references()     # as counted below, for a map that no tensor holds
+        self._map = None
+        self.reused = 0                        # slices given the memory of an earlier one
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A (nbytes,) uint8 CPU tensor, contents undefined: the pool's map when it is free and large enough."""
+        with self._lock:
+            if self._map is None or len(self._map) < nbytes or self._references() > self._unused:
+                self._map = mmap.mmap(-1, max(nbytes, len(self._map) if self._map is not None else 0))
+            else:
+                self.reused += 1
+            return torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]
+
+    def clear(self) -> None:
+        """Forget the map: unmapped now when free, else when its last tensor goes."""
+        with self._lock:
+            self._map = None
+
+    def _references(self) -> int:
+        return sys.getrefcount(self._map)
