@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .renames import Fused
-from .stream import fill_weight
+from .stream import Staging, fill_weight
 
 
 class ExpertsUnsupported(RuntimeError):
@@ -54,11 +54,12 @@ class LazyExperts(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.Tensor.__getitem__ and isinstance(args[0], LazyExperts):
-            index = args[1]
+            stack, index = args[0], args[1]
             if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
                 index = int(index)
-            if isinstance(index, int) and -args[0].shape[0] <= index < args[0].shape[0]:
-                return args[0].read(index % args[0].shape[0])
+            experts = stack.shape[0]
+            if isinstance(index, int) and -experts <= index < experts:
+                return stack.read(index % experts)
         elif func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
@@ -90,21 +91,18 @@ def lazy_stacks(model: torch.nn.Module, names: dict, limit: Optional[int], held:
 
 
 def read_by_expert(model: torch.nn.Module, lazy: dict[int, list], checkpoint, device: torch.device, tally,
-                   dtype: torch.dtype, streaming) -> None:
+                   dtype: torch.dtype, streaming, cleared: list[Callable[[], None]]) -> None:
     """The ``lazy`` parameters of ``model`` (``lazy_stacks``) become ``LazyExperts`` read from ``checkpoint`` in
     ``dtype``, on the thread that runs the model; transformers is asked for its ``eager`` experts implementation,
     its loop over experts. ``tally`` (finite.FiniteTally) counts NaN and Inf in each stored tensor read;
-    ``streaming`` (streamed.Streaming) counts each slice's bytes while it lives."""
-    staging = torch.empty(0, dtype=torch.uint8)   # this thread's own: the reader thread has the model's
-
-    def grown(nbytes: int) -> torch.Tensor:
-        nonlocal staging
-        if staging.numel() < nbytes:
-            staging = torch.empty(nbytes, dtype=torch.uint8)
-        return staging
+    ``streaming`` (streamed.Streaming) counts each slice's bytes while it lives; ``cleared``: the callbacks run
+    where the layers' recycled memory is given back (streamed.Recycled.also: before the weights outside the
+    layers are read, and after a pass), where the slices' map is given back too."""
+    staging = Staging()   # this thread's own: the reader thread has the model's
+    count = tally.add if tally is not None else (lambda *block: None)
 
     def fill(name: str, place: torch.Tensor) -> None:
-        fill_weight(checkpoint, name, place, grown, lambda *block: tally.add(*block) if tally is not None else None)
+        fill_weight(checkpoint, name, place, staging, count)
 
     pool = SlicePool() if device.type == "cpu" else None   # torch's CUDA allocator keeps device memory itself
     for module in model.modules():
@@ -112,12 +110,8 @@ def read_by_expert(model: torch.nn.Module, lazy: dict[int, list], checkpoint, de
             if param is not None and id(param) in lazy:
                 read = expert_reader(lazy[id(param)], tuple(param.shape), fill, device, dtype, streaming, pool)
                 module._parameters[key] = LazyExperts(tuple(param.shape), dtype, read)
-    if pool is not None:   # before a module outside the layers reads its weights (embedding, norm, lm_head)
-        for path, module in model.named_modules():
-            owns = any(param is not None for param in module._parameters.values())
-            if owns and not any(part.isdigit() for part in path.split(".")):
-                module.register_forward_pre_hook(lambda _module, _args: pool.clear(), prepend=True)
-        model.register_forward_hook(lambda _model, _args, _output: pool.clear())   # nothing kept between passes
+    if pool is not None:
+        cleared.append(pool.clear)
     try:
         model.set_experts_implementation("eager")
     except Exception:   # noqa: BLE001 - no experts interface: the model loops as it does (else ExpertsUnsupported)
@@ -159,8 +153,8 @@ class SlicePool:
     reference to the map; the map is free when its reference count is back to the pool's own.
 
     Memory: one map of the largest slice asked for (a slice of another size takes its first bytes), which the
-    layer holds anyway while that slice is in use; ``clear`` gives it back before the embedding and ``lm_head``
-    are read, so it never sits beside them."""
+    layer holds anyway while that slice is in use; ``clear`` gives it back before the weights outside the layers
+    (embedding, final norm, ``lm_head``) are read, so it never sits beside them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()         # clear() may come from the reader thread

@@ -79,6 +79,22 @@ class TensorReader:
 
 
 
+class Staging:
+    """A uint8 buffer for a block of stored bytes before they are upcast (``fill_weight``), grown to the largest
+    block asked for; one per thread that reads."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def __call__(self, nbytes: int) -> torch.Tensor:
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffer
+
+    def clear(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+
 def fill_weight(checkpoint, name: str, weight: torch.Tensor, staging: Callable[[int], torch.Tensor],
                 count: Callable[[str, torch.Tensor, int], None]) -> None:
     """Read tensor ``name`` of ``checkpoint`` (sources.Checkpoint) into ``weight``, a tensor of its shape in any

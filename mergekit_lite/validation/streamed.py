@@ -34,14 +34,14 @@ import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from ..units import format_size
 from .experts import lazy_stacks, read_by_expert
 from .renames import Fused, loaded_names
-from .stream import fill_weight
+from .stream import Staging, fill_weight
 
 
 class TooLargeWhole(RuntimeError):
@@ -142,10 +142,10 @@ def streamed_model(folder: str, device: torch.device, adapters: Sequence[tuple[s
         checkpoint.close()
         refuse_incomplete(problems)
     model.streaming = Streaming()
-    _hook_modules(model, {k: v for k, v in names.items() if k not in lazy}, checkpoint, device, model.streaming,
-                  tally, dtype)
+    recycled = _hook_modules(model, {k: v for k, v in names.items() if k not in lazy}, checkpoint, device,
+                             model.streaming, tally, dtype)
     if lazy:
-        read_by_expert(model, lazy, checkpoint, device, tally, dtype, model.streaming)
+        read_by_expert(model, lazy, checkpoint, device, tally, dtype, model.streaming, recycled.also)
     _move_buffers(model, device)
     return model.eval()
 
@@ -214,9 +214,10 @@ def _base_name(name: str) -> str:
 
 
 def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, device: torch.device,
-                  streaming: Streaming, tally=None, dtype: torch.dtype = torch.float32) -> None:
+                  streaming: Streaming, tally=None, dtype: torch.dtype = torch.float32) -> "Recycled":
     """A peft layer (DoRA) reads its base layer's weight in its own forward, before calling the base layer: the
-    weights of a ``base_layer`` are loaded around its peft wrapper's forward. Reads run ahead (``Prefetch``)."""
+    weights of a ``base_layer`` are loaded around its peft wrapper's forward. Reads run ahead (``Prefetch``).
+    Returns the layers' recycled weights, given back before the weights outside the layers and after a pass."""
     wrappers = {id(getattr(module, "base_layer")): module for module in model.modules()
                 if isinstance(getattr(module, "base_layer", None), torch.nn.Module)}
     owners = []
@@ -231,6 +232,7 @@ def _hook_modules(model: torch.nn.Module, names: dict[int, str], checkpoint, dev
         runs.register_forward_pre_hook(_loader(module, owned, prefetch, streaming))
         runs.register_forward_hook(_freer(module, owned, streaming, prefetch.recycled))
     model.register_forward_hook(lambda _model, _args, _output: prefetch.recycled.clear())   # the pass is over
+    return prefetch.recycled
 
 
 class Prefetch:
@@ -336,13 +338,15 @@ class Recycled:
     KiB, as large blocks are mapped from the kernel and unmapped when freed: at 1B, 1.7 million faults and 2.5 s
     of system time per pass. Only weights of numbered blocks (``model.layers.3``), which repeat, are kept: the
     embedding and ``lm_head`` are read once a pass and freed as before. Emptied at the end of each pass, so
-    nothing is held between passes or while another model runs (``clear``)."""
+    nothing is held between passes or while another model runs (``clear``), and neither is other memory the layers
+    keep (``also``: the map of experts read one at a time, experts.py)."""
 
     def __init__(self, streaming: Streaming) -> None:
         self._streaming = streaming
         self._free: dict[tuple, list[torch.Tensor]] = {}
         self._ours: set[int] = set()    # data pointers of the buffers made here: only those come back
-        self._staging = torch.empty(0, dtype=torch.uint8)
+        self.staging = Staging()        # only the reader thread uses it
+        self.also: list[Callable[[], None]] = []
         self._lock = threading.Lock()   # takes run on the reader thread, gives on the computing one
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -361,18 +365,14 @@ class Recycled:
             if weight.numel() and weight.data_ptr() in self._ours:
                 self._free.setdefault((tuple(weight.shape), weight.dtype, weight.device), []).append(weight)
 
-    def staging(self, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer for one tensor's stored bytes (only the reader thread uses it)."""
-        if self._staging.numel() < nbytes:
-            self._staging = torch.empty(nbytes, dtype=torch.uint8)
-        return self._staging
-
     def clear(self) -> None:
         with self._lock:
             for free in self._free.values():
                 self._ours.difference_update(weight.data_ptr() for weight in free)
             self._free.clear()
-            self._staging = torch.empty(0, dtype=torch.uint8)
+            self.staging.clear()
+        for clear in self.also:
+            clear()
 
 
 def _numbered(name: str) -> bool:
